@@ -1,0 +1,21 @@
+"""Our AR decode against HF transformers generate, SmolLM2-135M fp32, 2 threads, 2K and 8K real-text prompts.
+
+    python benchmarks/ar_vs_hf.py            # writes benchmarks/results/ar_vs_hf-cpu.{json,md}
+Same as `triforce bench --out FILE`. Results from one run only: these machines are shared and noisy.
+"""
+import os
+import sys
+
+from triforce_rt.bench import markdown, run_ar_vs_hf
+
+if __name__ == "__main__":
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    tag = sys.argv[1] if len(sys.argv) > 1 else "cpu"
+    path = os.path.join(here, f"ar_vs_hf-{tag}.json")
+    run_ar_vs_hf("default", (2048, 8064), 64, 2, path)
+    import json
+    with open(path) as f:
+        report = json.load(f)
+    cmd = "python benchmarks/ar_vs_hf.py" + (f" {tag}" if tag != "cpu" else "")
+    with open(path[:-5] + ".md", "w") as f:
+        f.write(f"Command: `{cmd}`\n\n{markdown(report)}\n")

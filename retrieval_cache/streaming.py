@@ -1,0 +1,78 @@
+"""StreamingCache: S attention sinks plus a sliding window of the W most recent tokens (StreamingLLM).
+
+The query at position p sees the sinks (positions 0..S-1, those <= p) and positions (p-W, p] that are >= S.
+StreamingLLM rotates keys by their *slot*, not their true position: sink i sits at slot i and the window
+follows contiguously, so the query sits at slot min(p, S+W-1). Stored here in an equivalent, cheaper form:
+  window keys are rotated once, at their true positions (the window is contiguous, so slot distances
+    equal true distances); they live in a ring of R = W + max_step slots;
+  sink keys are kept before RoPE and rotated per step at i + δ(p), δ(p) = max(0, p - (S+W-1)),
+    which gives each query exactly the slot distance min(p, S+W-1) - i.
+A token's output therefore does not depend on how the tokens were split into steps.
+"""
+import torch
+
+from .attention import attend, rotate
+
+
+class StreamingCache:
+    """Same protocol as FullCache. max_step bounds the tokens written past a rollback point (γ+1, or a prefill chunk)."""
+
+    def __init__(self, n_layers, n_kv_heads, head_dim, sinks, window, max_step, batch=1, dtype=torch.float32, device=None):
+        if sinks < 0 or window < 1 or max_step < 1:
+            raise ValueError(f"StreamingCache needs sinks >= 0, window >= 1, max_step >= 1 (got {sinks}, {window}, {max_step})")
+        self.S, self.W, self.max_step = sinks, window, max_step
+        self.R = window + max_step
+        self.sink_k = torch.zeros(n_layers, batch, n_kv_heads, sinks, head_dim, dtype=dtype, device=device)  # before RoPE
+        self.sink_v = torch.zeros_like(self.sink_k)
+        self.ring_k = torch.zeros(n_layers, batch, n_kv_heads, self.R, head_dim, dtype=dtype, device=device)  # after RoPE
+        self.ring_v = torch.zeros_like(self.ring_k)
+        self.ring_pos = torch.full((batch, self.R), -1, dtype=torch.long, device=device)  # true position held by each slot
+        self.length = 0
+
+    def begin(self, positions: torch.Tensor, rope) -> None:
+        B, T = positions.shape
+        if T > self.max_step:
+            raise ValueError(f"StreamingCache step of {T} tokens exceeds max_step={self.max_step}")
+        S, W = self.S, self.W
+        self.cos, self.sin = rope.cos_sin(positions)
+        self.slots = positions % self.R  # [B, T]
+        self.ring_pos.scatter_(1, self.slots, positions)
+        self.b = torch.arange(B, device=positions.device)[:, None]  # [B, 1], row index for advanced indexing
+        self.sink_rows = (positions < S).nonzero(as_tuple=True)  # (b, t) of tokens that are sinks
+        self.sink_pos = positions[self.sink_rows]
+        # Sinks seen by query t, rotated at i + δ_t: [B, T*S]
+        delta = (positions - (S + W - 1)).clamp(min=0)
+        i = torch.arange(S, device=positions.device)
+        self.cos_sink, self.sin_sink = rope.cos_sin((i[None, None, :] + delta[:, :, None]).reshape(B, T * S))
+        # Visibility [B, 1, T, T*S + R]: query t sees its own copy of the sinks (i <= p_t) and its window.
+        p = positions[:, :, None]
+        own_copy = torch.eye(T, dtype=torch.bool, device=positions.device).repeat_interleave(S, dim=1)  # [T, T*S]
+        sink_vis = own_copy[None] & (i.repeat(T)[None, None, :] <= p)
+        rp = self.ring_pos[:, None, :]
+        ring_vis = (rp > p - W) & (rp <= p) & (rp >= S)
+        self.mask = torch.cat([sink_vis, ring_vis], dim=-1)[:, None]
+        self.T = T
+        self.length += T
+
+    def attend(self, layer: int, q, k, v):
+        B, H, T, D = k.shape
+        if self.sink_pos.numel():
+            b, t = self.sink_rows
+            self.sink_k[layer][b, :, self.sink_pos] = k[b, :, t]
+            self.sink_v[layer][b, :, self.sink_pos] = v[b, :, t]
+        q, k = rotate(q, self.cos, self.sin), rotate(k, self.cos, self.sin)
+        self.ring_k[layer][self.b, :, self.slots] = k.transpose(1, 2)  # [B, T, H, D]
+        self.ring_v[layer][self.b, :, self.slots] = v.transpose(1, 2)
+        S = self.S
+        sk = self.sink_k[layer][:, :, None].expand(B, H, T, S, D).reshape(B, H, T * S, D)
+        sv = self.sink_v[layer][:, :, None].expand(B, H, T, S, D).reshape(B, H, T * S, D)
+        sk = rotate(sk, self.cos_sink, self.sin_sink)
+        K = torch.cat([sk, self.ring_k[layer]], dim=2)
+        V = torch.cat([sv, self.ring_v[layer]], dim=2)
+        return attend(q, K, V, self.mask)
+
+    def rollback(self, n: int) -> None:
+        """Safe while at most max_step tokens were written past the rollback point: the ring keeps W + max_step."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot roll back {n} of {self.length} tokens")
+        self.length -= n

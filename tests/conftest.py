@@ -1,0 +1,66 @@
+import os
+import sysconfig
+
+import pytest
+import torch
+
+from triforce_rt.models import ModelConfig
+from triforce_rt.models.loader import from_state_dict
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+STDLIB = sysconfig.get_paths()["stdlib"]
+
+
+def stdlib_text(name: str) -> str:
+    with open(os.path.join(STDLIB, name), encoding="utf-8") as f:
+        return f.read()
+
+
+def hf_model(kind="llama", seed=0, **kw):
+    """A tiny random transformers model (fp32, eval) of the given family."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    cfg_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                          "mistral": (MistralConfig, MistralForCausalLM)}[kind]
+    base = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    base.update(kw)
+    torch.manual_seed(seed)
+    m = model_cls(cfg_cls(**base)).float().eval()
+    with torch.no_grad():  # random biases and norms, so those paths are really compared
+        for name, p in m.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return m
+
+
+def ours(hf):
+    """Our Transformer holding (a copy of) the weights of a transformers model."""
+    sd = {k: v.detach().clone() for k, v in hf.state_dict().items()}
+    return from_state_dict(ModelConfig.from_hf(hf.config), sd).eval().setup_rope()
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """SmolLM2-135M-Instruct, loaded once for the whole session."""
+    from triforce_rt import load_model
+
+    return load_model("default")
+
+
+@pytest.fixture(scope="session")
+def smol_hf(smol):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(smol.source, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, smol):
+    """A tiny random Llama saved as an HF folder (safetensors) with SmolLM2's tokenizer, context 64."""
+    d = tmp_path_factory.mktemp("tiny-llama")
+    m = hf_model(vocab_size=smol.config.vocab_size, max_position_embeddings=64, tie_word_embeddings=True,
+                 bos_token_id=1, eos_token_id=2)
+    m.save_pretrained(d)
+    smol.tokenizer.save_pretrained(d)
+    return str(d)

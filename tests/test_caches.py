@@ -1,0 +1,132 @@
+"""Caches against brute-force references: what each query sees, the chunks chosen, and rollback."""
+import math
+
+import pytest
+import torch
+
+from retrieval_cache import FullCache, RetrievalCache, StreamingCache
+from triforce_rt.models import ModelConfig
+from triforce_rt.models.rope import Rope
+
+H_KV, G, D = 2, 2, 16
+H_Q = H_KV * G
+ROPE = Rope(ModelConfig(vocab_size=8, hidden_size=64, intermediate_size=8, num_hidden_layers=1,
+                        num_attention_heads=H_Q, num_key_value_heads=H_KV, head_dim=D, max_position_embeddings=512))
+
+
+def rot(x, pos):
+    """RoPE of one vector x [D] at an integer position."""
+    cos, sin = ROPE.cos_sin(torch.tensor([[pos]]))
+    x1, x2 = x.chunk(2)
+    return x * cos[0, 0] + torch.cat((-x2, x1)) * sin[0, 0]
+
+
+def softmax_attend(q, keys, values):
+    w = torch.softmax(torch.stack([q @ k for k in keys]) / math.sqrt(D), 0)
+    return sum(wi * v for wi, v in zip(w, values))
+
+
+def tokens(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, H_Q, D, generator=g), torch.randn(n, H_KV, D, generator=g), torch.randn(n, H_KV, D, generator=g))
+
+
+def step(cache, q, k, v, start, layers=1):
+    """Feed tokens start.. of (q, k, v) [T, H, D] as one step; returns the output of layer 0 [T, Hq, D]."""
+    T = q.shape[0]
+    cache.begin(torch.arange(start, start + T)[None], ROPE)
+    outs = [cache.attend(layer, q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
+            for layer in range(layers)]
+    return outs[0][0].transpose(0, 1)
+
+
+# ---- StreamingCache -------------------------------------------------------------------------------------------
+
+def streaming_reference(q, k, v, p, S, W):
+    """StreamingLLM for query p: sinks then window, keys rotated by slot index, the query at the last slot."""
+    visible = [i for i in range(min(S, p + 1))] + list(range(max(S, p - W + 1), p + 1))
+    out = torch.empty(H_Q, D)
+    for h in range(H_Q):
+        kv = h // G
+        keys = [rot(k[j, kv], slot) for slot, j in enumerate(visible)]
+        out[h] = softmax_attend(rot(q[p, h], len(visible) - 1), keys, [v[j, kv] for j in visible])
+    return out
+
+
+@pytest.mark.parametrize("S,W", [(4, 6), (0, 5), (2, 1), (3, 40)])
+def test_streaming_matches_streamingllm_with_rollback(S, W):
+    n = 30
+    q, k, v = tokens(n, seed=S * 100 + W)
+    junk = tokens(4, seed=7)
+    cache = StreamingCache(1, H_KV, D, sinks=S, window=W, max_step=6)
+    pos = 0
+    for i, T in enumerate([5, 1, 3, 1, 1, 6, 2, 1, 4, 1, 1, 4]):
+        if i % 3 == 2:  # a rejected speculation of 4 tokens, then rollback
+            step(cache, *junk, pos)
+            cache.rollback(4)
+        got = step(cache, q[pos : pos + T], k[pos : pos + T], v[pos : pos + T], pos)
+        for t in range(T):
+            assert torch.allclose(got[t], streaming_reference(q, k, v, pos + t, S, W), atol=1e-5), (pos + t)
+        pos += T
+    assert cache.length == n
+
+
+# ---- RetrievalCache -------------------------------------------------------------------------------------------
+
+def filled_full_cache(L, layers, seed):
+    q, k, v = tokens(L, seed)
+    full = FullCache(layers, H_KV, D, max_len=64)
+    step(full, q, k, v, 0, layers)  # the same k, v in every layer; scores differ through the query below
+    return full, k, v
+
+
+@pytest.mark.parametrize("L,budget,c", [(45, 24, 8), (64, 16, 4), (13, 40, 8), (30, 8, 8)])
+def test_retrieval_selects_top_chunks_and_attends_like_masked_full(L, budget, c):
+    layers = 2
+    full, k, v = filled_full_cache(L, layers, seed=L)
+    sel_q = torch.randn(layers, 1, H_Q, D, generator=torch.Generator().manual_seed(9))
+    rc = RetrievalCache(layers, H_KV, D, budget=budget, chunk_size=c, tail=5)
+    rc.select(full, sel_q)
+
+    k_rot = torch.stack([torch.stack([rot(k[j, h], j) for h in range(H_KV)]) for j in range(L)])  # [L, Hkv, D]
+    n_chunks, n_sel = -(-L // c), min(budget // c, -(-L // c))
+    chosen = {}
+    for layer in range(layers):
+        for h in range(H_KV):
+            means = [k_rot[n * c : min(L, (n + 1) * c), h].mean(0) for n in range(n_chunks)]
+            score = [sum(float(sel_q[layer, 0, h * G + g] @ m) for g in range(G)) for m in means]
+            best = sorted(range(1, n_chunks), key=lambda n: -score[n])[: n_sel - 1]
+            chosen[layer, h] = sorted([0] + best)
+            assert rc.chunks[layer, 0, h, :n_sel].tolist() == chosen[layer, h]
+
+    # Three new tokens attend to the selected chunks plus themselves (causal), exactly as masked full attention.
+    nq, nk, nv = tokens(3, seed=99)
+    for attempt in range(2):  # second pass after a rollback must give the same result
+        got = step(rc, nq, nk, nv, L, layers)
+        for t in range(3):
+            for hq in range(H_Q):
+                h = hq // G
+                pos = [j for n in chosen[0, h] for j in range(n * c, min(L, (n + 1) * c))]
+                keys = [k_rot[j, h] for j in pos] + [rot(nk[i, h], L + i) for i in range(t + 1)]
+                vals = [v[j, h] for j in pos] + [nv[i, h] for i in range(t + 1)]
+                want = softmax_attend(rot(nq[t, hq], L + t), keys, vals)
+                assert torch.allclose(got[t, hq], want, atol=1e-5)
+        assert rc.length == 3
+        rc.rollback(3)
+        assert rc.length == 0
+
+
+def test_rollback_moves_length_only():
+    full, _, _ = filled_full_cache(20, 1, seed=1)
+    ptr, snapshot = full.k.data_ptr(), full.k.clone()
+    full.rollback(5)
+    assert full.length == 15 and full.k.data_ptr() == ptr and torch.equal(full.k, snapshot)
+    with pytest.raises(ValueError):
+        full.rollback(16)
+
+
+def test_bad_retrieval_settings():
+    with pytest.raises(ValueError, match="at least one chunk"):
+        RetrievalCache(1, H_KV, D, budget=4, chunk_size=8, tail=2)
+    with pytest.raises(ValueError, match="tail"):
+        RetrievalCache(1, H_KV, D, budget=8, chunk_size=8, tail=0)

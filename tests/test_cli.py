@@ -1,0 +1,81 @@
+"""The CLI: JSON contract, plain streaming output, and one-line errors with exit code 2."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import STDLIB
+
+from triforce_rt.cli import main
+
+JSON_KEYS = {"mode", "prompt_tokens", "new_tokens", "tokens", "text", "prefill_seconds", "decode_seconds",
+             "decode_tokens_per_second", "tiers"}
+
+
+def run_cli(capsys, *argv):
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_json_output(capsys, tiny_folder):
+    rc, out, err = run_cli(capsys, "generate", "--model", tiny_folder, "--prompt", "def f(x):", "--max-new-tokens", "6",
+                           "--ignore-eos", "--json")
+    assert rc == 0
+    obj = json.loads(out.strip().splitlines()[-1])
+    assert JSON_KEYS <= set(obj)
+    assert obj["mode"] == "ar" and obj["new_tokens"] == len(obj["tokens"]) == 6
+    assert [t["name"] for t in obj["tiers"]] == ["target"]
+    assert set(obj["tiers"][0]) == {"name", "drafted", "accepted", "calls", "seconds"}
+
+
+def test_plain_output_streams_the_same_text_as_json(capsys, tiny_folder):
+    argv = ["generate", "--model", tiny_folder, "--prompt", "hello", "--max-new-tokens", "12", "--ignore-eos",
+            "--chat", "--temperature", "1.0", "--seed", "3"]
+    rc, out, err = run_cli(capsys, *argv, "--json")
+    text = json.loads(out.strip().splitlines()[-1])["text"]
+    assert rc == 0 and text.strip()
+    rc, out, err = run_cli(capsys, *argv)
+    assert rc == 0 and out == text + "\n"
+    assert "tok/s" in err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--model", "/no/such/model", "--prompt", "hi"], "model not found"),
+    (["--prompt", "   "], "prompt is empty"),
+    (["--prompt-file", "/no/such/file.txt"], "prompt file not found"),
+    (["--prompt", "hi", "--max-new-tokens", "0"], "at least 1"),
+    (["--prompt", "hi", "--device", "cuda"], "CUDA is not available"),
+])
+def test_bad_input_one_line_exit_2(capsys, argv, needle):
+    rc, out, err = run_cli(capsys, "generate", *argv)
+    assert rc == 2
+    assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_prompt_longer_than_context(capsys, tiny_folder):
+    rc, out, err = run_cli(capsys, "generate", "--model", tiny_folder, "--prompt", "word " * 100)
+    assert rc == 2 and "exceeds the model's context of 64 tokens" in err and len(err.strip().splitlines()) == 1
+
+
+def test_pickle_checkpoint_refused(capsys, tmp_path, tiny_folder):
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        if os.path.exists(os.path.join(tiny_folder, name)):
+            with open(os.path.join(tiny_folder, name), "rb") as src, open(tmp_path / name, "wb") as dst:
+                dst.write(src.read())
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    rc, out, err = run_cli(capsys, "generate", "--model", str(tmp_path), "--prompt", "hi")
+    assert rc == 2 and "--allow-pickle" in err
+
+
+def test_console_entry_bad_dtype_and_real_model_path():
+    """Through a real process: argparse errors are one line too, and a real prompt file works."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run([sys.executable, "-m", "triforce_rt", "generate", "--prompt", "x", "--dtype", "float8"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "invalid choice" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "triforce_rt", "generate", "--prompt-file", os.path.join(STDLIB, "this.py"),
+                        "--max-new-tokens", "8", "--ignore-eos", "--json"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["new_tokens"] == 8

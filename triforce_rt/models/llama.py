@@ -1,0 +1,104 @@
+"""A lean Llama-family forward (Llama 2/3, Mistral, Qwen2, SmolLM2): RMSNorm, GQA attention, SwiGLU.
+
+Parameter names follow transformers' LlamaForCausalLM without the "model." prefix, so its state dict loads as is.
+The cache passed to forward decides which keys and values attention sees (retrieval_cache protocol).
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .rope import Rope
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):  # x / rms(x) in fp32, then scaled; as transformers does
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        D = cfg.hidden_size
+        self.q_proj = nn.Linear(D, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, D, bias=cfg.o_bias)
+
+    def forward(self, x, layer: int, cache):  # x [B, T, D]
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, hd]
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        out = cache.attend(layer, q, k, v)  # RoPE, cache write and attention: [B, Hq, T, hd]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):  # down(silu(gate x) * up x)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, layer: int, cache):
+        x = x + self.self_attn(self.input_layernorm(x), layer, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rope = None  # built by setup_rope once the model sits on its device
+        self.tokenizer = None  # attached by load_model
+
+    def setup_rope(self, max_len: int | None = None):
+        self.rope = Rope(self.config, self.embed_tokens.weight.device, max_len)
+        return self
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache, last_only: bool = False):
+        """input_ids, positions [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only) in fp32."""
+        if self.rope is None:
+            self.setup_rope()
+        cache.begin(positions, self.rope)
+        x = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, i, cache)
+        if last_only:
+            x = x[:, -1:]
+        x = self.norm(x)
+        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, head).float()
+
+    def new_cache(self, cache_cls, *args, **kwargs):
+        """Allocate a cache shaped for this model: cache_cls(n_layers, n_kv_heads, head_dim, *args, dtype, device)."""
+        c, w = self.config, self.embed_tokens.weight
+        kwargs.setdefault("dtype", w.dtype)
+        kwargs.setdefault("device", w.device)
+        return cache_cls(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, *args, **kwargs)

