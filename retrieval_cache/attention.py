@@ -15,19 +15,21 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(q kᵀ / √D + mask) v without expanding k, v to Hq heads.
+    """softmax(q kᵀ / √D + mask) v, GQA without copying k, v to Hq heads.
 
-    The G query heads of a kv head are folded into the query axis: q -> [B, Hkv, G*T, D].
     mask: bool [B|1, Hkv|1, T, S], True = visible; None = every key visible to every query.
+    Unmasked (a decode step): the G query heads of a kv head are folded into the query axis, q -> [B, Hkv, G*T, D].
+    Masked (prefill chunks, verify steps): SDPA's own GQA. Measured on 2 CPU threads, SmolLM2 shapes:
+    folding is 1.8x faster for T=1 at 8K keys; SDPA's GQA is 1.7x faster for a masked 1024-token chunk.
     """
     B, Hq, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    G = Hq // Hkv
-    qg = q.reshape(B, Hkv, G * T, D)
-    if mask is not None:
-        mask = mask.unsqueeze(2).expand(mask.shape[0], mask.shape[1], G, T, S).reshape(mask.shape[0], mask.shape[1], G * T, S)
-    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
-    return out.view(B, Hq, T, D)
+    Hkv = k.shape[1]
+    if mask is None:
+        out = F.scaled_dot_product_attention(q.reshape(B, Hkv, (Hq // Hkv) * T, D), k, v)
+        return out.view(B, Hq, T, D)
+    if mask.shape[1] > 1:
+        mask = mask.repeat_interleave(Hq // Hkv, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
 def causal_mask(T: int, S: int, device=None) -> torch.Tensor:

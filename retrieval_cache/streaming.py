@@ -51,7 +51,6 @@ class StreamingCache:
         rp = self.ring_pos[:, None, :]
         ring_vis = (rp > p - W) & (rp <= p) & (rp >= S)
         self.mask = torch.cat([sink_vis, ring_vis], dim=-1)[:, None]
-        self.T = T
         self.length += T
 
     def attend(self, layer: int, q, k, v):

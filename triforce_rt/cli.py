@@ -108,7 +108,8 @@ def cmd_generate(args):
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos, mode=args.mode,
                            prefill_chunk=args.prefill_chunk)
-    res = generate(model, ids, cfg, on_token=None if args.json else TextStream(model.tokenizer))
+    res = generate(model, ids, cfg, on_token=None if args.json else TextStream(model.tokenizer),
+                   progress=sys.stderr.isatty())
     if args.json:
         print(json.dumps(res.to_json()))
     else:

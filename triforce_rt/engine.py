@@ -6,6 +6,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+from tqdm import tqdm
 
 from retrieval_cache import FullCache
 
@@ -75,14 +76,16 @@ def check_fits(model, prompt_len: int, max_new_tokens: int) -> None:
                         f"context of {limit} tokens{why}")
 
 
-def prefill(model, cache, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+def prefill(model, cache, ids: torch.Tensor, chunk: int, progress: bool = False) -> torch.Tensor:
     """Run ids [B, L] through model into cache in chunks of `chunk` tokens; returns last logits [B, V]."""
     L = ids.shape[1]
     start = cache.length
-    for s in range(0, L, chunk):
-        part = ids[:, s : s + chunk]
-        pos = torch.arange(start + s, start + s + part.shape[1], device=ids.device).expand(ids.shape[0], -1)
-        logits = model(part, pos, cache, last_only=True)
+    with tqdm(total=L, desc="prefill", unit="tok", disable=not progress, leave=False) as bar:
+        for s in range(0, L, chunk):
+            part = ids[:, s : s + chunk]
+            pos = torch.arange(start + s, start + s + part.shape[1], device=ids.device).expand(ids.shape[0], -1)
+            logits = model(part, pos, cache, last_only=True)
+            bar.update(part.shape[1])
     return logits[:, -1]
 
 
@@ -93,8 +96,8 @@ def eos_ids(model) -> set:
     return ids
 
 
-def generate(model, prompt_ids: list, cfg: GenerationConfig, on_token=None) -> GenerationResult:
-    """Decode up to cfg.max_new_tokens after prompt_ids (batch 1)."""
+def generate(model, prompt_ids: list, cfg: GenerationConfig, on_token=None, progress: bool = False) -> GenerationResult:
+    """Decode up to cfg.max_new_tokens after prompt_ids (batch 1). progress: a prefill bar on stderr."""
     if cfg.mode not in MODES:
         raise UserError(f"unknown mode '{cfg.mode}' (available: {', '.join(MODES)})")
     if cfg.max_new_tokens < 1:
@@ -107,7 +110,7 @@ def generate(model, prompt_ids: list, cfg: GenerationConfig, on_token=None) -> G
     cache = model.new_cache(FullCache, len(prompt_ids) + cfg.max_new_tokens)
 
     t0 = time.perf_counter()
-    logits = prefill(model, cache, ids, cfg.prefill_chunk)
+    logits = prefill(model, cache, ids, cfg.prefill_chunk, progress)
     tok = sample(logits, sp, gen)
     prefill_s = time.perf_counter() - t0
 
