@@ -1,0 +1,84 @@
+"""The verification rule: exact target distribution (chi-square), and teeth against TriForce's p-resampling."""
+import itertools
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from triforce_rt.speculation import verify_greedy, verify_sample
+
+V, DRAWS, ALPHA = 8, 20000, 1e-3
+
+
+def dists(seed, n, sharp=2.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(n, V, generator=g) * sharp, -1)
+
+
+def two_token_law(p1, p2_given):
+    """Exact P(y1, y2) = p1(y1) p2(y2 | y1) over all V*V pairs."""
+    return torch.stack([p1[a] * p2_given[a][b] for a, b in itertools.product(range(V), repeat=2)])
+
+
+def speculate_two(p1, p2_given, q1, q2_given, g, flawed=False):
+    """One γ=2 round from a fixed 'model' (p: verifier, q: drafter); returns the first two emitted tokens."""
+    x1 = int(torch.multinomial(q1, 1, generator=g))
+    x2 = int(torch.multinomial(q2_given[x1], 1, generator=g))
+    draft = torch.tensor([x1, x2])
+    q = torch.stack([q1, q2_given[x1]])
+    p = torch.stack([p1, p2_given[x1], p2_given[x1]])  # the bonus row is never reached for 2 tokens' law
+    if flawed:  # TriForce's middle tier: on rejection, draw from p instead of the residual
+        u = torch.rand(2, generator=g)
+        ratio = p[torch.arange(2), draft] / q[torch.arange(2), draft]
+        rej = (u >= ratio).nonzero()
+        n = int(rej[0]) if len(rej) else 2
+        nxt = int(torch.multinomial(p[min(n, 2)], 1, generator=g))
+    else:
+        n, nxt = verify_sample(draft, q, p, g)
+    out = draft[:n].tolist() + [nxt]
+    if len(out) < 2:  # rejected at the first token: the second comes from the verifier given the first
+        out.append(int(torch.multinomial(p2_given[out[0]], 1, generator=g)))
+    return tuple(out[:2])
+
+
+def chi2_pvalue(flawed, seed=0):
+    p1, q1 = dists(1, 1)[0], dists(2, 1)[0]
+    p2, q2 = dists(3, V), dists(4, V)
+    law = two_token_law(p1, p2)
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(V * V)
+    for _ in range(DRAWS):
+        a, b = speculate_two(p1, p2, q1, q2, g, flawed)
+        counts[a * V + b] += 1
+    keep = law * DRAWS >= 5  # chi-square needs expected counts >= 5; pool the rest into one cell
+    f_obs = torch.cat([counts[keep], counts[~keep].sum()[None]])
+    f_exp = torch.cat([law[keep], law[~keep].sum()[None]]) * DRAWS
+    return chisquare(f_obs.numpy(), f_exp.numpy()).pvalue
+
+
+def test_sampled_tokens_follow_the_verifier_exactly():
+    assert chi2_pvalue(flawed=False) > ALPHA
+
+
+def test_resampling_from_p_on_rejection_is_caught():
+    assert chi2_pvalue(flawed=True) < ALPHA
+
+
+def test_point_mass_draft_is_exact():
+    """An n-gram draft is q = one_hot(x): the first emitted token still follows p."""
+    p = dists(5, 2)
+    g = torch.Generator().manual_seed(1)
+    counts = torch.zeros(V)
+    for _ in range(DRAWS):
+        q = torch.nn.functional.one_hot(torch.tensor([3]), V).float()
+        n, nxt = verify_sample(torch.tensor([3]), q, p, g)
+        counts[3 if n == 1 else nxt] += 1
+    assert chisquare(counts.numpy(), (p[0] * DRAWS).numpy()).pvalue > ALPHA
+
+
+@pytest.mark.parametrize("draft,expect", [([4, 1, 7], (3, 2)), ([4, 0, 7], (1, 1)), ([5, 1, 7], (0, 4))])
+def test_greedy_accepts_the_matching_prefix(draft, expect):
+    logits = torch.full((4, V), -1.0)
+    for i, t in enumerate([4, 1, 7, 2]):
+        logits[i, t] = 1.0
+    assert verify_greedy(torch.tensor(draft), logits) == expect
