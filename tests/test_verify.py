@@ -27,14 +27,9 @@ def speculate_two(p1, p2_given, q1, q2_given, g, flawed=False):
     draft = torch.tensor([x1, x2])
     q = torch.stack([q1, q2_given[x1]])
     p = torch.stack([p1, p2_given[x1], p2_given[x1]])  # the bonus row is never reached for 2 tokens' law
-    if flawed:  # TriForce's middle tier: on rejection, draw from p instead of the residual
-        u = torch.rand(2, generator=g)
-        ratio = p[torch.arange(2), draft] / q[torch.arange(2), draft]
-        rej = (u >= ratio).nonzero()
-        n = int(rej[0]) if len(rej) else 2
-        nxt = int(torch.multinomial(p[min(n, 2)], 1, generator=g))
-    else:
-        n, nxt = verify_sample(draft, q, p, g)
+    n, nxt = verify_sample(draft, q, p, g)
+    if flawed and n < 2:  # TriForce's middle tier: on rejection, draw from p instead of the residual
+        nxt = int(torch.multinomial(p[n], 1, generator=g))
     out = draft[:n].tolist() + [nxt]
     if len(out) < 2:  # rejected at the first token: the second comes from the verifier given the first
         out.append(int(torch.multinomial(p2_given[out[0]], 1, generator=g)))
