@@ -18,7 +18,7 @@ demo: setup
 	$(PYTHON) -m triforce_rt generate --model default --prompt-file $(DEMO_PROMPT) --max-new-tokens 64 --ignore-eos
 
 test: setup
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -n 2 tests
 
 bench: setup
 	$(PYTHON) benchmarks/ar_vs_hf.py

@@ -70,6 +70,22 @@ class StreamingCache:
         V = torch.cat([sv, self.ring_v[layer]], dim=2)
         return attend(q, K, V, self.mask)
 
+    @torch.no_grad()
+    def fill_from(self, full, rope) -> None:
+        """Hold the sinks and the last W tokens of `full` (a FullCache of the same model, e.g. the target's cache
+        after prefill: MagicDec's self-speculation draft cache). Sink keys are rotated back to before RoPE."""
+        L = full.length
+        S, B = min(self.S, L), full.k.shape[1]
+        cos, sin = rope.cos_sin(torch.arange(S, device=full.k.device).expand(B, S))
+        self.sink_k[:, :, :, :S] = rotate(full.k[:, :, :, :S], cos, -sin)  # R(-i) R(i) k = k
+        self.sink_v[:, :, :, :S] = full.v[:, :, :, :S]
+        w = torch.arange(max(S, L - self.W), L, device=full.k.device)
+        self.ring_pos.fill_(-1)
+        self.ring_pos[:, w % self.R] = w
+        self.ring_k[:, :, :, w % self.R] = full.k[:, :, :, w].to(self.ring_k.dtype)
+        self.ring_v[:, :, :, w % self.R] = full.v[:, :, :, w].to(self.ring_v.dtype)
+        self.length = L
+
     def rollback(self, n: int) -> None:
         """Safe while at most max_step tokens were written past the rollback point: the ring keeps W + max_step."""
         if not 0 <= n <= self.length:

@@ -7,13 +7,30 @@ import torch
 from triforce_rt.models import ModelConfig
 from triforce_rt.models.loader import from_state_dict
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Two threads per process; one per worker under pytest-xdist (`make test` runs two workers on two cores).
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 STDLIB = sysconfig.get_paths()["stdlib"]
 
 
 def stdlib_text(name: str) -> str:
     with open(os.path.join(STDLIB, name), encoding="utf-8") as f:
         return f.read()
+
+
+def pooled_chisquare(counts: torch.Tensor, law: torch.Tensor) -> float:
+    """Chi-square p-value of observed counts against exact probabilities `law`. A draw where the law is 0 gives
+    0.0; cells expected below 5 (where the test's approximation fails) are pooled into one."""
+    from scipy.stats import chisquare
+
+    counts, law = counts.double(), law.double() / law.double().sum()
+    if counts[law == 0].sum() > 0:
+        return 0.0
+    counts, law = counts[law > 0], law[law > 0]
+    n = counts.sum()
+    keep = law * n >= 5
+    f_obs = torch.cat([counts[keep], counts[~keep].sum()[None]]) if (~keep).any() else counts
+    f_exp = (torch.cat([law[keep], law[~keep].sum()[None]]) if (~keep).any() else law) * n
+    return float(chisquare(f_obs.numpy(), f_exp.numpy()).pvalue)
 
 
 def hf_model(kind="llama", seed=0, **kw):
@@ -64,3 +81,11 @@ def tiny_folder(tmp_path_factory, smol):
     m.save_pretrained(d)
     smol.tokenizer.save_pretrained(d)
     return str(d)
+
+
+@pytest.fixture(scope="session")
+def tiny_drafter(tiny_folder):
+    """The tiny random Llama of tiny_folder as a drafter for SmolLM2 (same vocabulary)."""
+    from triforce_rt import load_model
+
+    return load_model(tiny_folder)

@@ -71,6 +71,20 @@ def test_streaming_matches_streamingllm_with_rollback(S, W):
     assert cache.length == n
 
 
+@pytest.mark.parametrize("L,S,W", [(30, 4, 6), (5, 4, 6), (30, 0, 8)])
+def test_streaming_filled_from_full_cache(L, S, W):
+    """MagicDec's draft cache: the sinks and last W keys of a full-attention cache, then StreamingLLM steps."""
+    q, k, v = tokens(L + 3, seed=L + S)
+    full = FullCache(1, H_KV, D, max_len=64)
+    step(full, q[:L], k[:L], v[:L], 0)
+    cache = StreamingCache(1, H_KV, D, sinks=S, window=W, max_step=4)
+    cache.fill_from(full, ROPE)
+    got = step(cache, q[L:], k[L:], v[L:], L)
+    for t in range(3):
+        assert torch.allclose(got[t], streaming_reference(q, k, v, L + t, S, W), atol=1e-5), t
+    assert cache.length == L + 3
+
+
 # ---- RetrievalCache -------------------------------------------------------------------------------------------
 
 def filled_full_cache(L, layers, seed):

@@ -10,7 +10,7 @@ from conftest import STDLIB
 from triforce_rt.cli import main
 
 JSON_KEYS = {"mode", "prompt_tokens", "new_tokens", "tokens", "text", "prefill_seconds", "decode_seconds",
-             "decode_tokens_per_second", "tiers"}
+             "decode_tokens_per_second", "tiers", "tokens_per_target_call"}
 
 
 def run_cli(capsys, *argv):
@@ -47,11 +47,54 @@ def test_plain_output_streams_the_same_text_as_json(capsys, tiny_folder):
     (["--prompt-file", "/no/such/file.txt"], "prompt file not found"),
     (["--prompt", "hi", "--max-new-tokens", "0"], "at least 1"),
     (["--prompt", "hi", "--device", "cuda"], "CUDA is not available"),
+    (["--prompt", "hi", "--mode", "self-spec", "--budget", "4"], "at least one chunk"),
+    (["--prompt", "hi", "--mode", "triforce", "--gamma1", "0"], "gamma1 must be at least 1"),
+    (["--prompt", "hi", "--mode", "self-spec", "--gamma2", "-2"], "gamma2 must be at least 1"),
+    (["--prompt", "hi", "--mode", "self-spec", "--chunk-size", "0"], "chunk_size must be at least 1"),
+    (["--prompt", "hi", "--mode", "streaming-spec", "--window", "0"], "window >= 1"),
+    (["--prompt", "hi", "--mode", "triforce"], "no default drafter"),
+    (["--prompt", "hi", "--mode", "draft", "--drafter", "/no/such/drafter"], "model not found"),
 ])
 def test_bad_input_one_line_exit_2(capsys, argv, needle):
     rc, out, err = run_cli(capsys, "generate", *argv)
     assert rc == 2
     assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_unknown_mode_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--prompt", "hi", "--mode", "nonsense"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "invalid choice" in err and len(err.strip().splitlines()) == 1
+
+
+def test_speculative_mode_json_and_summary(capsys, tiny_folder):
+    """triforce with the tiny model as its own drafter: per-tier stats cheapest first, and the stderr summary."""
+    base = ["generate", "--model", tiny_folder, "--prompt", "def f(x): return x * 2\n" * 2, "--max-new-tokens", "12",
+            "--ignore-eos", "--json"]
+    spec = ["--mode", "triforce", "--drafter", tiny_folder, "--budget", "8", "--sinks", "4", "--window", "16",
+            "--gamma1", "2", "--gamma2", "3"]
+    rc, out, err = run_cli(capsys, *base, *spec)
+    obj = json.loads(out.strip().splitlines()[-1])
+    assert rc == 0 and [t["name"] for t in obj["tiers"]] == ["drafter", "retrieval", "target"]
+    assert obj["tokens_per_target_call"] >= 1.0
+    assert "tok/target call" in err.splitlines()[-1] and "retrieval" in err.splitlines()[-1]
+    ar = json.loads(run_cli(capsys, *base)[1].strip().splitlines()[-1])
+    assert obj["tokens"] == ar["tokens"]
+
+
+def test_drafter_with_another_vocabulary(capsys, tiny_folder, smol, tmp_path):
+    from conftest import hf_model
+
+    argv = ["generate", "--model", tiny_folder, "--drafter", str(tmp_path), "--prompt", "hi", "--mode", "draft",
+            "--max-new-tokens", "8", "--window", "16"]
+    hf_model(vocab_size=100, tie_word_embeddings=True).save_pretrained(tmp_path)
+    capsys.readouterr()  # the save's progress bar
+    rc, out, err = run_cli(capsys, *argv)
+    assert rc == 2 and "no usable tokenizer" in err and len(err.strip().splitlines()) == 1
+    smol.tokenizer.save_pretrained(tmp_path)
+    rc, out, err = run_cli(capsys, *argv)
+    assert rc == 2 and "vocabulary (100) differs" in err and len(err.strip().splitlines()) == 1
 
 
 def test_prompt_longer_than_context(capsys, tiny_folder):

@@ -3,6 +3,7 @@ import itertools
 
 import pytest
 import torch
+from conftest import pooled_chisquare
 from scipy.stats import chisquare
 
 from triforce_rt.speculation import verify_greedy, verify_sample
@@ -45,10 +46,7 @@ def chi2_pvalue(flawed, seed=0):
     for _ in range(DRAWS):
         a, b = speculate_two(p1, p2, q1, q2, g, flawed)
         counts[a * V + b] += 1
-    keep = law * DRAWS >= 5  # chi-square needs expected counts >= 5; pool the rest into one cell
-    f_obs = torch.cat([counts[keep], counts[~keep].sum()[None]])
-    f_exp = torch.cat([law[keep], law[~keep].sum()[None]]) * DRAWS
-    return chisquare(f_obs.numpy(), f_exp.numpy()).pvalue
+    return pooled_chisquare(counts, law)
 
 
 def test_sampled_tokens_follow_the_verifier_exactly():

@@ -1,10 +1,12 @@
-"""AR decode speed against HF transformers `generate`, measured in one run on real text (stdlib sources).
+"""Benchmarks on real text (stdlib sources), each measured in one run: AR decode against HF transformers
+`generate` (run_ar_vs_hf), and every speculative mode against AR (run_hierarchy).
 
 HF decode tokens/s = (N - 1) / (t(N new tokens) - t(1 new token)), the prefill cancelling out;
 ours comes from the engine's own prefill/decode split. Both are greedy fp32, so their tokens must agree.
 """
 import glob
 import json
+import math
 import os
 import platform
 import sysconfig
@@ -12,7 +14,9 @@ import time
 
 import torch
 
-from .engine import GenerationConfig, generate
+from retrieval_cache import FullCache
+
+from .engine import GenerationConfig, decode, generate, prefill
 from .models import load_model
 
 
@@ -89,4 +93,107 @@ def markdown(report: dict) -> str:
     for r in report["rows"]:
         lines.append(f"| {r['context']} | {r['ours_tok_s']} | {r['hf_tok_s']} | {r['speedup']}x | {r['ours_prefill_s']} "
                      f"| {r['hf_prefill_s']} | {r['tokens_identical']} |")
+    return "\n".join(lines)
+
+
+def run_hierarchy(spec="default", contexts=(2048, 8064), new_tokens=128, threads=2, modes=("self-spec", "streaming-spec"),
+                  drafter=None, draft_dtype=None, budgets=(256, 512, 1024, 2048), refreshes=(0, 1, 8, 32), out=None) -> dict:
+    """Every mode against ar on one prefill per context (greedy, fp32 target), then at the longest context the
+    retrieval tier's acceptance against budget and refresh. Tier times give each step's cost (cost model)."""
+    torch.set_num_threads(threads)
+    model = load_model(spec, dtype=torch.float32)
+    draft = load_model(drafter, dtype=torch.float32) if drafter else None
+    ids_all = real_text_ids(model.tokenizer, max(contexts))
+    generate(model, ids_all[:64], GenerationConfig(max_new_tokens=4, ignore_eos=True))  # warm-up
+    report = {"benchmark": "hierarchy", "prompt": EXPLAIN + "<stdlib sources>, chat template", "model": spec, "dtype": "float32", "draft_dtype": draft_dtype or "float32",
+              "drafter": drafter, "new_tokens": new_tokens, "machine": machine(), "modes": [], "sweep": [],
+              "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+    for n_ctx in contexts:
+        ids = explain_prompt(model.tokenizer, ids_all, n_ctx)
+        full, logits = prefilled(model, ids, new_tokens)
+        run = lambda **kw: rerun(model, full, logits, ids, GenerationConfig(
+            max_new_tokens=new_tokens, ignore_eos=True, draft_dtype=draft_dtype, **kw), draft)
+        ar = run(mode="ar")
+        kv = 2 * full.k[:, :, :, :n_ctx].numel() * full.k.element_size()
+        report["modes"].append(mode_row(n_ctx, ar, ar, kv))
+        for mode in modes:
+            report["modes"].append(mode_row(n_ctx, run(mode=mode), ar, kv))
+        if n_ctx == max(contexts):
+            for budget in budgets:
+                for refresh in refreshes:
+                    res = run(mode="self-spec", budget=budget, refresh=refresh)
+                    t = res.tiers[0]
+                    row = {"context": n_ctx, "budget": budget, "refresh": refresh,
+                           "acceptance": round(t["accepted"] / t["drafted"], 3),
+                           "tokens_per_target_call": round(res.tokens_per_target_call, 2),
+                           "tok_s": round(res.decode_tokens_per_second, 2),
+                           "speedup": round(res.decode_tokens_per_second / ar.decode_tokens_per_second, 2)}
+                    report["sweep"].append(row)
+                    print(json.dumps(row), flush=True)
+    print(hierarchy_markdown(report))
+    if out:
+        with open(out, "w") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
+EXPLAIN = "Explain what the following Python code does, function by function.\n\n"
+
+
+def explain_prompt(tokenizer, code_ids: list, n: int) -> list:
+    """A chat request about the stdlib code, n tokens in all (a raw-code prompt makes a 135M model loop)."""
+    wrap = lambda k: tokenizer.apply_chat_template([{"role": "user", "content": EXPLAIN + tokenizer.decode(code_ids[:k])}],
+                                                   add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    k = n - (len(wrap(16)) - 16)
+    ids = wrap(k)
+    while len(ids) > n:  # decode/encode can merge tokens differently; trim until it fits
+        k -= len(ids) - n
+        ids = wrap(k)
+    return list(ids)
+
+
+def prefilled(model, ids: list, new_tokens: int):
+    full = model.new_cache(FullCache, math.ceil((len(ids) + new_tokens + 64) / 64) * 64)
+    logits = prefill(model, full, torch.tensor([ids]), 1024)
+    full.prompt_q = full.last_q.clone()  # the selection query of every rerun
+    return full, logits
+
+
+def rerun(model, full, logits, ids, cfg, drafter):
+    """decode() from the same prefill: roll the target's cache back to the prompt and restore its last query."""
+    full.rollback(full.length - len(ids))
+    full.last_q = full.prompt_q.clone()
+    return decode(model, full, logits, ids, cfg, drafter=drafter)
+
+
+def mode_row(n_ctx, res, ar, kv_bytes) -> dict:
+    row = {"context": n_ctx, "mode": res.mode, "tok_s": round(res.decode_tokens_per_second, 2),
+           "vs_ar": round(res.decode_tokens_per_second / ar.decode_tokens_per_second, 2),
+           "tokens_identical": res.tokens == ar.tokens, "tokens_per_target_call": round(res.tokens_per_target_call, 2),
+           "kv_bytes": kv_bytes,
+           "tiers": [{"name": t["name"], "acceptance": round(t["accepted"] / t["drafted"], 3) if t["drafted"] else None,
+                      "calls": t["calls"], "ms_per_call": round(1000 * t["seconds"] / max(1, t["calls"]), 1)}
+                     for t in res.tiers]}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def hierarchy_markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"Hierarchy, {report['model']} {report['dtype']} (drafting tiers {report['draft_dtype']}), greedy, "
+             f"{report['new_tokens']} new tokens, {m['cpu']}, {m['threads']} threads, torch {m['torch']}. "
+             f"Weights {report['weights_bytes'] / 1e6:.0f} MB.", "",
+             "| context | mode | tok/s | vs ar | identical | tok/target call | tiers: acceptance, ms/call |",
+             "|---|---|---|---|---|---|---|"]
+    for r in report["modes"]:
+        tiers = "; ".join(f"{t['name']} " + (f"{t['acceptance']:.2f}, " if t["acceptance"] is not None else "")
+                          + f"{t['ms_per_call']} ms" for t in r["tiers"])
+        lines.append(f"| {r['context']} | {r['mode']} | {r['tok_s']} | {r['vs_ar']}x | {r['tokens_identical']} "
+                     f"| {r['tokens_per_target_call']} | {tiers} |")
+    if report["sweep"]:
+        lines += ["", f"self-spec at {report['sweep'][0]['context']} tokens: retrieval tier acceptance by budget "
+                      "and refresh (0 = select once after prefill)", "",
+                  "| budget | refresh | acceptance | tok/target call | tok/s | vs ar |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['budget']} | {r['refresh']} | {r['acceptance']} | {r['tokens_per_target_call']} | {r['tok_s']} "
+                  f"| {r['speedup']}x |" for r in report["sweep"]]
     return "\n".join(lines)

@@ -96,6 +96,20 @@ class Transformer(nn.Module):
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, head).float()
 
+    def with_dtype(self, dtype: torch.dtype | None) -> "Transformer":
+        """This model in another dtype: a copy made once and kept (e.g. bf16 drafting tiers for an fp32 target)."""
+        if dtype is None or dtype == self.embed_tokens.weight.dtype:
+            return self
+        casts = self.__dict__.setdefault("_casts", {})
+        if dtype not in casts:
+            with torch.device("meta"):
+                m = Transformer(self.config)
+            m.load_state_dict({k: v.to(dtype) for k, v in self.state_dict().items()}, assign=True)
+            m.eval().setup_rope(self.rope.max_len if self.rope else None)
+            m.tokenizer = self.tokenizer
+            casts[dtype] = m
+        return casts[dtype]
+
     def new_cache(self, cache_cls, *args, **kwargs):
         """Allocate a cache shaped for this model: cache_cls(n_layers, n_kv_heads, head_dim, *args, dtype, device)."""
         c, w = self.config, self.embed_tokens.weight

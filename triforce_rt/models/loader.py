@@ -67,7 +67,11 @@ def gguf_to_folder(path: str) -> str:
         with open(os.path.join(tmp, "done"), "w") as f:
             json.dump({"source": path}, f)
         shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process finished the same conversion first
+            if not os.path.isfile(os.path.join(out, "done")):
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -127,6 +131,9 @@ def load_model(spec: str = "default", dtype=None, device=None, allow_pickle: boo
     except ValueError as e:
         raise UserError(f"{spec}: {e}") from None
     model = model.to(device=device, dtype=dtype).eval().setup_rope()
-    model.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    try:
+        model.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{spec}: no usable tokenizer in '{folder}' ({str(e).strip().splitlines()[0]})") from None
     model.source = folder
     return model

@@ -1,4 +1,6 @@
-"""Speculative decoding: the verification rules every tier uses (the tier stack arrives with issue #3)."""
+"""Speculative decoding: the verification rule, tiers, and the hierarchy that stacks them."""
+from .hierarchy import Hierarchy
+from .tier import Tier, TierStats
 from .verify import verify_greedy, verify_sample
 
-__all__ = ["verify_greedy", "verify_sample"]
+__all__ = ["Hierarchy", "Tier", "TierStats", "verify_greedy", "verify_sample"]

@@ -1,0 +1,202 @@
+"""The tier stack: every mode's greedy output equals ar, sampled output follows the target exactly, and after
+every verification each cache holds exactly the accepted prefix."""
+import itertools
+import random
+
+import pytest
+import torch
+from conftest import hf_model, ours, pooled_chisquare, stdlib_text
+
+from retrieval_cache import FullCache, RetrievalCache, StreamingCache, rotate
+from triforce_rt.engine import MODES, GenerationConfig, build_tiers, generate, prefill
+from triforce_rt.models import ModelConfig
+from triforce_rt.models.loader import from_state_dict
+from triforce_rt.sampling import SamplingParams, probs
+from triforce_rt.speculation import Hierarchy, verify_sample
+
+SPEC_MODES = [m for m in MODES if m != "ar"]
+
+
+def random_pair(seed, n_kv=2, vocab=64, sharpen=1.0):
+    """A 2-layer random target and a drafter made of the target's embedding, first layer and head, so the
+    drafter agrees often but not always. sharpen scales the final norm, i.e. the logits."""
+    small = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=n_kv)
+    hf = hf_model(max_position_embeddings=256, seed=seed, **small)
+    cfg = ModelConfig.from_hf(hf.config)
+    cfg.num_hidden_layers, cfg.max_position_embeddings = 1, 64
+    sd = {k: v.clone() for k, v in hf.state_dict().items() if ".layers.1." not in k}
+    target, drafter = ours(hf), from_state_dict(cfg, sd).eval().setup_rope()
+    with torch.no_grad():
+        target.norm.weight.mul_(sharpen)
+        drafter.norm.weight.mul_(sharpen)
+    return target, drafter
+
+
+def start(target, drafter, ctx, cfg):
+    """Prefill ctx into the target and build cfg.mode's tiers, as generate does."""
+    full = target.new_cache(FullCache, 256)
+    prefill(target, full, torch.tensor([ctx]), 16)
+    return build_tiers(target, full, drafter, ctx, cfg)
+
+
+# ---- greedy: token-identical to ar -----------------------------------------------------------------------------
+
+def sweep_cases(n):
+    rng = random.Random(0)
+    for case in range(n):
+        yield dict(seed=case, n_kv=[4, 2, 1][case % 3], prompt_len=rng.randint(12, 150),
+                   cfg=dict(budget=rng.choice([4, 8, 16, 40, 4096]), chunk_size=rng.choice([2, 4, 8]),
+                            gamma1=rng.randint(1, 4), gamma2=rng.randint(1, 7), refresh=rng.choice([0, 0, 3, 10]),
+                            sinks=rng.choice([0, 2, 4]), window=rng.choice([None, 4, 12, 40]),
+                            draft_dtype="bfloat16" if case % 4 == 0 else None))
+
+
+@pytest.mark.parametrize("case", list(sweep_cases(18)), ids=lambda c: f"seed{c['seed']}-kv{c['n_kv']}")
+def test_greedy_every_mode_equals_ar(case):
+    target, drafter = random_pair(case["seed"], case["n_kv"])
+    prompt = torch.randint(0, 64, (case["prompt_len"],), generator=torch.Generator().manual_seed(case["seed"])).tolist()
+    cfg = dict(max_new_tokens=40, ignore_eos=True, **case["cfg"])
+    if cfg["budget"] < cfg["chunk_size"]:
+        cfg["budget"] = cfg["chunk_size"]
+    if cfg["window"] is None:  # the drafter's default window (240) does not fit its 64-token context
+        cfg["window"] = 60 - cfg["sinks"]
+    ar = generate(target, prompt, GenerationConfig(**cfg)).tokens
+    for mode in SPEC_MODES:
+        res = generate(target, prompt, GenerationConfig(mode=mode, **cfg), drafter=drafter)
+        assert res.tokens == ar, mode
+        drafting = res.tiers[:-1]
+        assert all(t["accepted"] <= t["drafted"] for t in drafting)
+        assert res.tiers[-1]["calls"] * (cfg["gamma2"] + 1) >= res.new_tokens - 1
+
+
+def test_smollm2_greedy_spec_modes_equal_ar(smol, tiny_drafter):
+    """A real 1,600-token prompt; the triforce drafter is a tiny random model with SmolLM2's vocabulary."""
+    ids = smol.tokenizer(stdlib_text("textwrap.py")).input_ids[:1600]
+    base = dict(max_new_tokens=48, ignore_eos=True, prefill_chunk=512, budget=256, sinks=4, window=56)
+    ar = generate(smol, ids, GenerationConfig(**base))
+    for mode in ("triforce", "self-spec", "streaming-spec"):
+        res = generate(smol, ids, GenerationConfig(mode=mode, **base), drafter=tiny_drafter)
+        assert res.tokens == ar.tokens, mode
+        retrieval = {t["name"]: t for t in res.tiers}.get("retrieval")
+        if retrieval:  # the middle tier is a real drafter on real text: most of its drafts are accepted
+            assert retrieval["accepted"] > 0.5 * retrieval["drafted"]
+
+
+# ---- sampling: exactly the target's distribution ----------------------------------------------------------------
+
+V, DRAWS, ALPHA = 8, 20000, 1e-3
+PROMPT = torch.randint(0, V, (24,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+def two_token_law(target, sp):
+    """Exact P(y1, y2 | PROMPT) of the target, by enumerating y1: [V * V]."""
+    ids = torch.tensor([PROMPT + [y] for y in range(V)])
+    logits = target(ids, torch.arange(len(PROMPT) + 1).expand(V, -1), target.new_cache(FullCache, 32, batch=V))
+    p = probs(logits, sp)  # [V, T, V]
+    return (p[0, -2][:, None] * p[:, -1]).flatten()
+
+
+def resample_from_p(draft, q, p, generator):
+    """TriForce's middle tier: on a rejection it draws from p instead of the residual max(p - q, 0)."""
+    n, x = verify_sample(draft, q, p, generator)
+    if n < len(draft):
+        x = int(torch.multinomial(p[n], 1, generator=generator))
+    return n, x
+
+
+def sampled_pairs(mode, sp, flawed=False):
+    """DRAWS times: the first two tokens after PROMPT through the real tiers; then every tier rolls back."""
+    target, drafter = random_pair(3, vocab=V, sharpen=8.0)
+    cfg = GenerationConfig(max_new_tokens=16, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, mode=mode,
+                           budget=4, chunk_size=2, sinks=2, window=6, gamma1=2, gamma2=3)
+    ctx = PROMPT[:-1]  # the last prompt token stays pending, as after any round
+    tiers = start(target, drafter, ctx, cfg)
+    if flawed:
+        tiers[1].verify = resample_from_p
+    hierarchy = Hierarchy(tiers, sp, torch.Generator().manual_seed(0))
+    counts = torch.zeros(V * V)
+    for _ in range(DRAWS):
+        toks = []
+        while len(toks) < 2:
+            new, _ = hierarchy.round(len(tiers) - 1, PROMPT + toks, cfg.max_new_tokens)
+            toks += new
+        counts[toks[0] * V + toks[1]] += 1
+        for t in tiers:
+            t.truncate(len(ctx))
+    rates = [t.stats.accepted / t.stats.drafted for t in tiers[:-1]]
+    return counts, two_token_law(target, sp), rates
+
+
+@pytest.mark.parametrize("mode,sp", [(m, SamplingParams(1.0)) for m in SPEC_MODES]
+                         + [("triforce", SamplingParams(0.8, top_p=0.9, top_k=5))], ids=str)
+def test_sampling_follows_the_target_exactly(mode, sp):
+    counts, law, rates = sampled_pairs(mode, sp)
+    assert all(0.2 < r < 0.98 for r in rates), rates  # the drafts really are rejected sometimes
+    assert pooled_chisquare(counts, law) > ALPHA
+
+
+def test_triforce_middle_tier_flaw_is_caught():
+    counts, law, _ = sampled_pairs("triforce", SamplingParams(1.0), flawed=True)
+    assert pooled_chisquare(counts, law) < ALPHA
+
+
+# ---- rollback: every cache holds exactly the accepted prefix ---------------------------------------------------
+
+def layer0_keys(model, tokens, positions):
+    """Layer-0 keys of tokens at positions, before and after RoPE: [Hkv, T, D] each. They depend on nothing
+    else, so they identify which token a cache slot holds."""
+    att = model.layers[0].self_attn
+    x = model.layers[0].input_layernorm(model.embed_tokens(torch.tensor([tokens])))
+    k = att.k_proj(x).view(1, len(tokens), att.n_kv, att.head_dim).transpose(1, 2)
+    cos, sin = model.rope.cos_sin(torch.tensor([positions]))
+    return k[0], rotate(k, cos, sin)[0]
+
+
+def assert_holds_prefix(tier, seq):
+    """tier.cache holds seq[:tier.pos], at the right positions, in every slot a query can see."""
+    c, n = tier.cache, tier.pos
+    if isinstance(c, FullCache):
+        assert c.length == n
+        torch.testing.assert_close(c.k[0, 0, :, :n], layer0_keys(tier.model, seq[:n], list(range(n)))[1])
+    elif isinstance(c, RetrievalCache):
+        s = n - c.length  # where the tail starts
+        torch.testing.assert_close(c.k[0, 0, :, c.sel_len : c.sel_len + c.length],
+                                   layer0_keys(tier.model, seq[s:n], list(range(s, n)))[1])
+    else:
+        assert isinstance(c, StreamingCache)
+        sinks = list(range(min(c.S, n)))
+        window = list(range(max(c.S, n - c.W), n))
+        assert c.ring_pos[0, [p % c.R for p in window]].tolist() == window
+        torch.testing.assert_close(c.ring_k[0, 0][:, [p % c.R for p in window]],
+                                   layer0_keys(tier.model, [seq[p] for p in window], window)[1])
+        torch.testing.assert_close(c.sink_k[0, 0][:, sinks], layer0_keys(tier.model, seq[: len(sinks)], sinks)[0])
+
+
+@pytest.mark.parametrize("mode", SPEC_MODES)
+def test_rollback_leaves_exactly_the_accepted_prefix(mode):
+    target, drafter = random_pair(7, vocab=64, sharpen=20.0)
+    prompt = torch.randint(0, 64, (50,), generator=torch.Generator().manual_seed(1)).tolist()
+    cfg = GenerationConfig(max_new_tokens=60, mode=mode, budget=16, chunk_size=4, sinks=2, window=10, gamma1=3,
+                           gamma2=5, temperature=1.0)
+    tiers = start(target, drafter, prompt[:-1], cfg)
+    hierarchy = Hierarchy(tiers, cfg.sampling, torch.Generator().manual_seed(2))
+    seq, rejected = list(prompt), 0
+    for i in range(12):
+        if i % 4 == 3:
+            hierarchy.refresh()
+        new, _ = hierarchy.round(len(tiers) - 1, seq, 60)
+        rejected += len(new) <= cfg.gamma2
+        seq += new
+        for tier in tiers:
+            assert tier.pos <= len(seq) - 1  # the last token is pending
+            assert_holds_prefix(tier, seq)
+    assert rejected >= 3
+
+
+def test_retrieval_budget_covering_the_prompt_is_full_attention():
+    """With the whole prompt selected, tier 2 is the target itself: every greedy draft is accepted."""
+    target, drafter = random_pair(11)
+    prompt = list(itertools.islice(itertools.cycle(range(3, 40)), 70))
+    res = generate(target, prompt, GenerationConfig(max_new_tokens=30, ignore_eos=True, mode="self-spec", gamma2=4))
+    tier = res.tiers[0]
+    assert tier["name"] == "retrieval" and tier["accepted"] == tier["drafted"] > 0
