@@ -4,7 +4,7 @@ import json
 import os
 import sys
 
-from .engine import DRAFTER_MODES, MODES, GenerationConfig
+from .engine import DRAFTER_MODES, MODES, GenerationConfig, check_config, generate
 from .errors import UserError
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -113,7 +113,6 @@ class TextStream:
 def cmd_generate(args):
     import torch
 
-    from .engine import check_config, generate
     from .models import load_model
 
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
