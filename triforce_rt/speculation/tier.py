@@ -27,10 +27,6 @@ class Tier:
         self.pos = pos
         self.stats = TierStats(name)
 
-    @property
-    def name(self) -> str:
-        return self.stats.name
-
     def feed(self, seq: list, last_only: bool = False) -> torch.Tensor:
         """Run seq[pos:] through the model; returns logits [T, V] (or [1, V]), row t predicting seq[pos + t + 1]."""
         device = self.model.embed_tokens.weight.device
