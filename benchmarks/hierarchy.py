@@ -20,8 +20,9 @@ if __name__ == "__main__":
     modes = ("self-spec", "streaming-spec") + (("triforce", "draft") if args.drafter else ())
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"hierarchy-{args.tag}.json")
     report = run_hierarchy("default", tuple(args.contexts), 128, 2, modes, args.drafter, args.draft_dtype, out=path)
-    cmd = "python " + " ".join(["benchmarks/hierarchy.py"] + ([args.tag] if args.tag != "cpu" else []) + (["--drafter", args.drafter] if args.drafter else [])
-                               + (["--draft-dtype", args.draft_dtype] if args.draft_dtype else []))
+    argv = (([args.tag] if args.tag != "cpu" else []) + (["--drafter", args.drafter] if args.drafter else [])
+            + (["--draft-dtype", args.draft_dtype] if args.draft_dtype else []))
+    cmd = " ".join(["python", "benchmarks/hierarchy.py"] + argv)
     with open(path[:-5] + ".md", "w") as f:
         f.write(f"Command: `{cmd}`\n\n{hierarchy_markdown(report)}\n")
     print(json.dumps({"written": path}))

@@ -105,13 +105,14 @@ def run_hierarchy(spec="default", contexts=(2048, 8064), new_tokens=128, threads
     draft = load_model(drafter, dtype=torch.float32) if drafter else None
     ids_all = real_text_ids(model.tokenizer, max(contexts))
     generate(model, ids_all[:64], GenerationConfig(max_new_tokens=4, ignore_eos=True))  # warm-up
-    report = {"benchmark": "hierarchy", "prompt": EXPLAIN + "<stdlib sources>, chat template", "model": spec, "dtype": "float32", "draft_dtype": draft_dtype or "float32",
-              "drafter": drafter, "new_tokens": new_tokens, "machine": machine(), "modes": [], "sweep": [],
+    report = {"benchmark": "hierarchy", "prompt": EXPLAIN + "<stdlib sources>, chat template", "model": spec,
+              "dtype": "float32", "draft_dtype": draft_dtype or "float32", "drafter": drafter,
+              "new_tokens": new_tokens, "machine": machine(), "modes": [], "sweep": [],
               "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
     for n_ctx in contexts:
         ids = explain_prompt(model.tokenizer, ids_all, n_ctx)
-        full, logits = prefilled(model, ids, new_tokens)
-        run = lambda **kw: rerun(model, full, logits, ids, GenerationConfig(
+        full, logits, prompt_q = prefilled(model, ids, new_tokens)
+        run = lambda **kw: rerun(model, full, logits, prompt_q, ids, GenerationConfig(
             max_new_tokens=new_tokens, ignore_eos=True, draft_dtype=draft_dtype, **kw), draft)
         ar = run(mode="ar")
         kv = 2 * full.k[:, :, :, :n_ctx].numel() * full.k.element_size()
@@ -153,16 +154,16 @@ def explain_prompt(tokenizer, code_ids: list, n: int) -> list:
 
 
 def prefilled(model, ids: list, new_tokens: int):
+    """The target's cache after the prompt, the logits after it, and the last prompt token's query."""
     full = model.new_cache(FullCache, math.ceil((len(ids) + new_tokens + 64) / 64) * 64)
     logits = prefill(model, full, torch.tensor([ids]), 1024)
-    full.prompt_q = full.last_q.clone()  # the selection query of every rerun
-    return full, logits
+    return full, logits, full.last_q.clone()
 
 
-def rerun(model, full, logits, ids, cfg, drafter):
+def rerun(model, full, logits, prompt_q, ids, cfg, drafter):
     """decode() from the same prefill: roll the target's cache back to the prompt and restore its last query."""
     full.rollback(full.length - len(ids))
-    full.last_q = full.prompt_q.clone()
+    full.last_q = prompt_q.clone()
     return decode(model, full, logits, ids, cfg, drafter=drafter)
 
 

@@ -27,7 +27,7 @@ class Hierarchy:
         tier = self.tiers[k]
         g = min(self.tiers[k - 1].gamma, limit - 1) if k else 0
         if g == 0:
-            logits = tier.feed(seq, last_only=True)[-1:]  # [1, V]
+            logits = tier.feed(seq, last_only=True)  # [1, V]
             if self.sp.greedy:
                 return [int(logits.argmax())], None
             p = probs(logits, self.sp)
@@ -50,7 +50,8 @@ class Hierarchy:
         return draft[:n] + [x], (None if p is None else p[: n + 1])
 
     def propose(self, k: int, seq: list, n: int) -> tuple[list, torch.Tensor | None]:
-        """Exactly n tokens of tier k after seq, by rounds (each returns at most what is asked), with their distributions [n, V] (None when greedy)."""
+        """Exactly n tokens of tier k after seq, by rounds (each returns at most what it is asked for), and their
+        distributions [n, V] (None when greedy)."""
         toks, ps = [], []
         while len(toks) < n:
             new, p = self.round(k, seq + toks, n - len(toks))
