@@ -1,14 +1,18 @@
-"""Every speculative mode against AR on SmolLM2-135M fp32, 2 threads, 2K and 8K real-text prompts, 128 greedy
-tokens; then the retrieval tier's acceptance against budget (256..2048) and refresh at 8K.
+"""Every speculative mode against AR on SmolLM2-135M fp32, 2 threads, 2K and 8K chat prompts about held-out text
+(never seen by `triforce distill`), 128 greedy tokens; then the retrieval tier's acceptance against budget
+(256..2048) and refresh at 8K (--no-sweep skips it).
 
-    python benchmarks/hierarchy.py [TAG] [--drafter PATH] [--draft-dtype bfloat16]
+    python benchmarks/hierarchy.py [TAG] [--drafter PATH|default] [--draft-dtype bfloat16] [--prompt summarize]
 writes benchmarks/results/hierarchy-TAG.{json,md} (TAG defaults to cpu). One run, ratios within it.
+--prompt explain: "explain this code" over stdlib sources; summarize: "summarize" over the Python docs
+(Debian's python3.11-doc).
 """
 import argparse
 import json
 import os
 
-from triforce_rt.bench import hierarchy_markdown, run_hierarchy
+from triforce_rt.bench import PROMPTS, hierarchy_markdown, run_hierarchy
+from triforce_rt.models.loader import default_drafter
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
@@ -16,12 +20,19 @@ if __name__ == "__main__":
     ap.add_argument("--drafter")
     ap.add_argument("--draft-dtype")
     ap.add_argument("--contexts", type=int, nargs="+", default=[2048, 8064])
+    ap.add_argument("--prompt", choices=sorted(PROMPTS), default="explain")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the budget x refresh sweep")
     args = ap.parse_args()
-    modes = ("self-spec", "streaming-spec") + (("triforce", "draft") if args.drafter else ())
+    drafter = default_drafter() if args.drafter == "default" else args.drafter
+    modes = ("self-spec", "streaming-spec", "ngram") + (("draft", "triforce", "triforce-ngram") if drafter else ())
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"hierarchy-{args.tag}.json")
-    report = run_hierarchy("default", tuple(args.contexts), 128, 2, modes, args.drafter, args.draft_dtype, out=path)
+    sweep = {"budgets": ()} if args.no_sweep else {}
+    report = run_hierarchy("default", tuple(args.contexts), 128, 2, modes, drafter, args.draft_dtype, out=path,
+                           prompt=args.prompt, **sweep)
     argv = (([args.tag] if args.tag != "cpu" else []) + (["--drafter", args.drafter] if args.drafter else [])
-            + (["--draft-dtype", args.draft_dtype] if args.draft_dtype else []))
+            + (["--draft-dtype", args.draft_dtype] if args.draft_dtype else [])
+            + (["--prompt", args.prompt] if args.prompt != "explain" else []) + (["--no-sweep"] if args.no_sweep else [])
+            + (["--contexts", *map(str, args.contexts)] if args.contexts != [2048, 8064] else []))
     cmd = " ".join(["python", "benchmarks/hierarchy.py"] + argv)
     with open(path[:-5] + ".md", "w") as f:
         f.write(f"Command: `{cmd}`\n\n{hierarchy_markdown(report)}\n")

@@ -1,12 +1,14 @@
 """KV cache layouts for hierarchical speculative decoding. Never imports triforce_rt.
 
-FullCache (every token), StreamingCache (sinks + window), RetrievalCache (top-k chunks of a FullCache).
+FullCache (every token), StreamingCache (sinks + window), RetrievalCache (top-k chunks of a FullCache);
+NoCache (attention within one forward, for training).
 All share one protocol: begin(positions, rope) once per forward, attend(layer, q, k, v) per layer,
 rollback(n) to drop the last n tokens by moving a length.
 """
 from .attention import attend, causal_mask, rotate
 from .full import FullCache
+from .nocache import NoCache
 from .retrieval import RetrievalCache
 from .streaming import StreamingCache
 
-__all__ = ["FullCache", "StreamingCache", "RetrievalCache", "attend", "causal_mask", "rotate"]
+__all__ = ["FullCache", "NoCache", "StreamingCache", "RetrievalCache", "attend", "causal_mask", "rotate"]

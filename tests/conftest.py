@@ -72,15 +72,20 @@ def smol_hf(smol):
     return LlamaForCausalLM.from_pretrained(smol.source, dtype=torch.float32).eval()
 
 
-@pytest.fixture(scope="session")
-def tiny_folder(tmp_path_factory, smol):
-    """A tiny random Llama saved as an HF folder (safetensors) with SmolLM2's tokenizer, context 64."""
-    d = tmp_path_factory.mktemp("tiny-llama")
-    m = hf_model(vocab_size=smol.config.vocab_size, max_position_embeddings=64, tie_word_embeddings=True,
+def tiny_with_smol_tokenizer(tmp_path_factory, smol, context: int) -> str:
+    """A tiny random Llama saved as an HF folder (safetensors) with SmolLM2's tokenizer and the given context."""
+    d = tmp_path_factory.mktemp(f"tiny-llama-{context}")
+    m = hf_model(vocab_size=smol.config.vocab_size, max_position_embeddings=context, tie_word_embeddings=True,
                  bos_token_id=1, eos_token_id=2)
     m.save_pretrained(d)
     smol.tokenizer.save_pretrained(d)
     return str(d)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, smol):
+    """tiny_with_smol_tokenizer, context 64."""
+    return tiny_with_smol_tokenizer(tmp_path_factory, smol, 64)
 
 
 @pytest.fixture(scope="session")

@@ -52,11 +52,27 @@ def test_plain_output_streams_the_same_text_as_json(capsys, tiny_folder):
     (["--prompt", "hi", "--mode", "self-spec", "--gamma2", "-2"], "gamma2 must be at least 1"),
     (["--prompt", "hi", "--mode", "self-spec", "--chunk-size", "0"], "chunk_size must be at least 1"),
     (["--prompt", "hi", "--mode", "streaming-spec", "--window", "0"], "window >= 1"),
-    (["--prompt", "hi", "--mode", "triforce"], "no default drafter"),
+    (["--prompt", "hi", "--mode", "ngram", "--ngram", "1"], "ngram must be at least 2"),
     (["--prompt", "hi", "--mode", "draft", "--drafter", "/no/such/drafter"], "model not found"),
 ])
 def test_bad_input_one_line_exit_2(capsys, argv, needle):
     rc, out, err = run_cli(capsys, "generate", *argv)
+    assert rc == 2
+    assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_no_default_drafter_for_another_model(capsys, tiny_folder):
+    rc, out, err = run_cli(capsys, "generate", "--model", tiny_folder, "--prompt", "hi", "--mode", "triforce")
+    assert rc == 2 and "no default drafter exists for this model" in err and "triforce distill" in err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--seq-len", "8"], "--seq-len > 16"),
+    (["--layers", "0"], "--layers must be at least 1"),
+    (["--target", "/no/such/model"], "model not found"),
+])
+def test_distill_bad_input_one_line_exit_2(capsys, argv, needle, tmp_path):
+    rc, out, err = run_cli(capsys, "distill", "--out", str(tmp_path / "d"), *argv)
     assert rc == 2
     assert needle in err and len(err.strip().splitlines()) == 1
 

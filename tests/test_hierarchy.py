@@ -1,5 +1,6 @@
 """The tier stack: every mode's greedy output equals ar, sampled output follows the target exactly, and after
 every verification each cache holds exactly the accepted prefix."""
+import dataclasses
 import itertools
 import random
 
@@ -12,7 +13,7 @@ from triforce_rt.engine import MODES, GenerationConfig, build_tiers, generate, p
 from triforce_rt.models import ModelConfig
 from triforce_rt.models.loader import from_state_dict
 from triforce_rt.sampling import SamplingParams, probs
-from triforce_rt.speculation import Hierarchy, verify_sample
+from triforce_rt.speculation import Hierarchy, NgramTier, verify_sample
 
 SPEC_MODES = [m for m in MODES if m != "ar"]
 
@@ -104,9 +105,23 @@ def resample_from_p(draft, q, p, generator):
     return n, x
 
 
-def sampled_pairs(mode, sp, flawed=False):
-    """DRAWS times: the first two tokens after PROMPT through the real tiers; then every tier rolls back."""
+def reduced_vocabulary(drafter, keep: list):
+    """The drafter restricted to the tokens `keep` (draft_vocab): its q is 0 for every other token."""
+    cfg = dataclasses.replace(drafter.config, draft_vocab=len(keep))
+    sd = {k: v.clone() for k, v in drafter.state_dict().items()}
+    rest = [t for t in range(cfg.vocab_size) if t not in keep]
+    sd["embed_tokens.weight"] = torch.cat([sd["embed_tokens.weight"][keep], sd["embed_tokens.weight"][rest].mean(0)[None]])
+    sd["lm_head.weight"] = sd["lm_head.weight"][keep]
+    sd["vocab_ids"] = torch.tensor(keep)
+    return from_state_dict(cfg, sd).eval().setup_rope()
+
+
+def sampled_pairs(mode, sp, flawed=False, keep=None):
+    """DRAWS times: the first two tokens after PROMPT through the real tiers; then every tier rolls back.
+    keep: restrict the drafter to these tokens."""
     target, drafter = random_pair(3, vocab=V, sharpen=8.0)
+    if keep is not None:
+        drafter = reduced_vocabulary(drafter, keep)
     cfg = GenerationConfig(max_new_tokens=16, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, mode=mode,
                            budget=4, chunk_size=2, sinks=2, window=6, gamma1=2, gamma2=3)
     ctx = PROMPT[:-1]  # the last prompt token stays pending, as after any round
@@ -135,6 +150,25 @@ def test_sampling_follows_the_target_exactly(mode, sp):
     assert pooled_chisquare(counts, law) > ALPHA
 
 
+def test_reduced_vocabulary_drafter_stays_exact():
+    """q = 0 outside the kept tokens (one of them the target's likeliest first token): the residual rule still
+    gives exactly the target's law, through both drafting tiers."""
+    counts, law, rates = sampled_pairs("triforce", SamplingParams(1.0), keep=[0, 2, 3, 5, 6])
+    assert 0.2 < rates[0] < 0.98, rates
+    assert pooled_chisquare(counts, law) > ALPHA
+
+
+def test_reduced_vocabulary_logits_are_minus_infinity_elsewhere():
+    _, drafter = random_pair(3, vocab=V)
+    small = reduced_vocabulary(drafter, [1, 4, 7])
+    ids = [1, 4, 7, 1, 4]  # only kept tokens, so the inputs embed as in the full drafter
+    pos = torch.arange(5)[None]
+    full = drafter(torch.tensor([ids]), pos, drafter.new_cache(FullCache, 8))[0]
+    red = small(torch.tensor([ids]), pos, small.new_cache(FullCache, 8))[0]
+    torch.testing.assert_close(red[:, [1, 4, 7]], full[:, [1, 4, 7]])
+    assert torch.isinf(red[:, [0, 2, 3, 5, 6]]).all()
+
+
 def test_triforce_middle_tier_flaw_is_caught():
     counts, law, _ = sampled_pairs("triforce", SamplingParams(1.0), flawed=True)
     assert pooled_chisquare(counts, law) < ALPHA
@@ -154,6 +188,9 @@ def layer0_keys(model, tokens, positions):
 
 def assert_holds_prefix(tier, seq):
     """tier.cache holds seq[:tier.pos], at the right positions, in every slot a query can see."""
+    if isinstance(tier, NgramTier):
+        assert tier.arr[: tier.pos].tolist() == seq[: tier.pos]
+        return
     c, n = tier.cache, tier.pos
     if isinstance(c, FullCache):
         assert c.length == n

@@ -18,6 +18,7 @@ from retrieval_cache import FullCache
 
 from .engine import GenerationConfig, decode, generate, prefill
 from .models import load_model
+from .textio import alpha
 
 
 def machine() -> dict:
@@ -45,13 +46,16 @@ def real_text_ids(tokenizer, n: int) -> list:
     raise RuntimeError(f"only {len(ids)} tokens of stdlib text found")
 
 
-def hf_decode(hf, ids: list, n: int):
+def hf_decode(hf, ids: list, n: int, **generate_kw):
+    """HF generate, greedy unless generate_kw says otherwise: (new tokens, prefill seconds, decode tok/s).
+    generate_kw: e.g. prompt lookup, or do_sample with temperature and top_p."""
     x = torch.tensor([ids])
     t0 = time.perf_counter()
     with torch.no_grad():
-        hf.generate(x, max_new_tokens=1, do_sample=False)
+        kw = {"do_sample": False, **generate_kw}
+        hf.generate(x, max_new_tokens=1, **kw)
         t1 = time.perf_counter()
-        out = hf.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        out = hf.generate(x, max_new_tokens=n, min_new_tokens=n, **kw)
     t2 = time.perf_counter()
     return out[0, len(ids):].tolist(), t1 - t0, (n - 1) / ((t2 - t1) - (t1 - t0))
 
@@ -97,20 +101,23 @@ def markdown(report: dict) -> str:
 
 
 def run_hierarchy(spec="default", contexts=(2048, 8064), new_tokens=128, threads=2, modes=("self-spec", "streaming-spec"),
-                  drafter=None, draft_dtype=None, budgets=(256, 512, 1024, 2048), refreshes=(0, 1, 8, 32), out=None) -> dict:
+                  drafter=None, draft_dtype=None, budgets=(256, 512, 1024, 2048), refreshes=(0, 1, 8, 32), out=None,
+                  prompt="explain") -> dict:
     """Every mode against ar on one prefill per context (greedy, fp32 target), then at the longest context the
-    retrieval tier's acceptance against budget and refresh. Tier times give each step's cost (cost model)."""
+    retrieval tier's acceptance against budget and refresh (skipped when budgets is empty). Tier times give each
+    step's cost (cost model). prompt: a key of PROMPTS, about held-out text."""
     torch.set_num_threads(threads)
     model = load_model(spec, dtype=torch.float32)
     draft = load_model(drafter, dtype=torch.float32) if drafter else None
-    ids_all = real_text_ids(model.tokenizer, max(contexts))
+    instruction, source = PROMPTS[prompt]
+    ids_all = heldout_ids(model.tokenizer, max(contexts), source)
     generate(model, ids_all[:64], GenerationConfig(max_new_tokens=4, ignore_eos=True))  # warm-up
-    report = {"benchmark": "hierarchy", "prompt": EXPLAIN + "<stdlib sources>, chat template", "model": spec,
+    report = {"benchmark": "hierarchy", "prompt": f"{instruction!r} + held-out {source} text, chat template", "model": spec,
               "dtype": "float32", "draft_dtype": draft_dtype or "float32", "drafter": drafter,
               "new_tokens": new_tokens, "machine": machine(), "modes": [], "sweep": [],
               "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
     for n_ctx in contexts:
-        ids = explain_prompt(model.tokenizer, ids_all, n_ctx)
+        ids = chat_prompt(model.tokenizer, instruction, ids_all, n_ctx)
         full, logits, prompt_q = prefilled(model, ids, new_tokens)
         run = lambda **kw: rerun(model, full, logits, prompt_q, ids, GenerationConfig(
             max_new_tokens=new_tokens, ignore_eos=True, draft_dtype=draft_dtype, **kw), draft)
@@ -125,7 +132,7 @@ def run_hierarchy(spec="default", contexts=(2048, 8064), new_tokens=128, threads
                     res = run(mode="self-spec", budget=budget, refresh=refresh)
                     t = res.tiers[0]
                     row = {"context": n_ctx, "budget": budget, "refresh": refresh,
-                           "acceptance": round(t["accepted"] / t["drafted"], 3),
+                           "acceptance": round(t["accepted"] / t["drafted"], 3), "alpha": round(alpha(t), 3),
                            "tokens_per_target_call": round(res.tokens_per_target_call, 2),
                            "tok_s": round(res.decode_tokens_per_second, 2),
                            "speedup": round(res.decode_tokens_per_second / ar.decode_tokens_per_second, 2)}
@@ -138,12 +145,29 @@ def run_hierarchy(spec="default", contexts=(2048, 8064), new_tokens=128, threads
     return report
 
 
-EXPLAIN = "Explain what the following Python code does, function by function.\n\n"
+PROMPTS = {  # instruction, and the held-out corpus source (distill/corpus.py) of the document it is about
+    "explain": ("Explain what the following Python code does, function by function.\n\n", "stdlib"),
+    "summarize": ("Summarize the following document.\n\n", "docs"),
+}
 
 
-def explain_prompt(tokenizer, code_ids: list, n: int) -> list:
-    """A chat request about the stdlib code, n tokens in all (a raw-code prompt makes a 135M model loop)."""
-    wrap = lambda k: tokenizer.apply_chat_template([{"role": "user", "content": EXPLAIN + tokenizer.decode(code_ids[:k])}],
+def heldout_ids(tokenizer, n: int, source: str) -> list:
+    """n tokens of held-out corpus files of one source (never seen by `triforce distill`), in a fixed order."""
+    from .distill.corpus import files, read
+
+    ids = []
+    for src, path in files("heldout"):
+        if src == source:
+            ids += tokenizer(read(src, path)).input_ids
+            if len(ids) >= n:
+                return ids[:n]
+    hint = " (install Debian's python3.11-doc)" if source == "docs" else ""
+    raise RuntimeError(f"only {len(ids)} tokens of held-out {source} text found{hint}")
+
+
+def chat_prompt(tokenizer, instruction: str, doc_ids: list, n: int) -> list:
+    """A chat request about the document, n tokens in all (a raw-code prompt makes a 135M model loop)."""
+    wrap = lambda k: tokenizer.apply_chat_template([{"role": "user", "content": instruction + tokenizer.decode(doc_ids[:k])}],
                                                    add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
     k = n - (len(wrap(16)) - 16)
     ids = wrap(k)
@@ -173,6 +197,7 @@ def mode_row(n_ctx, res, ar, kv_bytes) -> dict:
            "tokens_identical": res.tokens == ar.tokens, "tokens_per_target_call": round(res.tokens_per_target_call, 2),
            "kv_bytes": kv_bytes,
            "tiers": [{"name": t["name"], "acceptance": round(t["accepted"] / t["drafted"], 3) if t["drafted"] else None,
+                      "alpha": round(alpha(t), 3) if alpha(t) is not None else None,
                       "calls": t["calls"], "ms_per_call": round(1000 * t["seconds"] / max(1, t["calls"]), 1)}
                      for t in res.tiers]}
     print(json.dumps(row), flush=True)
@@ -184,17 +209,17 @@ def hierarchy_markdown(report: dict) -> str:
     lines = [f"Hierarchy, {report['model']} {report['dtype']} (drafting tiers {report['draft_dtype']}), greedy, "
              f"{report['new_tokens']} new tokens, {m['cpu']}, {m['threads']} threads, torch {m['torch']}. "
              f"Weights {report['weights_bytes'] / 1e6:.0f} MB.", "",
-             "| context | mode | tok/s | vs ar | identical | tok/target call | tiers: acceptance, ms/call |",
+             "| context | mode | tok/s | vs ar | identical | tok/target call | tiers: accepted/drafted, α, ms/call |",
              "|---|---|---|---|---|---|---|"]
     for r in report["modes"]:
-        tiers = "; ".join(f"{t['name']} " + (f"{t['acceptance']:.2f}, " if t["acceptance"] is not None else "")
+        tiers = "; ".join(f"{t['name']} " + (f"{t['acceptance']:.2f}, α {t['alpha']:.2f}, " if t["acceptance"] is not None else "")
                           + f"{t['ms_per_call']} ms" for t in r["tiers"])
         lines.append(f"| {r['context']} | {r['mode']} | {r['tok_s']} | {r['vs_ar']}x | {r['tokens_identical']} "
                      f"| {r['tokens_per_target_call']} | {tiers} |")
     if report["sweep"]:
         lines += ["", f"self-spec at {report['sweep'][0]['context']} tokens: retrieval tier acceptance by budget "
                       "and refresh (0 = select once after prefill)", "",
-                  "| budget | refresh | acceptance | tok/target call | tok/s | vs ar |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['budget']} | {r['refresh']} | {r['acceptance']} | {r['tokens_per_target_call']} | {r['tok_s']} "
+                  "| budget | refresh | accepted/drafted | α | tok/target call | tok/s | vs ar |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['budget']} | {r['refresh']} | {r['acceptance']} | {r['alpha']} | {r['tokens_per_target_call']} | {r['tok_s']} "
                   f"| {r['speedup']}x |" for r in report["sweep"]]
     return "\n".join(lines)

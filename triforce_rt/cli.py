@@ -4,8 +4,11 @@ import json
 import os
 import sys
 
+from .distill import DistillConfig
 from .engine import DRAFTER_MODES, MODES, GenerationConfig, check_config, generate
 from .errors import UserError
+from .models.loader import load_drafter
+from .textio import TextStream, encode, summary_line
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
@@ -19,21 +22,66 @@ def add_model_args(p):
     p.add_argument("--trust-remote-code", action="store_true", help="let transformers run code shipped with the model")
 
 
+def add_generation_args(p, mode: str, max_new_tokens: int = 128):
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+    p.add_argument("--mode", default=mode, choices=MODES,
+                   help="ar: target only; triforce: drafter -> target+retrieval -> target; self-spec: "
+                        "target+retrieval -> target; streaming-spec: target+StreamingLLM -> target; draft: drafter -> "
+                        "target; ngram: prompt lookup -> target; triforce-ngram: prompt lookup -> triforce")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prefill-chunk", type=int, default=1024, help="prompt tokens per prefill forward")
+    add_spec_args(p)
+
+
+def generation_config(args) -> GenerationConfig:
+    """The GenerationConfig of parsed generation args, checked before any model loads."""
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise UserError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                           top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos, mode=args.mode,
+                           prefill_chunk=args.prefill_chunk, budget=args.budget, chunk_size=args.chunk_size,
+                           gamma1=args.gamma1, gamma2=args.gamma2, sinks=args.sinks, window=args.window,
+                           refresh=args.refresh, draft_dtype=args.draft_dtype, ngram=args.ngram)
+    check_config(cfg)
+    return cfg
+
+
+def load_models(args):
+    """The target and, for the modes that use one, the drafter."""
+    import torch
+
+    from .models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load = dict(dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    model = load_model(args.model, **load)
+    drafter = load_drafter(args.drafter, args.model, load) if args.mode in DRAFTER_MODES else None
+    return model, drafter
+
+
 def add_spec_args(p):
     d = GenerationConfig()
     s = p.add_argument_group("speculation (modes other than ar)")
-    s.add_argument("--drafter", default="default", help="tiny drafter of triforce/draft: 'default' or a model path "
-                                                         "sharing the target's tokenizer")
+    s.add_argument("--drafter", default="default", help="tiny drafter of triforce/draft/triforce-ngram: 'default' "
+                                                         "(the distilled drafter shipped for the default model) or a "
+                                                         "model path sharing the target's tokenizer")
     s.add_argument("--budget", type=int, help="retrieval cache tokens (default: 4096, at most 1/8 of the prompt; "
                                                "an explicit value is capped at the prompt)")
     s.add_argument("--chunk-size", type=int, default=d.chunk_size, help="retrieval chunk size")
-    s.add_argument("--gamma1", type=int, default=d.gamma1, help="drafter tokens per tier-2 verification (triforce)")
+    s.add_argument("--gamma1", type=int, default=d.gamma1, help="drafter tokens per tier-2 verification (triforce); "
+                                                                "n-gram tokens per drafter step (triforce-ngram)")
     s.add_argument("--gamma2", type=int, default=d.gamma2, help="tokens per target verification")
     s.add_argument("--sinks", type=int, default=d.sinks, help="StreamingLLM attention sinks")
     s.add_argument("--window", type=int, help="StreamingLLM window (default: 240 for a drafter, budget - sinks "
                                               "for streaming-spec)")
     s.add_argument("--refresh", type=int, default=d.refresh, help="re-select the retrieval cache every N new "
                                                                   "tokens (0 = never)")
+    s.add_argument("--ngram", type=int, default=d.ngram, help="longest n-gram the lookup tier matches (down to 2)")
     s.add_argument("--draft-dtype", choices=DTYPE_NAMES, help="dtype of the drafting tiers (default: the target's); "
                                                               "verification keeps the output exact")
 
@@ -53,18 +101,49 @@ def build_parser():
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", help="read the prompt from this file")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
-    g.add_argument("--mode", default="ar", choices=MODES,
-                   help="ar: target only; triforce: drafter -> target+retrieval -> target; self-spec: "
-                        "target+retrieval -> target; streaming-spec: target+StreamingLLM -> target; draft: drafter -> target")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--prefill-chunk", type=int, default=1024, help="prompt tokens per prefill forward")
     g.add_argument("--json", action="store_true", help="print one JSON object with tokens, text and stats")
-    add_spec_args(g)
+    add_generation_args(g, "ar")
+
+    sm = sub.add_parser("summarize", help="summarize text or Markdown files with the model's chat template")
+    add_model_args(sm)
+    sm.add_argument("files", nargs="+", metavar="FILE")
+    sm.add_argument("--out", help="write the summaries here instead of stdout")
+    sm.add_argument("--fit", choices=("refuse", "truncate", "map-reduce"), default="refuse",
+                    help="a document beyond the context: refuse (default), keep its start and end, or summarize "
+                         "chunks then the summaries")
+    sm.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_generation_args(sm, "triforce", max_new_tokens=256)
+
+    bt = sub.add_parser("batch", help="generate for every line of a JSONL file; durable and resumable")
+    add_model_args(bt)
+    bt.add_argument("input", metavar="INPUT.jsonl")
+    bt.add_argument("--out", required=True, metavar="OUTPUT.jsonl", help="appended to; finished ids are skipped")
+    bt.add_argument("--chat", action="store_true", help="wrap each 'prompt' in the chat template ('messages' always is)")
+    bt.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_generation_args(bt, "ar")
+
+    d = sub.add_parser("distill", help="train a tiny drafter for a target by knowledge distillation")
+    dc = DistillConfig()
+    d.add_argument("--target", default=dc.target, help="'default' or a model path (.gguf or HF folder)")
+    d.add_argument("--layers", type=int, default=dc.layers)
+    d.add_argument("--hidden", type=int, default=dc.hidden, help="width; the target's width starts from its embedding rows")
+    d.add_argument("--tokens", type=int, default=dc.tokens, help="teacher-labelled training positions")
+    d.add_argument("--seq-len", type=int, default=dc.seq_len, help="student sequence: sinks + recent tokens")
+    d.add_argument("--vocab", type=int, default=dc.vocab, help="reduced draft vocabulary (most frequent teacher top-1)")
+    d.add_argument("--epochs", type=float, default=dc.epochs)
+    d.add_argument("--batch", type=int, default=dc.batch, help="sequences per step")
+    d.add_argument("--lr", type=float, default=dc.lr)
+    d.add_argument("--answer-frac", type=float, default=dc.answer_frac,
+                   help="share of on-policy records: a chat prompt and the teacher's own answer")
+    d.add_argument("--out", default=dc.out, help="output folder (config.json, model.safetensors, tokenizer)")
+    d.add_argument("--seed", type=int, default=dc.seed)
+    d.add_argument("--threads", type=int, help="torch CPU threads")
+
+    r = sub.add_parser("run", help="run a YAML experiment: sweeps, baselines, tables and a plot")
+    r.add_argument("experiment", help="the experiment file (see experiments/)")
+    r.add_argument("--out", help="output folder (default: runs/<name>/, runs/<name>-quick/ with --quick)")
+    r.add_argument("--quick", action="store_true", help="shrink every size for a smoke run")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
 
     b = sub.add_parser("bench", help="our AR decode against HF generate (see benchmarks/)")
     b.add_argument("--model", default="default")
@@ -88,47 +167,10 @@ def read_prompt(args) -> str:
     return text
 
 
-def encode(tokenizer, text: str, chat: bool) -> list:
-    if chat:
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                  tokenize=True, return_dict=True)["input_ids"])
-    return tokenizer(text).input_ids
-
-
-class TextStream:
-    """Prints decoded text as tokens arrive, holding back an incomplete UTF-8 sequence."""
-
-    def __init__(self, tokenizer):
-        self.tok, self.ids, self.shown = tokenizer, [], 0
-
-    def __call__(self, token_id: int):
-        self.ids.append(token_id)
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):
-            sys.stdout.write(text[self.shown:])
-            sys.stdout.flush()
-            self.shown = len(text)
-
-
 def cmd_generate(args):
-    import torch
-
-    from .models import load_model
-
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-        raise UserError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
-    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                           top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos, mode=args.mode,
-                           prefill_chunk=args.prefill_chunk, budget=args.budget, chunk_size=args.chunk_size,
-                           gamma1=args.gamma1, gamma2=args.gamma2, sinks=args.sinks, window=args.window,
-                           refresh=args.refresh, draft_dtype=args.draft_dtype)
-    check_config(cfg)  # before any model loads
+    cfg = generation_config(args)  # before any model loads
     text = read_prompt(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    load = dict(dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
-    model = load_model(args.model, **load)
-    drafter = load_drafter(args.drafter, load) if args.mode in DRAFTER_MODES else None
+    model, drafter = load_models(args)
     ids = encode(model.tokenizer, text, args.chat)
     res = generate(model, ids, cfg, on_token=None if args.json else TextStream(model.tokenizer),
                    progress=sys.stderr.isatty(), drafter=drafter)
@@ -139,23 +181,52 @@ def cmd_generate(args):
     print(summary_line(res), file=sys.stderr)
 
 
-def summary_line(res) -> str:
-    """One line: prefill, decode speed and, for speculative modes, each drafting tier's acceptance."""
-    line = (f"[{res.mode}] prompt {res.prompt_tokens} tok, prefill {res.prefill_seconds:.2f} s | "
-            f"{res.new_tokens} new tok, decode {res.decode_tokens_per_second:.1f} tok/s")
-    if len(res.tiers) > 1:
-        rates = ", ".join(f"{t['name']} {t['accepted']}/{t['drafted']}" for t in res.tiers[:-1])
-        line += f" | accepted {rates}; {res.tokens_per_target_call:.2f} tok/target call"
-    return line
+def cmd_summarize(args):
+    from .jobs.summarize import summarize_files
+
+    cfg = generation_config(args)
+    model, drafter = load_models(args)
+    summarize_files(model, drafter, args.files, cfg, args.fit, args.out, progress=not args.quiet and sys.stdout.isatty())
 
 
-def load_drafter(spec: str, load: dict):
-    from .models import load_model
+def cmd_batch(args):
+    from .jobs.batch import run_batch
 
-    if spec == "default":
-        raise UserError("no default drafter exists for this model yet; pass --drafter PATH (a small model that "
-                        "shares the target's tokenizer), or use --mode self-spec")
-    return load_model(spec, **load)
+    cfg = generation_config(args)
+    if not os.path.isfile(args.input):
+        raise UserError(f"input file not found: {args.input}")
+    model, drafter = load_models(args)
+    run_batch(model, drafter, args.input, args.out, cfg, args.chat, progress=not args.quiet and sys.stderr.isatty())
+
+
+def cmd_distill(args):
+    import dataclasses
+
+    import torch
+
+    from .distill import distill
+
+    fields = {f.name for f in dataclasses.fields(DistillConfig)}
+    cfg = DistillConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    for name in ("layers", "hidden", "tokens", "seq_len", "vocab", "batch"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.hidden % 2:
+        raise UserError("--hidden must be even (RoPE rotates pairs of dimensions)")
+    if cfg.seq_len <= cfg.sinks or cfg.epochs <= 0 or not 0 <= cfg.answer_frac <= 1:
+        raise UserError(f"need --seq-len > {cfg.sinks} (the sinks), --epochs > 0 and 0 <= --answer-frac <= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    metrics = distill(cfg, progress=sys.stderr.isatty())
+    print(json.dumps({"out": cfg.out, **metrics}))
+
+
+def cmd_run(args):
+    from .experiment import load, run_experiment
+
+    exp = load(args.experiment)  # validated before any model loads
+    out = run_experiment(exp, args.out, args.quick, progress=not args.quiet and sys.stderr.isatty())
+    print(f"results in {out}/ (results.jsonl, results.md, results.csv, plot.png)", file=sys.stderr)
 
 
 def cmd_bench(args):
@@ -167,7 +238,9 @@ def cmd_bench(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        {"generate": cmd_generate, "bench": cmd_bench}[args.command](args)
+        commands = {"generate": cmd_generate, "summarize": cmd_summarize, "batch": cmd_batch, "distill": cmd_distill,
+                    "run": cmd_run, "bench": cmd_bench}
+        commands[args.command](args)
     except UserError as e:
         print(f"triforce: error: {e}", file=sys.stderr)
         return 2

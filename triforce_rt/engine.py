@@ -7,6 +7,8 @@ Modes (tiers cheapest first; "target" is the target model with its FullCache):
   self-spec       target + RetrievalCache -> target
   streaming-spec  target + StreamingCache -> target      (MagicDec's self-speculation)
   draft           drafter + StreamingCache -> target     (classic speculative decoding)
+  ngram           n-gram lookup -> target                 (prompt-lookup decoding)
+  triforce-ngram  n-gram lookup -> drafter -> target + RetrievalCache -> target
 """
 import math
 import time
@@ -19,10 +21,10 @@ from retrieval_cache import FullCache, RetrievalCache, StreamingCache
 
 from .errors import UserError
 from .sampling import SamplingParams, sample
-from .speculation import Hierarchy, Tier
+from .speculation import Hierarchy, NgramTier, Tier
 
-MODES = ("ar", "triforce", "self-spec", "streaming-spec", "draft")
-DRAFTER_MODES = ("triforce", "draft")
+MODES = ("ar", "triforce", "self-spec", "streaming-spec", "draft", "ngram", "triforce-ngram")
+DRAFTER_MODES = ("triforce", "draft", "triforce-ngram")
 DEFAULT_BUDGET = 4096  # retrieval tokens when the prompt is long enough (TriForce's setting)
 DRAFTER_WINDOW = 240  # with 16 sinks: TriForce's 256-token StreamingLLM cache for its tiny drafter
 
@@ -39,8 +41,9 @@ class GenerationConfig:
     prefill_chunk: int = 1024  # tokens per prefill forward: bounds the score matrix to chunk x context
     budget: int | None = None  # retrieval cache tokens, chunk 0 included; None: retrieval_budget()
     chunk_size: int = 8  # retrieval chunk c
-    gamma1: int = 4  # drafter tokens per tier-2 verification (triforce)
+    gamma1: int = 4  # drafter tokens per tier-2 verification (triforce); n-gram tokens per drafter step (triforce-ngram)
     gamma2: int = 6  # tokens per target verification (every speculative mode)
+    ngram: int = 3  # longest n-gram the lookup tier matches (down to 2)
     sinks: int = 16  # StreamingLLM attention sinks
     window: int | None = None  # StreamingLLM window; None: 240 for a drafter, budget - sinks for streaming-spec
     refresh: int = 0  # re-select the retrieval cache every N generated tokens; 0 = never (TriForce)
@@ -108,6 +111,8 @@ def check_config(cfg: GenerationConfig) -> None:
         raise UserError(f"unknown draft dtype '{cfg.draft_dtype}' (float32, bfloat16 or float16)")
     if cfg.sinks < 0 or (cfg.window is not None and cfg.window < 1) or cfg.refresh < 0:
         raise UserError("need sinks >= 0, window >= 1 and refresh >= 0")
+    if cfg.ngram < 2:
+        raise UserError(f"ngram must be at least 2 (got {cfg.ngram})")
 
 
 def prefill(model, cache, ids: torch.Tensor, chunk: int, progress: bool = False, positions=None) -> torch.Tensor:
@@ -163,10 +168,13 @@ def build_tiers(model, full, drafter, prompt_ids: list, cfg: GenerationConfig) -
     depth = cfg.gamma1 + cfg.gamma2 + 2  # most tokens a tier may hold past the committed sequence
     budget = retrieval_budget(cfg, L)
     tiers = []
+    if cfg.mode in ("ngram", "triforce-ngram"):
+        gamma = cfg.gamma2 if cfg.mode == "ngram" else cfg.gamma1
+        tiers.append(NgramTier(model.config.vocab_size, gamma, full.max_len, max_n=cfg.ngram))
     if cfg.mode in DRAFTER_MODES:
-        gamma = cfg.gamma1 if cfg.mode == "triforce" else cfg.gamma2
+        gamma = cfg.gamma2 if cfg.mode == "draft" else cfg.gamma1
         tiers.append(drafter_tier(drafter and drafter.with_dtype(dtype), model, prompt_ids, cfg, max(depth, 64), gamma))
-    if cfg.mode in ("triforce", "self-spec"):
+    if cfg.mode in ("triforce", "triforce-ngram", "self-spec"):
         # Selected from the full cache, scored with the last prompt token's query; the tail holds what follows.
         tail = (cfg.refresh or cfg.max_new_tokens) + 2 * depth
         rc = model_d.new_cache(RetrievalCache, budget, c, tail)

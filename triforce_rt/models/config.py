@@ -23,6 +23,7 @@ class ModelConfig:
     eos_token_ids: tuple = ()
     model_type: str = "llama"
     sliding_window: int | None = None  # Mistral v0.1 / Qwen2 option; our forward attends fully, so it caps the context
+    draft_vocab: int = 0  # a distilled drafter's reduced vocabulary (tokens kept; 0 = the whole vocabulary)
 
     @property
     def context_limit(self) -> int:
@@ -61,4 +62,5 @@ class ModelConfig:
             eos_token_ids=eos,
             model_type=hf.model_type,
             sliding_window=window,
+            draft_vocab=int(getattr(hf, "draft_vocab", 0) or 0),
         )

@@ -70,10 +70,16 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        R = cfg.draft_vocab
+        # A reduced vocabulary keeps R tokens (vocab_ids) plus one input row for every other token; the head scores
+        # only the R kept tokens, so the drafter's q is 0 outside them (verification handles that, verify.py).
+        self.embed_tokens = nn.Embedding(R + 1 if R else cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        out = R or cfg.vocab_size
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, out, bias=False)
+        self.register_buffer("vocab_ids", torch.zeros(R, dtype=torch.long) if R else None)  # [R] kept token ids
+        self._vocab_index = None  # [V] row of each token id in embed_tokens (R for the others)
         self.rope = None  # built by setup_rope once the model sits on its device
         self.tokenizer = None  # attached by load_model
 
@@ -81,20 +87,49 @@ class Transformer(nn.Module):
         self.rope = Rope(self.config, self.embed_tokens.weight.device, max_len)
         return self
 
-    @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache, last_only: bool = False):
-        """input_ids, positions [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only) in fp32."""
+        """input_ids, positions [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only) in fp32.
+        In eval mode this runs under inference_mode; in train mode (distillation) it keeps the graph."""
+        with torch.inference_mode(not self.training):
+            x = self.hidden(input_ids, positions, cache, last_only)
+            return self.full_vocab(F.linear(x, self.head).float())
+
+    def hidden(self, input_ids, positions, cache, last_only: bool = False) -> torch.Tensor:
+        """The final-norm hidden states [B, T, D] that the head scores."""
         if self.rope is None:
             self.setup_rope()
         cache.begin(positions, self.rope)
+        if self.vocab_ids is not None:
+            input_ids = self.vocab_index[input_ids]
         x = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
             x = layer(x, i, cache)
         if last_only:
             x = x[:, -1:]
-        x = self.norm(x)
-        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, head).float()
+        return self.norm(x)
+
+    @property
+    def head(self) -> torch.Tensor:
+        """[R or V, D]: the rows scored by the head (tied: the embedding without its 'other' row)."""
+        if self.lm_head is not None:
+            return self.lm_head.weight
+        return self.embed_tokens.weight[: self.config.draft_vocab or None]
+
+    @property
+    def vocab_index(self) -> torch.Tensor:
+        if self._vocab_index is None or self._vocab_index.device != self.vocab_ids.device:
+            R = len(self.vocab_ids)
+            index = torch.full((self.config.vocab_size,), R, dtype=torch.long, device=self.vocab_ids.device)
+            index[self.vocab_ids] = torch.arange(R, device=index.device)
+            self._vocab_index = index
+        return self._vocab_index
+
+    def full_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """[..., R] reduced-vocabulary logits -> [..., V], -inf outside the kept tokens (identity otherwise)."""
+        if self.vocab_ids is None:
+            return logits
+        full = logits.new_full(logits.shape[:-1] + (self.config.vocab_size,), float("-inf"))
+        return full.index_copy_(-1, self.vocab_ids, logits)
 
     def with_dtype(self, dtype: torch.dtype | None) -> "Transformer":
         """This model in another dtype: a copy made once and kept (e.g. bf16 drafting tiers for an fp32 target)."""
@@ -104,7 +139,8 @@ class Transformer(nn.Module):
         if dtype not in casts:
             with torch.device("meta"):
                 m = Transformer(self.config)
-            m.load_state_dict({k: v.to(dtype) for k, v in self.state_dict().items()}, assign=True)
+            sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.state_dict().items()}
+            m.load_state_dict(sd, assign=True)
             m.eval().setup_rope(self.rope.max_len if self.rope else None)
             m.tokenizer = self.tokenizer
             casts[dtype] = m

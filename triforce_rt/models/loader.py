@@ -29,6 +29,14 @@ def default_gguf() -> str:
     return files[0]
 
 
+def default_drafter() -> str:
+    """The distilled drafter shipped for the default model (see triforce_rt/drafters/README.md)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "drafters", "smollm2-135m-instruct")
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+        raise UserError(f"the default drafter is missing from {path}; reinstall triforce-rt or pass --drafter PATH")
+    return path
+
+
 def cache_root() -> str:
     return os.environ.get("TRIFORCE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "triforce-rt")
 
@@ -137,3 +145,13 @@ def load_model(spec: str = "default", dtype=None, device=None, allow_pickle: boo
         raise UserError(f"{spec}: no usable tokenizer in '{folder}' ({str(e).strip().splitlines()[0]})") from None
     model.source = folder
     return model
+
+
+def load_drafter(spec: str, target: str, load: dict):
+    """The drafter named by spec for the target named by target ('default' pairs with the default model)."""
+    if spec == "default":
+        if target != "default":
+            raise UserError("no default drafter exists for this model; make one with `triforce distill --target "
+                            f"{target} --out DIR` and pass --drafter DIR (or use --mode self-spec / ngram)")
+        spec = default_drafter()
+    return load_model(spec, **load)

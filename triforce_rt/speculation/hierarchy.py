@@ -8,12 +8,15 @@ By the speculative sampling theorem the tokens of a round are distributed exactl
 below drafted. So tier k's output is a proposal with q = p_k for tier k+1, and the target's output is exactly
 the target's distribution, at every depth. Greedy is the same recursion with argmax.
 After a verification every tier at or below k is truncated to the accepted prefix (a rollback: lengths move).
+An n-gram tier (ngram.py) sits at the bottom: it proposes up to γ tokens, or none, and a round with no
+proposal is a plain step of the tier above.
 """
 import torch
 
 from retrieval_cache import RetrievalCache
 
 from ..sampling import SamplingParams, probs
+from .ngram import NgramTier
 from .tier import Tier
 from .verify import verify_greedy
 
@@ -26,6 +29,8 @@ class Hierarchy:
         """1..limit tokens of tier k after seq, and the distributions p_k [n, V] they follow (None when greedy)."""
         tier = self.tiers[k]
         g = min(self.tiers[k - 1].gamma, limit - 1) if k else 0
+        draft, q = self.propose(k - 1, seq, g) if g else ([], None)
+        g = len(draft)  # an n-gram tier may propose fewer tokens, or none
         if g == 0:
             logits = tier.feed(seq, last_only=True)  # [1, V]
             if self.sp.greedy:
@@ -33,7 +38,6 @@ class Hierarchy:
             p = probs(logits, self.sp)
             return [int(torch.multinomial(p[0], 1, generator=self.gen))], p
 
-        draft, q = self.propose(k - 1, seq, g)
         logits = tier.feed(seq + draft)[-(g + 1) :]  # row i: p_k of the token after draft[:i]
         d = torch.tensor(draft, device=logits.device)
         if self.sp.greedy:
@@ -44,14 +48,19 @@ class Hierarchy:
         below = self.tiers[k - 1].stats
         below.drafted += g
         below.accepted += n
+        below.rejected += n < g
         for t in self.tiers[: k + 1]:
             t.truncate(len(seq) + n)  # drop the rejected drafts (and anything drafted past them)
         # x's marginal is p_k[n] (a residual draw after a rejection, a bonus draw otherwise).
         return draft[:n] + [x], (None if p is None else p[: n + 1])
 
     def propose(self, k: int, seq: list, n: int) -> tuple[list, torch.Tensor | None]:
-        """Exactly n tokens of tier k after seq, by rounds (each returns at most what it is asked for), and their
-        distributions [n, V] (None when greedy)."""
+        """n tokens of tier k after seq, by rounds (each returns at most what it is asked for), and their
+        distributions [n, V] (None when greedy). An n-gram tier returns its lookup: up to n tokens, point masses."""
+        tier = self.tiers[k]
+        if isinstance(tier, NgramTier):
+            toks = tier.draft(seq, n)
+            return toks, (None if self.sp.greedy or not toks else tier.one_hot(toks, self.tiers[-1].cache.k.device))
         toks, ps = [], []
         while len(toks) < n:
             new, p = self.round(k, seq + toks, n - len(toks))
@@ -64,6 +73,6 @@ class Hierarchy:
         last token; the selection query is the target's latest one (FullCache.last_q). Tails empty."""
         top = self.tiers[-1]
         for t in self.tiers:
-            if isinstance(t.cache, RetrievalCache):
+            if isinstance(getattr(t, "cache", None), RetrievalCache):
                 t.cache.select(top.cache)
                 t.pos = top.pos

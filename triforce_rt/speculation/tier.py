@@ -16,8 +16,16 @@ class TierStats:
     name: str
     drafted: int = 0  # tokens this tier proposed to the tier above
     accepted: int = 0  # of those, the ones the tier above accepted
+    rejected: int = 0  # verifications that rejected one of them (the drafts after a rejection are never examined)
     calls: int = 0  # forward calls
     seconds: float = 0.0  # time in those forwards
+
+    @property
+    def alpha(self) -> float | None:
+        """Per-token acceptance rate: accepted / examined drafts, examined = accepted + rejected (the α of
+        speculative decoding; accepted / drafted is lower, since drafts after a rejection count as drafted)."""
+        seen = self.accepted + self.rejected
+        return self.accepted / seen if seen else None
 
 
 class Tier:

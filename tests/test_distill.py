@@ -1,0 +1,67 @@
+"""`triforce distill` end to end on a tiny target: deterministic, cached teacher pass, and a drafter that
+load_model and --drafter accept, whose greedy drafts keep the output identical to ar."""
+import os
+
+import pytest
+import torch
+from conftest import stdlib_text
+from safetensors.torch import load_file
+
+from triforce_rt import load_model
+from triforce_rt.distill import DistillConfig, distill
+from triforce_rt.engine import GenerationConfig, generate
+
+
+def tiny_cfg(target, out, **kw):
+    base = dict(target=target, layers=1, hidden=32, tokens=640, seq_len=32, sinks=4, vocab=300, epochs=2, batch=4,
+                top_k=4, new_tokens=8, out=str(out))
+    return DistillConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def two_runs(tiny_folder, tmp_path_factory):
+    """The same distillation twice, each with an empty teacher cache, then a third time reusing the cache."""
+    root = tmp_path_factory.mktemp("distill")
+    outs = []
+    old = os.environ.get("TRIFORCE_CACHE")
+    try:
+        for i in range(2):
+            os.environ["TRIFORCE_CACHE"] = str(root / f"cache{i}")
+            metrics = distill(tiny_cfg(tiny_folder, root / f"out{i}"), progress=False)
+            outs.append((root / f"out{i}", metrics))
+    finally:
+        if old is None:
+            os.environ.pop("TRIFORCE_CACHE", None)
+        else:
+            os.environ["TRIFORCE_CACHE"] = old
+    return root, outs
+
+
+def test_distill_is_deterministic(two_runs):
+    _, [(a, ma), (b, mb)] = two_runs
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert ma["agreement"] == mb["agreement"] and ma["positions"] > 0
+
+
+def test_teacher_pass_is_cached(two_runs, tiny_folder, monkeypatch):
+    root, _ = two_runs
+    monkeypatch.setenv("TRIFORCE_CACHE", str(root / "cache0"))
+    import triforce_rt.distill as d
+
+    monkeypatch.setattr(d, "label", lambda *a, **k: pytest.fail("the teacher ran again"))
+    distill(tiny_cfg(tiny_folder, root / "out-again", epochs=0.5), progress=False)
+
+
+def test_distilled_drafter_loads_and_keeps_greedy_exact(two_runs, tiny_folder):
+    _, [(out, _), _] = two_runs
+    drafter = load_model(str(out))
+    target = load_model(tiny_folder)
+    assert drafter.config.draft_vocab > 0 and drafter.config.vocab_size == target.config.vocab_size
+    ids = target.tokenizer(stdlib_text("textwrap.py")).input_ids[:24]
+    cfg = dict(max_new_tokens=24, ignore_eos=True, sinks=4, window=20)
+    ar = generate(target, ids, GenerationConfig(**cfg))
+    for mode in ("draft", "triforce", "triforce-ngram"):
+        res = generate(target, ids, GenerationConfig(mode=mode, budget=8, **cfg), drafter=drafter)
+        assert res.tokens == ar.tokens, mode

@@ -1,0 +1,108 @@
+"""summarize and batch: real documents, over-long refusal and fitting, malformed lines, and kill-and-resume."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import tiny_with_smol_tokenizer
+
+from triforce_rt.cli import main
+from triforce_rt.jsonl import read_records
+
+LICENSE = "/usr/share/common-licenses/Apache-2.0"  # about 2,600 SmolLM2 tokens
+
+
+@pytest.fixture(scope="module")
+def tiny512(tmp_path_factory, smol):
+    """A tiny random model with SmolLM2's tokenizer and a 512-token context (long documents overflow it)."""
+    return tiny_with_smol_tokenizer(tmp_path_factory, smol, 512)
+
+
+def run(capsys, *argv):
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_summarize_a_real_document(capsys, tmp_path):
+    out = tmp_path / "summary.md"
+    rc, _, err = run(capsys, "summarize", LICENSE, "--max-new-tokens", "24", "--out", str(out), "--quiet")
+    assert rc == 0, err
+    text = out.read_text()
+    assert len(text.strip()) > 20
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("[triforce]") and "accepted drafter" in last and "tok/s" in last
+
+
+def test_summarize_several_files_streams_each_under_its_name(capsys, tiny512, tmp_path):
+    a, b = tmp_path / "a.md", tmp_path / "b.txt"
+    a.write_text("# Notes\n\nThe meeting moved to Tuesday.\n")
+    b.write_text("Shopping: eggs, milk, bread.\n")
+    rc, out, err = run(capsys, "summarize", str(a), str(b), "--model", tiny512, "--mode", "self-spec",
+                       "--max-new-tokens", "8", "--ignore-eos")
+    assert rc == 0, err
+    assert out.startswith("## a.md\n\n") and "\n## b.txt\n\n" in out
+    assert len([line for line in err.splitlines() if line.startswith("[self-spec]")]) == 2
+
+
+def test_summarize_refuses_an_overlong_document_with_both_counts(capsys, tiny512):
+    rc, out, err = run(capsys, "summarize", LICENSE, "--model", tiny512, "--mode", "ar", "--max-new-tokens", "16")
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "Apache-2.0 is 2" in err and "tokens, but" in err and "context of 512" in err and "--fit" in err
+
+
+@pytest.mark.parametrize("fit", ["truncate", "map-reduce"])
+def test_summarize_fits_an_overlong_document(capsys, tiny512, fit):
+    rc, out, err = run(capsys, "summarize", LICENSE, "--model", tiny512, "--mode", "self-spec", "--max-new-tokens",
+                       "16", "--ignore-eos", "--fit", fit)
+    assert rc == 0, err
+    runs = [line for line in err.splitlines() if line.startswith("[self-spec]")]
+    parts = [line for line in err.splitlines() if line.startswith("[Apache-2.0: part ")]
+    assert len(runs) == (1 if fit == "truncate" else len(parts) + 1) and (fit == "truncate") == (not parts), err
+    assert all(int(r.split("prompt ")[1].split(" ")[0]) <= 512 - 16 for r in runs)
+
+
+def write_input(path, n, bad=()):
+    with open(path, "w") as f:
+        for i in range(n):
+            if i in bad:
+                f.write('{"id": "broken", "prompt": \n')
+            else:
+                f.write(json.dumps({"id": f"r{i}", "prompt": f"Item {i}: the quick brown fox", "max_new_tokens": 6 + i % 3}) + "\n")
+
+
+def test_batch_malformed_lines_get_error_records(capsys, tiny512, tmp_path):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(src, 5, bad={2})
+    with open(src, "a") as f:
+        f.write('{"id": "r0", "prompt": "again"}\n{"id": "np"}\n{"id": "long", "prompt": "' + "word " * 600 + '"}\n')
+        f.write('{"id": "msg", "messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 4}\n')
+    rc, _, err = run(capsys, "batch", str(src), "--out", str(out), "--model", tiny512, "--ignore-eos")
+    assert rc == 0, err
+    recs = {r["id"]: r for r in read_records(str(out))}
+    assert recs["line:3"]["error"].startswith("not JSON")
+    assert "duplicate id 'r0'" in recs["line:6"]["error"]
+    assert "missing 'prompt'" in recs["np"]["error"]
+    assert "exceeds the model's context" in recs["long"]["error"]
+    assert recs["r1"]["new_tokens"] == 7 and recs["msg"]["new_tokens"] == 4 and recs["r4"]["tiers"]
+    assert len(recs) == 9
+
+
+def test_batch_killed_and_restarted_has_every_id_once(tiny512, tmp_path):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(src, 40)
+    cmd = [sys.executable, "-m", "triforce_rt", "batch", str(src), "--out", str(out), "--model", tiny512,
+           "--ignore-eos", "--max-new-tokens", "30", "--threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not out.exists() or out.read_bytes().count(b"\n") < 1):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = out.read_bytes().count(b"\n")
+    assert 1 <= first < 40, "the kill must land mid-job"
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ids = [r["id"] for r in read_records(str(out))]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(40))

@@ -1,0 +1,68 @@
+"""The distillation corpus: real text found on every machine, split by file into train and held-out parts.
+
+Sources: the Python standard library sources, Debian's common-licenses texts, and the Python docs when Debian's
+python3.11-doc is installed (their HTML, tags stripped). A file is held out when crc32(its name) % 20 == 0.
+"""
+import glob
+import html
+import os
+import random
+import re
+import sysconfig
+import zlib
+
+STDLIB = sysconfig.get_paths()["stdlib"]
+ROOTS = {"stdlib": (STDLIB, "**/*.py"), "licenses": ("/usr/share/common-licenses", "*"),
+         "docs": ("/usr/share/doc/python3.11-doc/html", "**/*.html")}
+
+
+def files(part: str) -> list:
+    """Sorted (source, path) pairs of one part: 'train' or 'heldout'."""
+    out = []
+    for source, (root, pattern) in ROOTS.items():
+        for path in sorted(glob.glob(os.path.join(root, pattern), recursive=True)):
+            rel = os.path.relpath(path, root)
+            if "site-packages" in rel or not os.path.isfile(path) or os.path.getsize(path) < 1024:
+                continue
+            held = zlib.crc32(f"{source}/{rel}".encode()) % 20 == 0
+            if held == (part == "heldout"):
+                out.append((source, path))
+    return out
+
+
+def read(source: str, path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    if source == "docs":  # keep the body text of an HTML page
+        text = re.sub(r"(?s)<(script|style|head)\b.*?</\1>|<[^>]+>", "", text)
+        text = re.sub(r"\n\s*\n+", "\n\n", html.unescape(text))
+    return text
+
+
+def is_code(source: str) -> bool:
+    return source == "stdlib"
+
+
+class Documents:
+    """Tokenized documents of one part, drawn in a seeded order; each file is tokenized once, when first drawn."""
+
+    def __init__(self, tokenizer, part: str, seed: int):
+        self.tok, self.files = tokenizer, files(part)
+        if not self.files:
+            raise ValueError(f"no {part} text found under {', '.join(r for r, _ in ROOTS.values())}")
+        self.rng = random.Random(seed)
+        self.cache = {}
+
+    def draw(self, n_tokens: int, code: bool | None = None) -> tuple:
+        """(source, token ids) of a random document (code, prose or either) with at least n_tokens tokens, cut at a
+        random offset."""
+        pool = self.files if code is None else [f for f in self.files if is_code(f[0]) == code] or self.files
+        for _ in range(10_000):
+            source, path = pool[self.rng.randrange(len(pool))]
+            if path not in self.cache:
+                self.cache[path] = self.tok.encode(read(source, path), add_special_tokens=False)
+            ids = self.cache[path]
+            if len(ids) >= n_tokens:
+                start = self.rng.randrange(len(ids) - n_tokens + 1)
+                return source, ids[start : start + n_tokens]
+        raise ValueError(f"no document of {n_tokens} tokens in the corpus")

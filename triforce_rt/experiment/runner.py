@@ -1,0 +1,148 @@
+"""`triforce run`: every row of an experiment, appended to results.jsonl as it finishes, then the report.
+
+Rows: each prompt document x each context x each mode x each sweep point that matters to the mode x repeats,
+plus the baselines. The modes of one (document, context) decode from one shared prefill (bench.rerun), so their
+timings and outputs are comparable. A row is keyed by what defines it; a re-run skips the keys already written.
+"""
+import itertools
+import json
+import os
+import time
+from dataclasses import replace
+
+import torch
+from tqdm import tqdm
+
+from ..bench import chat_prompt, hf_decode, machine, prefilled, rerun
+from ..engine import DRAFTER_MODES, GenerationConfig, check_config, check_fits, generate
+from ..errors import UserError
+from ..jsonl import append_record, read_records
+from .report import write_report
+from .schema import Experiment
+
+SAMPLING = ("temperature", "top_p", "top_k")
+_TRIFORCE = ("budget", "chunk_size", "gamma1", "gamma2", "sinks", "window", "refresh", "draft_dtype")
+RELEVANT = {  # the sweep keys that change what a mode computes; other keys would repeat the same run
+    "ar": (), "ngram": ("gamma2", "ngram"), "draft": ("sinks", "window", "gamma2", "draft_dtype"),
+    "self-spec": ("budget", "chunk_size", "gamma2", "refresh", "draft_dtype"),
+    "streaming-spec": ("budget", "chunk_size", "sinks", "window", "gamma2", "draft_dtype"),
+    "triforce": _TRIFORCE, "triforce-ngram": _TRIFORCE + ("ngram",),
+}
+DEFAULT_INSTRUCTION = "Summarize the following document.\n\n"
+QUICK = dict(max_new_tokens=16, context=512, sweep_values=2)
+
+
+def quick(exp: Experiment) -> Experiment:
+    """Every size shrunk for a smoke run: 16 new tokens, prompts of at most 512 tokens, two values per sweep key."""
+    sweep = {k: sorted({min(v, QUICK["context"]) for v in vs}) if k == "context" else vs[: QUICK["sweep_values"]]
+             for k, vs in exp.sweep.items()}
+    prompt = replace(exp.prompt, tokens=min(exp.prompt.tokens or QUICK["context"], QUICK["context"]))
+    return replace(exp, max_new_tokens=min(exp.max_new_tokens, QUICK["max_new_tokens"]), sweep=sweep, prompt=prompt,
+                   repeats=1)
+
+
+def documents(exp: Experiment, tokenizer) -> list:
+    """(name, token ids) of each prompt document, before the context cut."""
+    from ..distill.corpus import read
+
+    if exp.prompt.text is not None:
+        return [("text", tokenizer(exp.prompt.text).input_ids)]
+    return [(os.path.basename(p), tokenizer(read("docs" if p.endswith(".html") else "file", p)).input_ids)
+            for p in exp.prompt.files]
+
+
+def prompt_ids(exp: Experiment, tokenizer, doc: list, n: int | None) -> list:
+    if not exp.chat:
+        return doc[:n] if n else doc
+    instruction = exp.instruction or DEFAULT_INSTRUCTION
+    if n is None:
+        n = len(chat_prompt(tokenizer, instruction, doc, 10**9))
+    return chat_prompt(tokenizer, instruction, doc, n)
+
+
+def plan(exp: Experiment, docs: list) -> list:
+    """Every row as (key dict): document, context, mode, its relevant sweep values, repeat."""
+    contexts = exp.sweep.get("context", [exp.prompt.tokens])
+    keys = [k for k in exp.sweep if k != "context"]
+    rows, seen = [], set()
+    for (name, _), ctx, values, r in itertools.product(docs, contexts, itertools.product(*(exp.sweep[k] for k in keys)),
+                                                      range(exp.repeats)):
+        point = dict(zip(keys, values))
+        for mode in list(exp.modes) + list(exp.baselines):
+            params = {k: v for k, v in point.items() if k in RELEVANT.get(mode, ()) or k in SAMPLING}
+            row = {"document": name, "context": ctx, "mode": mode, "params": params, "repeat": r}
+            key = json.dumps(row, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                rows.append(row)
+    return rows
+
+
+def run_experiment(exp: Experiment, out: str | None = None, is_quick: bool = False, progress: bool = True) -> str:
+    """Run (or resume) exp; returns the output folder."""
+    from ..models.loader import load_drafter, load_model
+
+    if is_quick:
+        exp = quick(exp)
+    out = out or os.path.join("runs", exp.name + ("-quick" if is_quick else ""))
+    os.makedirs(out, exist_ok=True)
+    if exp.threads:
+        torch.set_num_threads(exp.threads)
+    base = GenerationConfig(max_new_tokens=exp.max_new_tokens, temperature=exp.temperature, top_p=exp.top_p,
+                            top_k=exp.top_k, seed=exp.seed, ignore_eos=exp.ignore_eos)
+    for mode in exp.modes:  # impossible settings fail before any model loads
+        for point in itertools.product(*([(k, v) for v in vs] for k, vs in exp.sweep.items() if k != "context")):
+            check_config(replace(base, mode=mode, **dict(point)))
+    path = os.path.join(out, "results.jsonl")
+    try:
+        done = {json.dumps(r["key"], sort_keys=True) for r in read_records(path)}
+    except (ValueError, KeyError) as e:
+        raise UserError(f"cannot resume from {path}: {e}") from None
+    with open(os.path.join(out, "machine.json"), "w") as f:
+        json.dump({**machine(), "experiment": exp.source, "quick": is_quick}, f, indent=1)
+
+    model = load_model(exp.model)
+    drafter = None
+    if any(m in DRAFTER_MODES for m in exp.modes):
+        drafter = load_drafter(exp.drafter or "default", exp.model, {})
+    docs = documents(exp, model.tokenizer)
+    generate(model, docs[0][1][:16], GenerationConfig(max_new_tokens=2))  # warm-up: the first row is timed fairly
+    rows = [r for r in plan(exp, docs) if json.dumps(r, sort_keys=True) not in done]
+    by_prompt = itertools.groupby(rows, key=lambda r: (r["document"], r["context"]))
+    hf = None
+    with open(path, "a") as f, tqdm(total=len(rows), desc=exp.name, unit="run", disable=not progress) as bar:
+        for (name, ctx), group in by_prompt:
+            ids = prompt_ids(exp, model.tokenizer, dict(docs)[name], ctx)
+            check_fits(model, len(ids), exp.max_new_tokens)
+            full, logits, prompt_q = prefilled(model, ids, exp.max_new_tokens)
+            for row in group:
+                t0 = time.perf_counter()
+                if row["mode"] in exp.modes:
+                    cfg = replace(base, mode=row["mode"], **row["params"])
+                    result = rerun(model, full, logits, prompt_q, ids, cfg, drafter).to_json()
+                else:
+                    hf = hf or hf_model(model)
+                    result = baseline(hf, row["mode"], ids, replace(base, **row["params"]))
+                append_record(f, {"key": row, "experiment": exp.name, "document": name, "context": len(ids),
+                                  **row["params"], **result, "wall_seconds": round(time.perf_counter() - t0, 2)})
+                bar.update(1)
+    write_report(out, exp)
+    return out
+
+
+def hf_model(model):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model.source, dtype=torch.float32).eval()
+
+
+def baseline(hf, name: str, ids: list, cfg) -> dict:
+    """HF transformers generate (plain, or assisted by prompt lookup: HF's draft-model-free assisted generation),
+    greedy or sampled as cfg says, decode tok/s as bench.hf_decode measures it."""
+    kw = {"prompt_lookup_num_tokens": 10} if name == "hf-assisted" else {}
+    if not cfg.sampling.greedy:
+        torch.manual_seed(cfg.seed)
+        kw.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or None)
+    tokens, prefill_s, tok_s = hf_decode(hf, ids, cfg.max_new_tokens, **kw)
+    return {"mode": name, "prompt_tokens": len(ids), "tokens": tokens, "new_tokens": len(tokens),
+            "prefill_seconds": prefill_s, "decode_tokens_per_second": tok_s, "tiers": []}

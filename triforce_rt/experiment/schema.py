@@ -1,0 +1,149 @@
+"""The experiment file: YAML checked against a typed schema before any model loads.
+
+Every error is one line naming the key (e.g. "sweep.budget[1]: expected an integer, got 'big'").
+Paths may start with {stdlib}, {licenses} or {docs} (the corpus roots of distill/corpus.py) or be relative to the
+experiment file.
+"""
+import os
+from dataclasses import dataclass, field, fields
+
+from ..engine import MODES
+from ..errors import UserError
+
+# Sweepable keys and their types: GenerationConfig fields, plus `context` (prompt tokens, cut from the document).
+SWEEP = {"context": int, "budget": int, "chunk_size": int, "gamma1": int, "gamma2": int, "sinks": int,
+         "window": int, "refresh": int, "ngram": int, "draft_dtype": str, "temperature": float, "top_p": float,
+         "top_k": int}
+BASELINES = ("hf-generate", "hf-assisted")
+
+
+@dataclass
+class Prompt:
+    files: list  # one or more documents; each gives its own rows
+    text: str | None = None
+    tokens: int | None = None  # cut each document to its first N tokens (the sweep's `context` overrides it)
+
+
+@dataclass
+class Experiment:
+    name: str
+    prompt: Prompt
+    model: str = "default"
+    drafter: str | None = None
+    chat: bool = False
+    instruction: str | None = None  # with chat: the request put before the document
+    max_new_tokens: int = 128
+    ignore_eos: bool = True
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    modes: list = field(default_factory=lambda: ["ar"])
+    sweep: dict = field(default_factory=dict)
+    repeats: int = 1
+    baselines: list = field(default_factory=list)
+    threads: int | None = None
+    source: str = ""  # the experiment file
+
+
+def _type_name(t) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[t]
+
+
+def _check(key: str, value, t):
+    ok = (isinstance(value, t) and not (t is int and isinstance(value, bool))) or (
+        t is float and isinstance(value, int) and not isinstance(value, bool))
+    if not ok:
+        raise UserError(f"{key}: expected {_type_name(t)}, got {value!r}")
+    return float(value) if t is float else value
+
+
+def _mapping(key: str, value, allowed) -> dict:
+    if not isinstance(value, dict):
+        raise UserError(f"{key or 'the file'}: expected a mapping of keys to values, got {value!r}")
+    for k in value:
+        if k not in allowed:
+            raise UserError(f"{(key + '.') if key else ''}{k}: unknown key (allowed: {', '.join(allowed)})")
+    return value
+
+
+def _list(key: str, value, t) -> list:
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{key}: expected a non-empty list, got {value!r}")
+    return [_check(f"{key}[{i}]", v, t) for i, v in enumerate(value)]
+
+
+def expand(path: str, base: str) -> str:
+    from ..distill.corpus import ROOTS
+
+    path = path.format(**{name: root for name, (root, _) in ROOTS.items()})
+    path = os.path.expanduser(path)
+    return path if os.path.isabs(path) else os.path.join(base, path)
+
+
+def parse(raw, source: str = "") -> Experiment:
+    top = {f.name: f for f in fields(Experiment) if f.name != "source"}
+    raw = _mapping("", raw, list(top))
+    if "name" not in raw or "prompt" not in raw:
+        raise UserError(f"missing required key '{'name' if 'name' not in raw else 'prompt'}'")
+    kw = {"name": _check("name", raw["name"], str)}
+    if not kw["name"].strip() or "/" in kw["name"]:
+        raise UserError(f"name: must be a non-empty folder name, got {kw['name']!r}")
+    for k in ("model", "drafter", "instruction"):
+        if raw.get(k) is not None:
+            kw[k] = _check(k, raw[k], str)
+    for k, t in (("chat", bool), ("ignore_eos", bool), ("max_new_tokens", int), ("temperature", float),
+                 ("top_p", float), ("top_k", int), ("seed", int), ("repeats", int), ("threads", int)):
+        if k in raw:
+            kw[k] = _check(k, raw[k], t)
+    for k in ("max_new_tokens", "repeats", "threads"):
+        if kw.get(k) is not None and kw[k] < 1:
+            raise UserError(f"{k}: must be at least 1, got {kw[k]}")
+    if "modes" in raw:
+        kw["modes"] = _list("modes", raw["modes"], str)
+        for i, m in enumerate(kw["modes"]):
+            if m not in MODES:
+                raise UserError(f"modes[{i}]: unknown mode '{m}' (available: {', '.join(MODES)})")
+    if "baselines" in raw:
+        kw["baselines"] = _list("baselines", raw["baselines"], str)
+        for i, b in enumerate(kw["baselines"]):
+            if b not in BASELINES:
+                raise UserError(f"baselines[{i}]: unknown baseline '{b}' (available: {', '.join(BASELINES)})")
+    if "sweep" in raw:
+        sweep = _mapping("sweep", raw["sweep"], list(SWEEP))
+        kw["sweep"] = {k: _list(f"sweep.{k}", v, SWEEP[k]) for k, v in sweep.items()}
+    kw["prompt"] = parse_prompt(raw["prompt"], os.path.dirname(os.path.abspath(source)) if source else os.getcwd())
+    return Experiment(source=source, **kw)
+
+
+def parse_prompt(raw, base: str) -> Prompt:
+    p = _mapping("prompt", raw, ["file", "files", "text", "tokens"])
+    given = [k for k in ("file", "files", "text") if k in p]
+    if len(given) != 1:
+        raise UserError("prompt: give exactly one of file, files or text")
+    tokens = _check("prompt.tokens", p["tokens"], int) if "tokens" in p else None
+    if tokens is not None and tokens < 1:
+        raise UserError(f"prompt.tokens: must be at least 1, got {tokens}")
+    if "text" in p:
+        return Prompt(files=[], text=_check("prompt.text", p["text"], str), tokens=tokens)
+    paths = [_check("prompt.file", p["file"], str)] if "file" in p else _list("prompt.files", p["files"], str)
+    paths = [expand(x, base) for x in paths]
+    for x in paths:
+        if not os.path.isfile(x):
+            raise UserError(f"prompt: file not found: {x}")
+    return Prompt(files=paths, tokens=tokens)
+
+
+def load(path: str) -> Experiment:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise UserError(f"experiment file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{path}: malformed YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    return parse(raw, path)

@@ -1,0 +1,108 @@
+"""`triforce summarize`: each file becomes a chat request for a summary, decoded with the hierarchy and streamed.
+
+A document that does not fit the context (prompt + max_new_tokens) is refused with both token counts, or fitted:
+  truncate    keep its first and last halves of what fits, joined by a "[...]" line;
+  map-reduce  summarize consecutive parts that fit, then summarize those summaries (again if they do not fit).
+"""
+import os
+import sys
+
+from ..engine import generate
+from ..errors import UserError
+from ..textio import TextStream, summary_line
+
+INSTRUCTION = "Summarize the following document."
+PART_INSTRUCTION = "Summarize this part of a longer document."
+REDUCE_INSTRUCTION = "These are summaries of consecutive parts of one document. Write one summary of the whole document."
+GAP = "\n\n[...]\n\n"
+
+
+def chat_ids(tokenizer, instruction: str, text: str) -> list:
+    msgs = [{"role": "user", "content": f"{instruction}\n\n{text}"}]
+    return list(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+
+
+def room(model, instruction: str, max_new_tokens: int) -> int:
+    """Document tokens that fit with the chat template, the instruction and the new tokens."""
+    overhead = len(chat_ids(model.tokenizer, instruction, "")) + 8  # + slack: re-tokenizing at the seam can merge
+    return model.config.context_limit - max_new_tokens - overhead
+
+
+def truncate(tokenizer, doc: list, n: int) -> str:
+    gap = len(tokenizer(GAP, add_special_tokens=False).input_ids)
+    head = (n - gap) // 2
+    return tokenizer.decode(doc[:head]) + GAP + tokenizer.decode(doc[len(doc) - (n - gap - head):])
+
+
+def summarize_text(model, drafter, text: str, cfg, fit: str, name: str, out, progress: bool):
+    """Stream one summary of text to out; returns the last GenerationResult."""
+    tok = model.tokenizer
+    doc = tok(text, add_special_tokens=False).input_ids
+    n = room(model, INSTRUCTION, cfg.max_new_tokens)
+    if len(doc) > n:
+        if fit == "refuse":
+            raise UserError(f"{name} is {len(doc)} tokens, but {n} fit in the model's context of "
+                            f"{model.config.context_limit} with the prompt and {cfg.max_new_tokens} new tokens; "
+                            "use --fit truncate or --fit map-reduce (or fewer --max-new-tokens)")
+        if n < 64:
+            raise UserError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for the document in the context")
+        if fit == "truncate":
+            text = truncate(tok, doc, n)
+        else:
+            return map_reduce(model, drafter, doc, cfg, name, out, progress)
+    return run(model, drafter, chat_ids(tok, INSTRUCTION, text), cfg, out, progress)
+
+
+def map_reduce(model, drafter, doc: list, cfg, name: str, out, progress: bool):
+    tok = model.tokenizer
+    n = room(model, PART_INSTRUCTION, cfg.max_new_tokens)
+    parts = [doc[s : s + n] for s in range(0, len(doc), n)]
+    summaries = []
+    for i, part in enumerate(parts):
+        print(f"[{name}: part {i + 1}/{len(parts)}]", file=sys.stderr)
+        res = run(model, drafter, chat_ids(tok, PART_INSTRUCTION, tok.decode(part)), cfg, None, progress)
+        summaries.append(f"Part {i + 1}: {res.text.strip()}")
+    joined = "\n\n".join(summaries)
+    if len(tok(joined, add_special_tokens=False).input_ids) > room(model, REDUCE_INSTRUCTION, cfg.max_new_tokens):
+        return map_reduce(model, drafter, tok(joined, add_special_tokens=False).input_ids, cfg, name, out, progress)
+    return run(model, drafter, chat_ids(tok, REDUCE_INSTRUCTION, joined), cfg, out, progress)
+
+
+def run(model, drafter, ids: list, cfg, out, progress: bool):
+    """Generate with progress bars (prefill tokens; decode tok/s when the text is not streamed to the terminal)."""
+    from tqdm import tqdm
+
+    stream = TextStream(model.tokenizer, out) if out is not None else None
+    bar = tqdm(total=cfg.max_new_tokens, desc="decode", unit="tok", leave=False, file=sys.stderr,
+               disable=not progress or out is sys.stdout)
+
+    def on_token(t):
+        bar.update(1)
+        if stream:
+            stream(t)
+
+    res = generate(model, ids, cfg, on_token=on_token, progress=progress, drafter=drafter)
+    bar.close()
+    print(summary_line(res), file=sys.stderr)
+    return res
+
+
+def summarize_files(model, drafter, files: list, cfg, fit: str, out_path: str | None, progress: bool) -> None:
+    for path in files:
+        if not os.path.isfile(path):
+            raise UserError(f"file not found: {path}")
+    out = open(out_path, "w", encoding="utf-8") if out_path else sys.stdout
+    try:
+        for i, path in enumerate(files):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+            if not text.strip():
+                raise UserError(f"{path} is empty")
+            if len(files) > 1:
+                out.write(("\n" if i else "") + f"## {os.path.basename(path)}\n\n")
+            summarize_text(model, drafter, text, cfg, fit, os.path.basename(path), out, progress)
+            out.write("\n")
+            out.flush()
+    finally:
+        if out is not sys.stdout:
+            out.close()

@@ -1,0 +1,41 @@
+"""Prompt encoding, streamed text output and the one-line run summary, shared by the commands."""
+import sys
+
+
+def encode(tokenizer, text: str, chat: bool) -> list:
+    if chat:
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=True)["input_ids"])
+    return tokenizer(text).input_ids
+
+
+class TextStream:
+    """Prints decoded text as tokens arrive, holding back an incomplete UTF-8 sequence."""
+
+    def __init__(self, tokenizer, out=None):
+        self.tok, self.ids, self.shown, self.out = tokenizer, [], 0, out or sys.stdout
+
+    def __call__(self, token_id: int):
+        self.ids.append(token_id)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            self.out.write(text[self.shown:])
+            self.out.flush()
+            self.shown = len(text)
+
+
+def summary_line(res) -> str:
+    """One line: prefill, decode speed and, for speculative modes, each drafting tier's acceptance."""
+    line = (f"[{res.mode}] prompt {res.prompt_tokens} tok, prefill {res.prefill_seconds:.2f} s | "
+            f"{res.new_tokens} new tok, decode {res.decode_tokens_per_second:.1f} tok/s")
+    if len(res.tiers) > 1:
+        rates = ", ".join(f"{t['name']} {t['accepted']}/{t['drafted']}"
+                          + (f" (α {alpha(t):.2f})" if alpha(t) is not None else "") for t in res.tiers[:-1])
+        line += f" | accepted {rates}; {res.tokens_per_target_call:.2f} tok/target call"
+    return line
+
+
+def alpha(tier: dict) -> float | None:
+    """Per-token acceptance rate of a tier's stats dict (TierStats.alpha)."""
+    seen = tier["accepted"] + tier.get("rejected", 0)
+    return tier["accepted"] / seen if seen else None
