@@ -27,7 +27,7 @@ def test_json_output(capsys, tiny_folder):
     assert JSON_KEYS <= set(obj)
     assert obj["mode"] == "ar" and obj["new_tokens"] == len(obj["tokens"]) == 6
     assert [t["name"] for t in obj["tiers"]] == ["target"]
-    assert set(obj["tiers"][0]) == {"name", "drafted", "accepted", "calls", "seconds"}
+    assert set(obj["tiers"][0]) == {"name", "drafted", "accepted", "rejected", "calls", "seconds"}
 
 
 def test_plain_output_streams_the_same_text_as_json(capsys, tiny_folder):

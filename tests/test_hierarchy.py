@@ -138,23 +138,24 @@ def sampled_pairs(mode, sp, flawed=False, keep=None):
         counts[toks[0] * V + toks[1]] += 1
         for t in tiers:
             t.truncate(len(ctx))
-    rates = [t.stats.accepted / t.stats.drafted for t in tiers[:-1]]
-    return counts, two_token_law(target, sp), rates
+    return counts, two_token_law(target, sp), [t.stats for t in tiers[:-1]]
 
 
 @pytest.mark.parametrize("mode,sp", [(m, SamplingParams(1.0)) for m in SPEC_MODES]
                          + [("triforce", SamplingParams(0.8, top_p=0.9, top_k=5))], ids=str)
 def test_sampling_follows_the_target_exactly(mode, sp):
-    counts, law, rates = sampled_pairs(mode, sp)
-    assert all(0.2 < r < 0.98 for r in rates), rates  # the drafts really are rejected sometimes
+    counts, law, stats = sampled_pairs(mode, sp)
+    # Both branches of the rule run many times at every drafting tier: drafts are accepted and rejected.
+    # (An n-gram tier proposes continuations of random text, so its acceptance is low, but not zero.)
+    assert all(s.accepted >= 200 and s.rejected >= 200 for s in stats), stats
     assert pooled_chisquare(counts, law) > ALPHA
 
 
 def test_reduced_vocabulary_drafter_stays_exact():
-    """q = 0 outside the kept tokens (one of them the target's likeliest first token): the residual rule still
-    gives exactly the target's law, through both drafting tiers."""
-    counts, law, rates = sampled_pairs("triforce", SamplingParams(1.0), keep=[0, 2, 3, 5, 6])
-    assert 0.2 < rates[0] < 0.98, rates
+    """q = 0 outside the 5 kept tokens of 8: the residual rule still gives exactly the target's law, through both
+    drafting tiers."""
+    counts, law, stats = sampled_pairs("triforce", SamplingParams(1.0), keep=[0, 2, 3, 5, 6])
+    assert 0.2 < stats[0].accepted / stats[0].drafted < 0.98, stats
     assert pooled_chisquare(counts, law) > ALPHA
 
 
