@@ -7,6 +7,7 @@ token, computed with the teacher's whole context. Two kinds of records:
   answer  a chat prompt over a document slice, then the teacher's own continuation (greedy, or T = 0.8 for every
           other batch): the text a drafter really has to predict while decoding (on-policy, as in DistillSpec).
 """
+import random
 import time
 
 import torch
@@ -105,8 +106,6 @@ def label(model, part: str, records: int, L: int, S: int, K: int, answer_frac: f
           batch: int = 8, progress: bool = True) -> dict:
     """`records` teacher-labelled sequences of one corpus part, as padded tensors:
     tokens [N, L], ids [N, L, K], logp [N, L, K], mask [N, L] (positions with a label), kind [N] (1 = answer)."""
-    import random
-
     docs, rng = Documents(model.tokenizer, part, seed), random.Random(seed + 1)
     gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
     eos = set(model.config.eos_token_ids) | {model.tokenizer.eos_token_id}
