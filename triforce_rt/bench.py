@@ -18,7 +18,7 @@ from retrieval_cache import FullCache
 
 from .engine import GenerationConfig, decode, generate, prefill
 from .models import load_model
-from .textio import alpha
+from .textio import alpha, encode
 
 
 def machine() -> dict:
@@ -167,8 +167,7 @@ def heldout_ids(tokenizer, n: int, source: str) -> list:
 
 def chat_prompt(tokenizer, instruction: str, doc_ids: list, n: int) -> list:
     """A chat request about the document, n tokens in all (a raw-code prompt makes a 135M model loop)."""
-    wrap = lambda k: tokenizer.apply_chat_template([{"role": "user", "content": instruction + tokenizer.decode(doc_ids[:k])}],
-                                                   add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    wrap = lambda k: encode(tokenizer, instruction + tokenizer.decode(doc_ids[:k]), chat=True)
     k = n - (len(wrap(16)) - 16)
     ids = wrap(k)
     while len(ids) > n:  # decode/encode can merge tokens differently; trim until it fits

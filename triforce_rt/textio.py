@@ -2,10 +2,15 @@
 import sys
 
 
+def chat_ids(tokenizer, messages: list) -> list:
+    """Token ids of messages [{role, content}...] in the model's chat template, ready for the assistant's turn."""
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                              return_dict=True)["input_ids"])
+
+
 def encode(tokenizer, text: str, chat: bool) -> list:
     if chat:
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                  tokenize=True, return_dict=True)["input_ids"])
+        return chat_ids(tokenizer, [{"role": "user", "content": text}])
     return tokenizer(text).input_ids
 
 
@@ -36,6 +41,8 @@ def summary_line(res) -> str:
 
 
 def alpha(tier: dict) -> float | None:
-    """Per-token acceptance rate of a tier's stats dict (TierStats.alpha)."""
+    """Per-token acceptance rate of a tier's stats dict (TierStats as a dict): accepted / examined drafts, examined =
+    accepted + rejected (the α of speculative decoding; accepted / drafted is lower, since the drafts after a
+    rejection count as drafted but are never examined)."""
     seen = tier["accepted"] + tier.get("rejected", 0)
     return tier["accepted"] / seen if seen else None

@@ -58,10 +58,11 @@ def write_report(out: str, exp) -> None:
         f.write("| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n")
         for r in flat:
             f.write("| " + " | ".join(str(r[k]) for k in head) + " |\n")
-    plot(os.path.join(out, "plot.png"), flat, swept, exp.name)
+    under_target = [list(acceptance(r).values())[-1][1] if acceptance(r) else None for r in rows]
+    plot(os.path.join(out, "plot.png"), flat, under_target, swept, exp.name)
 
 
-def plot(path: str, flat: list, swept: list, title: str) -> None:
+def plot(path: str, flat: list, alphas: list, swept: list, title: str) -> None:
     """Decode tok/s and the per-token acceptance α of the tier under the target, against the swept key with the most values
     (or per mode when nothing is swept); one line per mode."""
     import matplotlib
@@ -73,7 +74,7 @@ def plot(path: str, flat: list, swept: list, title: str) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     modes = list(dict.fromkeys(r["mode"] for r in flat))
     for mode in modes:
-        pts = sorted((((r[x_key] if x_key else mode), r["tok_s"], last_alpha(r)) for r in flat
+        pts = sorted((((r[x_key] if x_key else mode), r["tok_s"], a) for r, a in zip(flat, alphas)
                       if r["mode"] == mode and (not x_key or r[x_key] != "")), key=lambda p: (p[0], p[1]))
         if not pts:
             continue
@@ -92,7 +93,3 @@ def plot(path: str, flat: list, swept: list, title: str) -> None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
-
-def last_alpha(r: dict):
-    parts = [p for p in r["alpha"].split("; ") if p]
-    return float(parts[-1].rsplit(" ", 1)[1]) if parts else None

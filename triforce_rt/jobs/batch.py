@@ -13,10 +13,10 @@ from dataclasses import replace
 
 from tqdm import tqdm
 
-from ..engine import check_config, check_fits, generate
+from ..engine import check_config, generate
 from ..errors import UserError
 from ..jsonl import append_record, read_records
-from ..textio import encode
+from ..textio import chat_ids, encode
 
 OVERRIDES = {"max_new_tokens": int, "temperature": (int, float), "top_p": (int, float), "top_k": int, "seed": int,
              "ignore_eos": bool}
@@ -45,8 +45,7 @@ def request_ids(model, req: dict, chat: bool) -> list:
         msgs = req["messages"]
         if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
             raise UserError("'messages' must be a list of {role, content} objects")
-        return list(model.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
-                                                        return_dict=True)["input_ids"])
+        return chat_ids(model.tokenizer, msgs)
     if not isinstance(req.get("prompt"), str):
         raise UserError("missing 'prompt' (a string) or 'messages'")
     return encode(model.tokenizer, req["prompt"], chat)
@@ -87,7 +86,6 @@ def run_batch(model, drafter, input_path: str, out_path: str, cfg, chat: bool, p
                 try:
                     rcfg = request_config(cfg, req)
                     ids = request_ids(model, req, chat)
-                    check_fits(model, len(ids), rcfg.max_new_tokens)
                     res = generate(model, ids, rcfg, drafter=drafter)
                     record = {"id": rid, **res.to_json()}
                     new_tokens += res.new_tokens

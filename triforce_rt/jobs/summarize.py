@@ -9,7 +9,7 @@ import sys
 
 from ..engine import generate
 from ..errors import UserError
-from ..textio import TextStream, summary_line
+from ..textio import TextStream, encode, summary_line
 
 INSTRUCTION = "Summarize the following document."
 PART_INSTRUCTION = "Summarize this part of a longer document."
@@ -17,14 +17,13 @@ REDUCE_INSTRUCTION = "These are summaries of consecutive parts of one document. 
 GAP = "\n\n[...]\n\n"
 
 
-def chat_ids(tokenizer, instruction: str, text: str) -> list:
-    msgs = [{"role": "user", "content": f"{instruction}\n\n{text}"}]
-    return list(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+def request(tokenizer, instruction: str, text: str) -> list:
+    return encode(tokenizer, f"{instruction}\n\n{text}", chat=True)
 
 
 def room(model, instruction: str, max_new_tokens: int) -> int:
     """Document tokens that fit with the chat template, the instruction and the new tokens."""
-    overhead = len(chat_ids(model.tokenizer, instruction, "")) + 8  # + slack: re-tokenizing at the seam can merge
+    overhead = len(request(model.tokenizer, instruction, "")) + 8  # + slack: re-tokenizing at the seam can merge
     return model.config.context_limit - max_new_tokens - overhead
 
 
@@ -50,7 +49,7 @@ def summarize_text(model, drafter, text: str, cfg, fit: str, name: str, out, pro
             text = truncate(tok, doc, n)
         else:
             return map_reduce(model, drafter, doc, cfg, name, out, progress)
-    return run(model, drafter, chat_ids(tok, INSTRUCTION, text), cfg, out, progress)
+    return run(model, drafter, request(tok, INSTRUCTION, text), cfg, out, progress)
 
 
 def map_reduce(model, drafter, doc: list, cfg, name: str, out, progress: bool):
@@ -60,12 +59,12 @@ def map_reduce(model, drafter, doc: list, cfg, name: str, out, progress: bool):
     summaries = []
     for i, part in enumerate(parts):
         print(f"[{name}: part {i + 1}/{len(parts)}]", file=sys.stderr)
-        res = run(model, drafter, chat_ids(tok, PART_INSTRUCTION, tok.decode(part)), cfg, None, progress)
+        res = run(model, drafter, request(tok, PART_INSTRUCTION, tok.decode(part)), cfg, None, progress)
         summaries.append(f"Part {i + 1}: {res.text.strip()}")
     joined = "\n\n".join(summaries)
     if len(tok(joined, add_special_tokens=False).input_ids) > room(model, REDUCE_INSTRUCTION, cfg.max_new_tokens):
         return map_reduce(model, drafter, tok(joined, add_special_tokens=False).input_ids, cfg, name, out, progress)
-    return run(model, drafter, chat_ids(tok, REDUCE_INSTRUCTION, joined), cfg, out, progress)
+    return run(model, drafter, request(tok, REDUCE_INSTRUCTION, joined), cfg, out, progress)
 
 
 def run(model, drafter, ids: list, cfg, out, progress: bool):

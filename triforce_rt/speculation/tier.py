@@ -20,13 +20,6 @@ class TierStats:
     calls: int = 0  # forward calls
     seconds: float = 0.0  # time in those forwards
 
-    @property
-    def alpha(self) -> float | None:
-        """Per-token acceptance rate: accepted / examined drafts, examined = accepted + rejected (the α of
-        speculative decoding; accepted / drafted is lower, since drafts after a rejection count as drafted)."""
-        seen = self.accepted + self.rejected
-        return self.accepted / seen if seen else None
-
 
 class Tier:
     def __init__(self, name: str, model, cache, gamma: int = 0, pos: int = 0):
