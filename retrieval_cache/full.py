@@ -1,48 +1,53 @@
 """FullCache: every token, preallocated. The target's cache."""
 import torch
 
-from .attention import attend, causal_mask, rotate
+from .attention import attend, rotate
+from .rows import BatchRows
 
 
-class FullCache:
-    """k, v [layers, B, Hkv, max_len, D], keys stored after RoPE at their true positions.
+class FullCache(BatchRows):
+    """k, v [layers, B, Hkv, max_len, D]; slot p holds the token at position p, after RoPE.
 
-    Protocol shared by all caches:
-      begin(positions [B, T], rope)  once per forward: computes RoPE for the step, reserves T slots;
+    Protocol shared by all caches (every one is addressed by position, per row):
+      begin(positions [B, T], rope)  once per forward: RoPE for the step, which slots are written and visible;
       attend(layer, q, k, v)         per layer, q/k/v before RoPE: writes k, v and returns attention;
-      rollback(n)                    forgets the last n tokens by moving `length` (no data moves).
+      keep(rows)                     drops the other batch rows (a finished sequence leaves the batch).
+    There is no length: a query at position p sees the slots of positions <= p, so a rejected draft's slots are
+    invisible to every later query until the accepted tokens overwrite them. Rolling back is the caller's
+    bookkeeping (its count of tokens held) and moves no data. A row's last tokens may be repeated at the same
+    positions to pad a ragged batch: they rewrite the same slots with the same values.
     `rope` is any object with cos_sin(positions) -> (cos, sin) [B, T, D].
     """
+    ROWS = {"k": 1, "v": 1, "last_q": 1}
 
     def __init__(self, n_layers, n_kv_heads, head_dim, max_len, batch=1, dtype=torch.float32, device=None):
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
-        self.length = 0
         # Post-RoPE query of the last token of the latest step, per layer: [layers, B, Hq, D].
         # RetrievalCache.select scores chunks with it.
         self.last_q = None
 
     def begin(self, positions: torch.Tensor, rope) -> None:
-        T = positions.shape[1]
-        if self.length + T > self.max_len:
-            raise ValueError(f"FullCache overflow: {self.length} + {T} tokens > capacity {self.max_len}")
+        last = positions[:, -1].tolist()  # rows are non-decreasing: the last column holds each row's furthest position
+        self.end = max(last) + 1
+        if self.end > self.max_len:
+            raise ValueError(f"FullCache overflow: position {self.end - 1} >= capacity {self.max_len}")
         self.cos, self.sin = rope.cos_sin(positions)
-        self.start, self.length = self.length, self.length + T
-        self.mask = None if T == 1 else causal_mask(T, self.length, positions.device)
+        self.positions = positions
+        self.rows = torch.arange(positions.shape[0], device=positions.device)[:, None]  # [B, 1]
+        if positions.shape[1] == 1 and min(last) == self.end - 1:
+            self.mask = None  # one token per row, all at the same position: every slot up to it is visible
+        else:  # [B, 1, T, end]: slot s visible to the query at position p iff s <= p
+            self.mask = (torch.arange(self.end, device=positions.device) <= positions[:, :, None])[:, None]
 
     def attend(self, layer: int, q, k, v):
         q, k = rotate(q, self.cos, self.sin), rotate(k, self.cos, self.sin)
-        s, e = self.start, self.length
-        self.k[layer, :, :, s:e] = k
-        self.v[layer, :, :, s:e] = v
+        self.k[layer][self.rows, :, self.positions] = k.transpose(1, 2)  # [B, T, Hkv, D] into slots positions[b, t]
+        self.v[layer][self.rows, :, self.positions] = v.transpose(1, 2)
         if self.last_q is None:
             self.last_q = q.new_zeros((self.k.shape[0],) + q[:, :, -1].shape)
         self.last_q[layer] = q[:, :, -1]
+        e = self.end
         return attend(q, self.k[layer, :, :, :e], self.v[layer, :, :, :e], self.mask)
-
-    def rollback(self, n: int) -> None:
-        if not 0 <= n <= self.length:
-            raise ValueError(f"cannot roll back {n} of {self.length} tokens")
-        self.length -= n

@@ -4,7 +4,7 @@ The query at position p sees the sinks (positions 0..S-1, those <= p) and positi
 StreamingLLM rotates keys by their *slot*, not their true position: sink i sits at slot i and the window
 follows contiguously, so the query sits at slot min(p, S+W-1). Stored here in an equivalent, cheaper form:
   window keys are rotated once, at their true positions (the window is contiguous, so slot distances
-    equal true distances); they live in a ring of R = W + max_step slots;
+    equal true distances); they live in a ring of R = W + max_step slots, slot p % R, with the position each holds;
   sink keys are kept before RoPE and rotated per step at i + δ(p), δ(p) = max(0, p - (S+W-1)),
     which gives each query exactly the slot distance min(p, S+W-1) - i.
 A token's output therefore does not depend on how the tokens were split into steps.
@@ -12,10 +12,13 @@ A token's output therefore does not depend on how the tokens were split into ste
 import torch
 
 from .attention import attend, rotate
+from .rows import BatchRows
 
 
-class StreamingCache:
-    """Same protocol as FullCache. max_step bounds the tokens written past a rollback point (γ+1, or a prefill chunk)."""
+class StreamingCache(BatchRows):
+    """Same protocol as FullCache. Tokens written past the position a row is rolled back to (rejected drafts, at
+    most max_step of them: γ+1, or a prefill chunk) sit in the R - W spare ring slots, so the window survives."""
+    ROWS = {"sink_k": 1, "sink_v": 1, "ring_k": 1, "ring_v": 1, "ring_pos": 0}
 
     def __init__(self, n_layers, n_kv_heads, head_dim, sinks, window, max_step, batch=1, dtype=torch.float32, device=None):
         if sinks < 0 or window < 1 or max_step < 1:
@@ -27,7 +30,6 @@ class StreamingCache:
         self.ring_k = torch.zeros(n_layers, batch, n_kv_heads, self.R, head_dim, dtype=dtype, device=device)  # after RoPE
         self.ring_v = torch.zeros_like(self.ring_k)
         self.ring_pos = torch.full((batch, self.R), -1, dtype=torch.long, device=device)  # true position held by each slot
-        self.length = 0
 
     def begin(self, positions: torch.Tensor, rope) -> None:
         B, T = positions.shape
@@ -51,7 +53,6 @@ class StreamingCache:
         rp = self.ring_pos[:, None, :]
         ring_vis = (rp > p - W) & (rp <= p) & (rp >= S)
         self.mask = torch.cat([sink_vis, ring_vis], dim=-1)[:, None]
-        self.length += T
 
     def attend(self, layer: int, q, k, v):
         B, H, T, D = k.shape
@@ -71,23 +72,17 @@ class StreamingCache:
         return attend(q, K, V, self.mask)
 
     @torch.no_grad()
-    def fill_from(self, full, rope) -> None:
-        """Hold the sinks and the last W tokens of `full` (a FullCache of the same model, e.g. the target's cache
-        after prefill: MagicDec's self-speculation draft cache). Sink keys are rotated back to before RoPE."""
-        L = full.length
-        S, B = min(self.S, L), full.k.shape[1]
-        cos, sin = rope.cos_sin(torch.arange(S, device=full.k.device).expand(B, S))
-        self.sink_k[:, :, :, :S] = rotate(full.k[:, :, :, :S], cos, -sin)  # R(-i) R(i) k = k
-        self.sink_v[:, :, :, :S] = full.v[:, :, :, :S]
-        w = torch.arange(max(S, L - self.W), L, device=full.k.device)
+    def fill_from(self, full, lengths: list, rope) -> None:
+        """Hold the sinks and the last W of the lengths[b] tokens of each row of `full` (a FullCache of the same
+        model, e.g. the target's after prefill: MagicDec's self-speculation draft cache). Sink keys are rotated
+        back to before RoPE."""
         self.ring_pos.fill_(-1)
-        self.ring_pos[:, w % self.R] = w
-        self.ring_k[:, :, :, w % self.R] = full.k[:, :, :, w].to(self.ring_k.dtype)
-        self.ring_v[:, :, :, w % self.R] = full.v[:, :, :, w].to(self.ring_v.dtype)
-        self.length = L
-
-    def rollback(self, n: int) -> None:
-        """Safe while at most max_step tokens were written past the rollback point: the ring keeps W + max_step."""
-        if not 0 <= n <= self.length:
-            raise ValueError(f"cannot roll back {n} of {self.length} tokens")
-        self.length -= n
+        for b, L in enumerate(lengths):
+            S = min(self.S, L)
+            cos, sin = rope.cos_sin(torch.arange(S, device=full.k.device)[None])
+            self.sink_k[:, b, :, :S] = rotate(full.k[:, b, :, :S], cos, -sin)  # R(-i) R(i) k = k
+            self.sink_v[:, b, :, :S] = full.v[:, b, :, :S]
+            w = torch.arange(max(S, L - self.W), L, device=full.k.device)
+            self.ring_pos[b, w % self.R] = w
+            self.ring_k[:, b, :, w % self.R] = full.k[:, b, :, w].to(self.ring_k.dtype)
+            self.ring_v[:, b, :, w % self.R] = full.v[:, b, :, w].to(self.ring_v.dtype)

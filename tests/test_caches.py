@@ -1,4 +1,5 @@
-"""Caches against brute-force references: what each query sees, the chunks chosen, and rollback."""
+"""Caches against brute-force references: what each query sees, the chunks chosen, and rejected drafts being
+invisible (caches are addressed by position, so rolling back moves no data)."""
 import math
 
 import pytest
@@ -61,14 +62,12 @@ def test_streaming_matches_streamingllm_with_rollback(S, W):
     cache = StreamingCache(1, H_KV, D, sinks=S, window=W, max_step=6)
     pos = 0
     for i, T in enumerate([5, 1, 3, 1, 1, 6, 2, 1, 4, 1, 1, 4]):
-        if i % 3 == 2:  # a rejected speculation of 4 tokens, then rollback
+        if i % 3 == 2:  # a rejected speculation of 4 tokens at the next positions, then the accepted ones
             step(cache, *junk, pos)
-            cache.rollback(4)
         got = step(cache, q[pos : pos + T], k[pos : pos + T], v[pos : pos + T], pos)
         for t in range(T):
             assert torch.allclose(got[t], streaming_reference(q, k, v, pos + t, S, W), atol=1e-5), (pos + t)
         pos += T
-    assert cache.length == n
 
 
 @pytest.mark.parametrize("L,S,W", [(30, 4, 6), (5, 4, 6), (30, 0, 8)])
@@ -78,11 +77,10 @@ def test_streaming_filled_from_full_cache(L, S, W):
     full = FullCache(1, H_KV, D, max_len=64)
     step(full, q[:L], k[:L], v[:L], 0)
     cache = StreamingCache(1, H_KV, D, sinks=S, window=W, max_step=4)
-    cache.fill_from(full, ROPE)
+    cache.fill_from(full, [L], ROPE)
     got = step(cache, q[L:], k[L:], v[L:], L)
     for t in range(3):
         assert torch.allclose(got[t], streaming_reference(q, k, v, L + t, S, W), atol=1e-5), t
-    assert cache.length == L + 3
 
 
 # ---- RetrievalCache -------------------------------------------------------------------------------------------
@@ -100,7 +98,7 @@ def test_retrieval_selects_top_chunks_and_attends_like_masked_full(L, budget, c)
     full, k, v = filled_full_cache(L, layers, seed=L)
     sel_q = torch.randn(layers, 1, H_Q, D, generator=torch.Generator().manual_seed(9))
     rc = RetrievalCache(layers, H_KV, D, budget=budget, chunk_size=c, tail=5)
-    rc.select(full, sel_q)
+    rc.select(full, [L], sel_q)
 
     k_rot = torch.stack([torch.stack([rot(k[j, h], j) for h in range(H_KV)]) for j in range(L)])  # [L, Hkv, D]
     n_chunks, n_sel = -(-L // c), min(budget // c, -(-L // c))
@@ -115,28 +113,56 @@ def test_retrieval_selects_top_chunks_and_attends_like_masked_full(L, budget, c)
 
     # Three new tokens attend to the selected chunks plus themselves (causal), exactly as masked full attention.
     nq, nk, nv = tokens(3, seed=99)
-    for attempt in range(2):  # second pass after a rollback must give the same result
-        got = step(rc, nq, nk, nv, L, layers)
-        for t in range(3):
-            for hq in range(H_Q):
-                h = hq // G
-                pos = [j for n in chosen[0, h] for j in range(n * c, min(L, (n + 1) * c))]
-                keys = [k_rot[j, h] for j in pos] + [rot(nk[i, h], L + i) for i in range(t + 1)]
-                vals = [v[j, h] for j in pos] + [nv[i, h] for i in range(t + 1)]
-                want = softmax_attend(rot(nq[t, hq], L + t), keys, vals)
-                assert torch.allclose(got[t, hq], want, atol=1e-5)
-        assert rc.length == 3
-        rc.rollback(3)
-        assert rc.length == 0
+    step(rc, *tokens(3, seed=98), L, layers)  # a rejected speculation at the same positions, then the real tokens
+    got = step(rc, nq, nk, nv, L, layers)
+    for t in range(3):
+        for hq in range(H_Q):
+            h = hq // G
+            pos = [j for n in chosen[0, h] for j in range(n * c, min(L, (n + 1) * c))]
+            keys = [k_rot[j, h] for j in pos] + [rot(nk[i, h], L + i) for i in range(t + 1)]
+            vals = [v[j, h] for j in pos] + [nv[i, h] for i in range(t + 1)]
+            want = softmax_attend(rot(nq[t, hq], L + t), keys, vals)
+            assert torch.allclose(got[t, hq], want, atol=1e-5)
 
 
-def test_rollback_moves_length_only():
-    full, _, _ = filled_full_cache(20, 1, seed=1)
-    ptr, snapshot = full.k.data_ptr(), full.k.clone()
-    full.rollback(5)
-    assert full.length == 15 and full.k.data_ptr() == ptr and torch.equal(full.k, snapshot)
-    with pytest.raises(ValueError):
-        full.rollback(16)
+def test_rejected_slots_are_invisible_until_rewritten():
+    """A FullCache query at position p sees slots <= p only: a rejected draft's keys past p change nothing."""
+    L = 20
+    q, k, v = tokens(L + 4, seed=1)
+    clean = FullCache(1, H_KV, D, max_len=64)
+    step(clean, q[:L], k[:L], v[:L], 0)
+    want = step(clean, q[L:L + 1], k[L:L + 1], v[L:L + 1], L)
+    dirty = FullCache(1, H_KV, D, max_len=64)
+    step(dirty, q[:L], k[:L], v[:L], 0)
+    step(dirty, *tokens(4, seed=5), L)  # a rejected speculation at positions L..L+3
+    assert torch.equal(step(dirty, q[L:L + 1], k[L:L + 1], v[L:L + 1], L), want)
+
+
+def test_rows_at_different_positions_match_each_row_alone():
+    """Two rows of a batch at different lengths, stepping together, give what each row gives alone (every cache)."""
+    makers = [lambda B: FullCache(1, H_KV, D, max_len=64, batch=B),
+              lambda B: StreamingCache(1, H_KV, D, sinks=2, window=5, max_step=20, batch=B)]
+    seqs = [tokens(30, seed=11), tokens(30, seed=12)]
+    lens = [17, 9]
+    for make in makers:
+        alone = []
+        for (q, k, v), L in zip(seqs, lens):
+            c = make(1)
+            step(c, q[:L], k[:L], v[:L], 0)
+            alone.append(step(c, q[L:L + 3], k[L:L + 3], v[L:L + 3], L))
+        both = make(2)
+        for b, ((q, k, v), L) in enumerate(zip(seqs, lens)):  # fill each row through a one-row view of the batch
+            one = make(1)
+            step(one, q[:L], k[:L], v[:L], 0)
+            for name, axis in type(both).ROWS.items():
+                if getattr(one, name) is not None and getattr(both, name) is not None:
+                    getattr(both, name).narrow(axis, b, 1).copy_(getattr(one, name))
+        pos = torch.stack([torch.arange(L, L + 3) for L in lens])
+        both.begin(pos, ROPE)
+        stack = lambda i: torch.stack([s[i][L:L + 3] for s, L in zip(seqs, lens)]).transpose(1, 2)  # [B, H, 3, D]
+        got = both.attend(0, stack(0), stack(1), stack(2)).transpose(1, 2)
+        for b in range(2):
+            assert torch.allclose(got[b], alone[b], atol=1e-6), type(both).__name__
 
 
 def test_bad_retrieval_settings():

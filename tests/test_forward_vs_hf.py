@@ -49,7 +49,7 @@ def test_chunked_prefill_verify_and_decode(name):
     ids = torch.randint(0, hf.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(2))
     ref = reference(hf, ids)[0]
     cache = model.new_cache(FullCache, 64)
-    last = prefill(model, cache, ids[:, :30], chunk=7)
+    last = prefill(model, cache, ids[:, :30].tolist(), chunk=7)
     assert (last[0] - ref[29]).abs().max() <= TOL
     verify = model(ids[:, 30:35], torch.arange(30, 35)[None], cache)[0]
     assert (verify - ref[30:35]).abs().max() <= TOL
@@ -58,16 +58,15 @@ def test_chunked_prefill_verify_and_decode(name):
         assert (step - ref[t]).abs().max() <= TOL
 
 
-def test_rollback_then_new_tokens_matches_fresh_run():
+def test_rejected_draft_then_new_tokens_matches_fresh_run():
     hf = hf_model()
     model = ours(hf)
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 96, (1, 30), generator=g)
     wrong = torch.randint(0, 96, (1, 6), generator=g)
     cache = model.new_cache(FullCache, 64)
-    prefill(model, cache, ids[:, :24], chunk=8)
-    model(wrong, torch.arange(24, 30)[None], cache)  # a rejected speculation
-    cache.rollback(6)
+    prefill(model, cache, ids[:, :24].tolist(), chunk=8)
+    model(wrong, torch.arange(24, 30)[None], cache)  # a rejected speculation: the next step rewrites its slots
     got = model(ids[:, 24:], torch.arange(24, 30)[None], cache)[0]
     assert (got - reference(hf, ids)[0, 24:]).abs().max() <= TOL
 
@@ -78,8 +77,8 @@ def test_retrieval_with_whole_context_budget_equals_full():
     model = ours(hf)
     ids = torch.randint(0, 96, (1, 44), generator=torch.Generator().manual_seed(4))
     full = model.new_cache(FullCache, 64)
-    prefill(model, full, ids[:, :37], chunk=16)  # 37 tokens: 5 chunks of 8, the last one partial
+    prefill(model, full, ids[:, :37].tolist(), chunk=16)  # 37 tokens: 5 chunks of 8, the last one partial
     rc = model.new_cache(RetrievalCache, 64, 8, 8)
-    rc.select(full)
+    rc.select(full, [37])
     got = model(ids[:, 37:], torch.arange(37, 44)[None], rc)[0]
     assert (got - reference(hf, ids)[0, 37:]).abs().max() <= TOL

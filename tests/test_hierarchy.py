@@ -9,7 +9,7 @@ import torch
 from conftest import hf_model, ours, pooled_chisquare, stdlib_text
 
 from retrieval_cache import FullCache, RetrievalCache, StreamingCache, rotate
-from triforce_rt.engine import MODES, GenerationConfig, build_tiers, generate, prefill
+from triforce_rt.engine import MODES, GenerationConfig, build_tiers, generate, generate_batch, prefill
 from triforce_rt.models import ModelConfig
 from triforce_rt.models.loader import from_state_dict
 from triforce_rt.sampling import SamplingParams, probs
@@ -33,11 +33,11 @@ def random_pair(seed, n_kv=2, vocab=64, sharpen=1.0):
     return target, drafter
 
 
-def start(target, drafter, ctx, cfg):
-    """Prefill ctx into the target and build cfg.mode's tiers, as generate does."""
-    full = target.new_cache(FullCache, 256)
-    prefill(target, full, torch.tensor([ctx]), 16)
-    return build_tiers(target, full, drafter, ctx, cfg)
+def start(target, drafter, ctx, cfg, batch=1):
+    """Prefill ctx into `batch` rows of the target's cache and build cfg.mode's tiers, as generate does."""
+    full = target.new_cache(FullCache, 256, batch=batch)
+    prefill(target, full, [ctx] * batch, 16)
+    return build_tiers(target, full, drafter, [ctx] * batch, cfg)
 
 
 # ---- greedy: token-identical to ar -----------------------------------------------------------------------------
@@ -68,6 +68,26 @@ def test_greedy_every_mode_equals_ar(case):
         drafting = res.tiers[:-1]
         assert all(t["accepted"] <= t["drafted"] for t in drafting)
         assert res.tiers[-1]["calls"] * (cfg["gamma2"] + 1) >= res.new_tokens - 1
+
+
+@pytest.mark.parametrize("case", list(sweep_cases(8)), ids=lambda c: f"seed{c['seed']}-kv{c['n_kv']}")
+def test_batched_greedy_equals_each_prompt_alone(case):
+    """Three prompts of different lengths decode as one batch in every mode; each row's tokens equal ar on its
+    prompt alone. An end-of-sequence token that the rows meet at different steps makes rows leave mid-way."""
+    target, drafter = random_pair(case["seed"], case["n_kv"])
+    g = torch.Generator().manual_seed(case["seed"])
+    prompts = [torch.randint(0, 64, (n,), generator=g).tolist() for n in (case["prompt_len"], 12, 97)]
+    cfg = dict(max_new_tokens=40, **case["cfg"])
+    cfg["budget"] = max(cfg["budget"], cfg["chunk_size"])
+    cfg["window"] = cfg["window"] or 60 - cfg["sinks"]
+    free = generate(target, prompts[1], GenerationConfig(ignore_eos=True, **cfg)).tokens
+    target.config.eos_token_ids = [free[len(free) // 2]]
+    alone = [generate(target, p, GenerationConfig(**cfg)).tokens for p in prompts]
+    for mode in MODES:
+        got = generate_batch(target, prompts, GenerationConfig(mode=mode, **cfg), drafter=drafter)
+        assert [r.tokens for r in got] == alone, mode
+        assert all(r.batch_size == 3 for r in got)
+    assert len({len(a) for a in alone}) > 1  # the rows did finish at different steps
 
 
 def test_smollm2_greedy_spec_modes_equal_ar(smol, tiny_drafter):
@@ -116,28 +136,31 @@ def reduced_vocabulary(drafter, keep: list):
     return from_state_dict(cfg, sd).eval().setup_rope()
 
 
-def sampled_pairs(mode, sp, flawed=False, keep=None):
-    """DRAWS times: the first two tokens after PROMPT through the real tiers; then every tier rolls back.
-    keep: restrict the drafter to these tokens."""
+def sampled_pairs(mode, sp, flawed=False, keep=None, rows=50):
+    """DRAWS times: the first two tokens after PROMPT through the real tiers, `rows` draws per batched step (the
+    batch rows are independent sequences); then every tier rolls back. keep: restrict the drafter to these tokens."""
     target, drafter = random_pair(3, vocab=V, sharpen=8.0)
     if keep is not None:
         drafter = reduced_vocabulary(drafter, keep)
     cfg = GenerationConfig(max_new_tokens=16, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, mode=mode,
                            budget=4, chunk_size=2, sinks=2, window=6, gamma1=2, gamma2=3)
     ctx = PROMPT[:-1]  # the last prompt token stays pending, as after any round
-    tiers = start(target, drafter, ctx, cfg)
+    tiers = start(target, drafter, ctx, cfg, batch=rows)
     if flawed:
         tiers[1].verify = resample_from_p
     hierarchy = Hierarchy(tiers, sp, torch.Generator().manual_seed(0))
     counts = torch.zeros(V * V)
-    for _ in range(DRAWS):
-        toks = []
-        while len(toks) < 2:
-            new, _ = hierarchy.round(len(tiers) - 1, PROMPT + toks, cfg.max_new_tokens)
-            toks += new
-        counts[toks[0] * V + toks[1]] += 1
+    for _ in range(DRAWS // rows):
+        toks = [[] for _ in range(rows)]
+        while min(map(len, toks)) < 2:  # whole rounds (every tier drafts its full γ); a row ahead runs on
+            news, _ = hierarchy.round(len(tiers) - 1, [PROMPT + t for t in toks], [cfg.max_new_tokens] * rows)
+            for t, new in zip(toks, news):
+                t += new
+        for t in toks:
+            counts[t[0] * V + t[1]] += 1
         for t in tiers:
-            t.truncate(len(ctx))
+            for b in range(rows):
+                t.truncate(b, len(ctx))
     return counts, two_token_law(target, sp), [t.stats for t in tiers[:-1]]
 
 
@@ -187,47 +210,51 @@ def layer0_keys(model, tokens, positions):
     return k[0], rotate(k, cos, sin)[0]
 
 
-def assert_holds_prefix(tier, seq):
-    """tier.cache holds seq[:tier.pos], at the right positions, in every slot a query can see."""
+def assert_holds_prefix(tier, seq, row=0):
+    """Row `row` of tier.cache holds seq[:tier.pos[row]], at the right positions, in every slot a query can see."""
+    n = tier.pos[row]
     if isinstance(tier, NgramTier):
-        assert tier.arr[: tier.pos].tolist() == seq[: tier.pos]
+        assert tier.arr[row, :n].tolist() == seq[:n]
         return
-    c, n = tier.cache, tier.pos
+    c = tier.cache
     if isinstance(c, FullCache):
-        assert c.length == n
-        torch.testing.assert_close(c.k[0, 0, :, :n], layer0_keys(tier.model, seq[:n], list(range(n)))[1])
+        torch.testing.assert_close(c.k[0, row, :, :n], layer0_keys(tier.model, seq[:n], list(range(n)))[1])
     elif isinstance(c, RetrievalCache):
-        s = n - c.length  # where the tail starts
-        torch.testing.assert_close(c.k[0, 0, :, c.sel_len : c.sel_len + c.length],
+        s = int(c.base[row])  # where the tail starts
+        torch.testing.assert_close(c.k[0, row, :, c.sel_len : c.sel_len + n - s],
                                    layer0_keys(tier.model, seq[s:n], list(range(s, n)))[1])
     else:
         assert isinstance(c, StreamingCache)
         sinks = list(range(min(c.S, n)))
         window = list(range(max(c.S, n - c.W), n))
-        assert c.ring_pos[0, [p % c.R for p in window]].tolist() == window
-        torch.testing.assert_close(c.ring_k[0, 0][:, [p % c.R for p in window]],
+        assert c.ring_pos[row, [p % c.R for p in window]].tolist() == window
+        torch.testing.assert_close(c.ring_k[0, row][:, [p % c.R for p in window]],
                                    layer0_keys(tier.model, [seq[p] for p in window], window)[1])
-        torch.testing.assert_close(c.sink_k[0, 0][:, sinks], layer0_keys(tier.model, seq[: len(sinks)], sinks)[0])
+        torch.testing.assert_close(c.sink_k[0, row][:, sinks], layer0_keys(tier.model, seq[: len(sinks)], sinks)[0])
 
 
 @pytest.mark.parametrize("mode", SPEC_MODES)
 def test_rollback_leaves_exactly_the_accepted_prefix(mode):
+    """Three rows decode together; after every round each row's caches hold exactly its own accepted prefix."""
     target, drafter = random_pair(7, vocab=64, sharpen=20.0)
     prompt = torch.randint(0, 64, (50,), generator=torch.Generator().manual_seed(1)).tolist()
     cfg = GenerationConfig(max_new_tokens=60, mode=mode, budget=16, chunk_size=4, sinks=2, window=10, gamma1=3,
                            gamma2=5, temperature=1.0)
-    tiers = start(target, drafter, prompt[:-1], cfg)
+    B = 3
+    tiers = start(target, drafter, prompt[:-1], cfg, batch=B)
     hierarchy = Hierarchy(tiers, cfg.sampling, torch.Generator().manual_seed(2))
-    seq, rejected = list(prompt), 0
+    seqs, rejected = [list(prompt) for _ in range(B)], 0
     for i in range(12):
         if i % 4 == 3:
             hierarchy.refresh()
-        new, _ = hierarchy.round(len(tiers) - 1, seq, 60)
-        rejected += len(new) <= cfg.gamma2
-        seq += new
-        for tier in tiers:
-            assert tier.pos <= len(seq) - 1  # the last token is pending
-            assert_holds_prefix(tier, seq)
+        news, _ = hierarchy.round(len(tiers) - 1, seqs, [60 - i] * B)
+        for b, new in enumerate(news):
+            rejected += len(new) <= cfg.gamma2
+            seqs[b] += new
+            for tier in tiers:
+                assert tier.pos[b] <= len(seqs[b]) - 1  # the last token is pending
+                assert_holds_prefix(tier, seqs[b], b)
+    assert len({tuple(s) for s in seqs}) == B  # the rows went their own ways
     assert rejected >= 3
 
 

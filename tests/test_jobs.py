@@ -64,13 +64,15 @@ def test_summarize_fits_an_overlong_document(capsys, tiny512, fit):
     assert all(int(r.split("prompt ")[1].split(" ")[0]) <= 512 - 16 for r in runs)
 
 
-def write_input(path, n, bad=()):
+def write_input(path, n, bad=(), vary=True):
+    """n lines; vary: per-line max_new_tokens (so no two neighbours share settings and batch together)."""
     with open(path, "w") as f:
         for i in range(n):
             if i in bad:
                 f.write('{"id": "broken", "prompt": \n')
             else:
-                f.write(json.dumps({"id": f"r{i}", "prompt": f"Item {i}: the quick brown fox", "max_new_tokens": 6 + i % 3}) + "\n")
+                extra = {"max_new_tokens": 6 + i % 3} if vary else {}
+                f.write(json.dumps({"id": f"r{i}", "prompt": f"Item {i}: the quick brown fox", **extra}) + "\n")
 
 
 def test_batch_malformed_lines_get_error_records(capsys, tiny512, tmp_path):
@@ -90,11 +92,31 @@ def test_batch_malformed_lines_get_error_records(capsys, tiny512, tmp_path):
     assert len(recs) == 9
 
 
-def test_batch_killed_and_restarted_has_every_id_once(tiny512, tmp_path):
+def test_batched_lines_equal_one_at_a_time(capsys, tiny512, tmp_path):
+    """--batch-size 3: lines with the same settings decode together (ragged prompts, self-spec) and give the same
+    greedy records as one at a time; a line with other settings or an error line splits the groups."""
+    src = tmp_path / "in.jsonl"
+    lines = [{"id": f"r{i}", "prompt": "Item " + "the quick brown fox " * (1 + 3 * i)} for i in range(7)]
+    lines[4]["max_new_tokens"] = 5
+    src.write_text("\n".join(map(json.dumps, lines[:6])) + '\n{"id": "bad"\n' + json.dumps(lines[6]) + "\n")
+    recs = {}
+    for b in (1, 3):
+        out = tmp_path / f"out{b}.jsonl"
+        rc, _, err = run(capsys, "batch", str(src), "--out", str(out), "--model", tiny512, "--ignore-eos",
+                         "--mode", "self-spec", "--max-new-tokens", "12", "--batch-size", str(b))
+        assert rc == 0, err
+        recs[b] = {r["id"]: r for r in read_records(str(out))}
+    assert {k: r.get("tokens") for k, r in recs[1].items()} == {k: r.get("tokens") for k, r in recs[3].items()}
+    assert [recs[3][f"r{i}"]["batch_size"] for i in range(7)] == [3, 3, 3, 1, 1, 1, 1]
+    assert "not JSON" in recs[3]["line:7"]["error"]
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_batch_killed_and_restarted_has_every_id_once(tiny512, tmp_path, batch_size):
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    write_input(src, 40)
+    write_input(src, 40, vary=batch_size == 1)
     cmd = [sys.executable, "-m", "triforce_rt", "batch", str(src), "--out", str(out), "--model", tiny512,
-           "--ignore-eos", "--max-new-tokens", "30", "--threads", "1"]
+           "--ignore-eos", "--max-new-tokens", "30", "--threads", "1", "--batch-size", str(batch_size)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and (not out.exists() or out.read_bytes().count(b"\n") < 1):

@@ -1,5 +1,6 @@
 """Benchmarks on real text (stdlib sources), each measured in one run: AR decode against HF transformers
-`generate` (run_ar_vs_hf), and every speculative mode against AR (run_hierarchy).
+`generate` (run_ar_vs_hf), every speculative mode against AR (run_hierarchy), and batched decoding against the
+same sequences one at a time (run_batch).
 
 HF decode tokens/s = (N - 1) / (t(N new tokens) - t(1 new token)), the prefill cancelling out;
 ours comes from the engine's own prefill/decode split. Both are greedy fp32, so their tokens must agree.
@@ -16,7 +17,7 @@ import torch
 
 from retrieval_cache import FullCache
 
-from .engine import GenerationConfig, decode, generate, prefill
+from .engine import GenerationConfig, decode, generate, generate_batch, prefill
 from .models import load_model
 from .textio import alpha, encode
 
@@ -118,9 +119,9 @@ def run_hierarchy(spec="default", contexts=(2048, 8064), new_tokens=128, threads
               "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
     for n_ctx in contexts:
         ids = chat_prompt(model.tokenizer, instruction, ids_all, n_ctx)
-        full, logits, prompt_q = prefilled(model, ids, new_tokens)
-        run = lambda **kw: rerun(model, full, logits, prompt_q, ids, GenerationConfig(
-            max_new_tokens=new_tokens, ignore_eos=True, draft_dtype=draft_dtype, **kw), draft)
+        full, logits, state = prefilled(model, [ids], new_tokens)
+        run = lambda **kw: rerun(model, full, logits, state, [ids], GenerationConfig(
+            max_new_tokens=new_tokens, ignore_eos=True, draft_dtype=draft_dtype, **kw), draft)[0]
         ar = run(mode="ar")
         kv = 2 * full.k[:, :, :, :n_ctx].numel() * full.k.element_size()
         report["modes"].append(mode_row(n_ctx, ar, ar, kv))
@@ -143,6 +144,68 @@ def run_hierarchy(spec="default", contexts=(2048, 8064), new_tokens=128, threads
         with open(out, "w") as f:
             json.dump(report, f, indent=1)
     return report
+
+
+def run_batch(spec="default", contexts=(4096, 8064), batch=4, new_tokens=64, threads=2,
+              modes=("ar", "self-spec", "streaming-spec", "triforce"), drafter=None, prompt="summarize", out=None) -> dict:
+    """Throughput of `batch` sequences decoded together against the same sequences one at a time, per mode, from
+    one prefill each (greedy, fp32, ignore_eos). Throughput = all new tokens / decode seconds (the batch's, or
+    the sum of the sequential runs'). Each context's prompts are chat requests about `batch` consecutive
+    slices of held-out text."""
+    torch.set_num_threads(threads)
+    model = load_model(spec, dtype=torch.float32)
+    draft = load_model(drafter, dtype=torch.float32) if drafter else None
+    instruction, source = PROMPTS[prompt]
+    generate_batch(model, [[1, 2, 3]] * 2, GenerationConfig(max_new_tokens=4, ignore_eos=True))  # warm-up
+    report = {"benchmark": "batch", "prompt": f"{instruction!r} + held-out {source} text, chat template", "model": spec,
+              "dtype": "float32", "drafter": drafter, "batch": batch, "new_tokens": new_tokens, "machine": machine(),
+              "rows": []}
+    for n_ctx in contexts:
+        doc = heldout_ids(model.tokenizer, batch * n_ctx, source)
+        prompts = [chat_prompt(model.tokenizer, instruction, doc[i * n_ctx :], n_ctx) for i in range(batch)]
+        cfg = lambda mode: GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True, mode=mode)
+        alone = {m: [] for m in modes}
+        for ids in prompts:
+            full, logits, state = prefilled(model, [ids], new_tokens)
+            for m in modes:
+                alone[m] += rerun(model, full, logits, state, [ids], cfg(m), draft)
+            del full
+        full, logits, state = prefilled(model, prompts, new_tokens)
+        base = sum(r.new_tokens - 1 for r in alone["ar"]) / sum(r.decode_seconds for r in alone["ar"])
+        for m in modes:
+            together = rerun(model, full, logits, state, prompts, cfg(m), draft)
+            seq_tps = sum(r.new_tokens - 1 for r in alone[m]) / sum(r.decode_seconds for r in alone[m])
+            tps = sum(r.new_tokens - 1 for r in together) / max(r.decode_seconds for r in together)
+            row = {"context": n_ctx, "mode": m, "sequential_tok_s": round(seq_tps, 2), "batched_tok_s": round(tps, 2),
+                   "batched_vs_sequential": round(tps / seq_tps, 2), "batched_vs_sequential_ar": round(tps / base, 2),
+                   "tokens_identical": [r.tokens for r in together] == [r.tokens for r in alone["ar"]],
+                   "tiers": [{"name": t["name"], "alpha": round(alpha(t), 3) if alpha(t) is not None else None,
+                              "calls": t["calls"], "ms_per_call": round(1000 * t["seconds"] / max(1, t["calls"]), 1)}
+                             for t in together[0].tiers]}
+            report["rows"].append(row)
+            print(json.dumps(row), flush=True)
+        del full
+    print(batch_markdown(report))
+    if out:
+        with open(out, "w") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
+def batch_markdown(report: dict) -> str:
+    m, B = report["machine"], report["batch"]
+    lines = [f"Batched decoding, {B} sequences, {report['model']} {report['dtype']}, greedy, {report['new_tokens']} new "
+             f"tokens each, {m['cpu']}, {m['threads']} threads, torch {m['torch']}. Throughput = new tokens of all "
+             f"{B} sequences / decode seconds; sequential = the same {B} prompts one at a time.", "",
+             "| context | mode | sequential tok/s | batched tok/s | batched vs sequential | vs sequential ar "
+             "| identical to ar | batched tiers: α, ms/step |", "|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        tiers = "; ".join(f"{t['name']} " + (f"α {t['alpha']:.2f}, " if t["alpha"] is not None else "")
+                          + f"{t['ms_per_call']} ms" for t in r["tiers"])
+        lines.append(f"| {B}x{r['context']} | {r['mode']} | {r['sequential_tok_s']} | {r['batched_tok_s']} "
+                     f"| {r['batched_vs_sequential']}x | {r['batched_vs_sequential_ar']}x | {r['tokens_identical']} "
+                     f"| {tiers} |")
+    return "\n".join(lines)
 
 
 PROMPTS = {  # instruction, and the held-out corpus source (distill/corpus.py) of the document it is about
@@ -176,18 +239,21 @@ def chat_prompt(tokenizer, instruction: str, doc_ids: list, n: int) -> list:
     return list(ids)
 
 
-def prefilled(model, ids: list, new_tokens: int):
-    """The target's cache after the prompt, the logits after it, and the last prompt token's query."""
-    full = model.new_cache(FullCache, math.ceil((len(ids) + new_tokens + 64) / 64) * 64)
-    logits = prefill(model, full, torch.tensor([ids]), 1024)
-    return full, logits, full.last_q.clone()
+def prefilled(model, prompts: list, new_tokens: int):
+    """The target's cache after the prompts (one row each), the logits after them, and the state rerun() restores:
+    the cache's tensors and the last prompt tokens' query."""
+    full = model.new_cache(FullCache, math.ceil((max(map(len, prompts)) + new_tokens + 64) / 64) * 64, batch=len(prompts))
+    logits = prefill(model, full, prompts, 1024)
+    return full, logits, (full.k, full.v, full.last_q.clone())
 
 
-def rerun(model, full, logits, prompt_q, ids, cfg, drafter):
-    """decode() from the same prefill: roll the target's cache back to the prompt and restore its last query."""
-    full.rollback(full.length - len(ids))
-    full.last_q = prompt_q.clone()
-    return decode(model, full, logits, ids, cfg, drafter=drafter)
+def rerun(model, full, logits, state, prompts: list, cfg, drafter) -> list:
+    """decode() from the same prefill. Slots past the prompts are invisible until rewritten (caches are addressed
+    by position), so restoring the last query suffices, plus the tensors themselves: a row that finishes first
+    leaves the batch (keep() gathers the others into new tensors)."""
+    full.k, full.v, q = state
+    full.last_q = q.clone()
+    return decode(model, full, logits, prompts, cfg, drafter=drafter)
 
 
 def mode_row(n_ctx, res, ar, kv_bytes) -> dict:

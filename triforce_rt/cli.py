@@ -102,6 +102,8 @@ def build_parser():
     src.add_argument("--prompt-file", help="read the prompt from this file")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object with tokens, text and stats")
+    g.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor parallel over N processes: torchrun --nproc-per-node N -m triforce_rt generate --tp N")
     add_generation_args(g, "ar")
 
     sm = sub.add_parser("summarize", help="summarize text or Markdown files with the model's chat template")
@@ -120,6 +122,8 @@ def build_parser():
     bt.add_argument("--out", required=True, metavar="OUTPUT.jsonl", help="appended to; finished ids are skipped")
     bt.add_argument("--chat", action="store_true", help="wrap each 'prompt' in the chat template ('messages' always is)")
     bt.add_argument("--quiet", action="store_true", help="no progress bar")
+    bt.add_argument("--batch-size", type=int, default=1, metavar="B",
+                    help="decode up to B lines with the same settings together (batched speculation)")
     add_generation_args(bt, "ar")
 
     d = sub.add_parser("distill", help="train a tiny drafter for a target by knowledge distillation")
@@ -170,10 +174,24 @@ def read_prompt(args) -> str:
 def cmd_generate(args):
     cfg = generation_config(args)  # before any model loads
     text = read_prompt(args)
+    if args.tp < 1:
+        raise UserError(f"--tp must be at least 1 (got {args.tp})")
+    rank = 0
+    if args.tp > 1:
+        from . import parallel
+
+        rank, world = parallel.init(args.tp, args.device)
     model, drafter = load_models(args)
+    if args.tp > 1:
+        model = parallel.shard(model, rank, world)  # the drafter stays whole on every rank
     ids = encode(model.tokenizer, text, args.chat)
-    res = generate(model, ids, cfg, on_token=None if args.json else TextStream(model.tokenizer),
-                   progress=sys.stderr.isatty(), drafter=drafter)
+    stream = None if args.json or rank else TextStream(model.tokenizer)
+    res = generate(model, ids, cfg, on_token=stream, progress=sys.stderr.isatty() and not rank, drafter=drafter)
+    if args.tp > 1:
+        parallel.agree(res.tokens)
+        parallel.close()
+    if rank:
+        return
     if args.json:
         print(json.dumps(res.to_json()))
     else:
@@ -195,8 +213,11 @@ def cmd_batch(args):
     cfg = generation_config(args)
     if not os.path.isfile(args.input):
         raise UserError(f"input file not found: {args.input}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1 (got {args.batch_size})")
     model, drafter = load_models(args)
-    run_batch(model, drafter, args.input, args.out, cfg, args.chat, progress=not args.quiet and sys.stderr.isatty())
+    run_batch(model, drafter, args.input, args.out, cfg, args.chat, progress=not args.quiet and sys.stderr.isatty(),
+              batch_size=args.batch_size)
 
 
 def cmd_distill(args):

@@ -1,6 +1,7 @@
 """Prefill, the tier stack of each mode, and the generate loop. The autoregressive mode is one tier.
 
 generate() returns tokens, text and per-tier stats; on_token(id) streams each token as it is chosen.
+generate_batch() decodes several prompts together: every tier runs one forward per step for the whole batch.
 Modes (tiers cheapest first; "target" is the target model with its FullCache):
   ar              target
   triforce        drafter + StreamingCache -> target + RetrievalCache -> target
@@ -22,6 +23,7 @@ from retrieval_cache import FullCache, RetrievalCache, StreamingCache
 from .errors import UserError
 from .sampling import SamplingParams, sample
 from .speculation import Hierarchy, NgramTier, Tier
+from .speculation.tier import ragged
 
 MODES = ("ar", "triforce", "self-spec", "streaming-spec", "draft", "ngram", "triforce-ngram")
 DRAFTER_MODES = ("triforce", "draft", "triforce-ngram")
@@ -61,8 +63,9 @@ class GenerationResult:
     tokens: list
     text: str
     prefill_seconds: float
-    decode_seconds: float
-    tiers: list = field(default_factory=list)
+    decode_seconds: float  # from the first token to this sequence's last
+    tiers: list = field(default_factory=list)  # per-tier stats (shared by the sequences decoded as one batch)
+    batch_size: int = 1  # sequences decoded together
 
     @property
     def new_tokens(self) -> int:
@@ -115,20 +118,23 @@ def check_config(cfg: GenerationConfig) -> None:
         raise UserError(f"ngram must be at least 2 (got {cfg.ngram})")
 
 
-def prefill(model, cache, ids: torch.Tensor, chunk: int, progress: bool = False, positions=None) -> torch.Tensor:
-    """Run ids [B, L] through model into cache in chunks of `chunk` tokens; returns last logits [B, V].
-    positions [L]: where the tokens sit (default: contiguous after cache.length)."""
-    B, L = ids.shape
-    if positions is None:
-        positions = torch.arange(cache.length, cache.length + L, device=ids.device)
-    with tqdm(total=L, desc="prefill", unit="tok", disable=not progress, leave=False) as bar:
-        for s in range(0, L, chunk):
-            logits = model(ids[:, s : s + chunk], positions[s : s + chunk].expand(B, -1), cache, last_only=True)
-            bar.update(min(chunk, L - s))
+def prefill(model, cache, prompts: list, chunk: int, progress: bool = False, positions: list | None = None) -> torch.Tensor:
+    """Run each row's tokens through model into row b of cache, in forwards of `chunk` tokens (split over the
+    rows); returns the logits after each row's last token [B, V]. positions[b]: where row b's tokens sit
+    (default 0..len-1). Rows of different lengths are padded by repeating their last token (tier.ragged)."""
+    positions = positions or [list(range(len(p))) for p in prompts]
+    ids, pos = ragged(prompts, positions, model.embed_tokens.weight.device)
+    B, T = ids.shape
+    step = max(1, chunk // B)
+    lengths = [len(p) for p in prompts]
+    with tqdm(total=sum(lengths), desc="prefill", unit="tok", disable=not progress, leave=False) as bar:
+        for s in range(0, T, step):
+            logits = model(ids[:, s : s + step], pos[:, s : s + step], cache, last_only=True)
+            bar.update(sum(min(n, s + step) - min(n, s) for n in lengths))
     return logits[:, -1]
 
 
-def drafter_tier(drafter, target, prompt_ids: list, cfg: GenerationConfig, max_step: int, gamma: int) -> Tier:
+def drafter_tier(drafter, target, prompts: list, cfg: GenerationConfig, max_step: int, gamma: int) -> Tier:
     """The tiny drafter with a StreamingCache. Its prefill feeds the sinks and the last layers x W prompt
     tokens: with windowed attention nothing earlier reaches the window's keys, so the cache is the same as
     after streaming the whole prompt, and every query sees relative distances < S + W (its trained range)."""
@@ -140,15 +146,15 @@ def drafter_tier(drafter, target, prompt_ids: list, cfg: GenerationConfig, max_s
     S, W = cfg.sinks, cfg.window or DRAFTER_WINDOW
     if S + W > drafter.config.max_position_embeddings:
         raise UserError(f"sinks + window ({S + W}) exceed the drafter's context ({drafter.config.max_position_embeddings})")
-    L = len(prompt_ids)
-    need = L + cfg.max_new_tokens + max_step
+    need = max(len(p) for p in prompts) + cfg.max_new_tokens + max_step
     if drafter.rope is None or drafter.rope.max_len < need:  # true positions past its context: only distances matter
         drafter.setup_rope(max(need, drafter.config.max_position_embeddings))
-    cache = drafter.new_cache(StreamingCache, S, W, max_step)
-    device = drafter.embed_tokens.weight.device
-    pos = torch.cat([torch.arange(min(S, L)), torch.arange(max(S, L - drafter.config.num_hidden_layers * W), L)])
-    prefill(drafter, cache, torch.tensor([prompt_ids], device=device)[:, pos], max_step, positions=pos.to(device))
-    return Tier("drafter", drafter, cache, gamma, pos=L)
+    cache = drafter.new_cache(StreamingCache, S, W, max_step, batch=len(prompts))
+    span = drafter.config.num_hidden_layers * W
+    positions = [list(range(min(S, len(p)))) + list(range(max(S, len(p) - span), len(p))) for p in prompts]
+    prefill(drafter, cache, [[p[i] for i in pos] for p, pos in zip(prompts, positions)], max_step * len(prompts),
+            positions=positions)
+    return Tier("drafter", drafter, cache, gamma, pos=[len(p) for p in prompts])
 
 
 def retrieval_budget(cfg: GenerationConfig, prompt_len: int) -> int:
@@ -160,29 +166,29 @@ def retrieval_budget(cfg: GenerationConfig, prompt_len: int) -> int:
     return min(cfg.budget, math.ceil(prompt_len / c) * c)
 
 
-def build_tiers(model, full, drafter, prompt_ids: list, cfg: GenerationConfig) -> list:
-    """The tiers of cfg.mode, cheapest first, built after the target's prefill into `full`."""
-    L, c = len(prompt_ids), cfg.chunk_size
+def build_tiers(model, full, drafter, prompts: list, cfg: GenerationConfig) -> list:
+    """The tiers of cfg.mode, cheapest first, built after the target's prefill of prompts into `full`."""
+    L, B, c = [len(p) for p in prompts], len(prompts), cfg.chunk_size
     dtype = getattr(torch, cfg.draft_dtype) if cfg.draft_dtype else None
     model_d = model.with_dtype(dtype)  # the target's weights for its own drafting tiers
     depth = cfg.gamma1 + cfg.gamma2 + 2  # most tokens a tier may hold past the committed sequence
-    budget = retrieval_budget(cfg, L)
+    budget = retrieval_budget(cfg, max(L))  # one cache shape for the batch: sized by the longest prompt
     tiers = []
     if cfg.mode in ("ngram", "triforce-ngram"):
         gamma = cfg.gamma2 if cfg.mode == "ngram" else cfg.gamma1
-        tiers.append(NgramTier(model.config.vocab_size, gamma, full.max_len, max_n=cfg.ngram))
+        tiers.append(NgramTier(model.config.vocab_size, gamma, full.max_len, max_n=cfg.ngram, batch=B))
     if cfg.mode in DRAFTER_MODES:
         gamma = cfg.gamma2 if cfg.mode == "draft" else cfg.gamma1
-        tiers.append(drafter_tier(drafter and drafter.with_dtype(dtype), model, prompt_ids, cfg, max(depth, 64), gamma))
+        tiers.append(drafter_tier(drafter and drafter.with_dtype(dtype), model, prompts, cfg, max(depth, 64), gamma))
     if cfg.mode in ("triforce", "triforce-ngram", "self-spec"):
         # Selected from the full cache, scored with the last prompt token's query; the tail holds what follows.
         tail = (cfg.refresh or cfg.max_new_tokens) + 2 * depth
-        rc = model_d.new_cache(RetrievalCache, budget, c, tail)
-        rc.select(full)
+        rc = model_d.new_cache(RetrievalCache, budget, c, tail, batch=B)
+        rc.select(full, L)
         tiers.append(Tier("retrieval", model_d, rc, cfg.gamma2, pos=L))
     if cfg.mode == "streaming-spec":
-        sc = model_d.new_cache(StreamingCache, cfg.sinks, cfg.window or max(1, budget - cfg.sinks), depth)
-        sc.fill_from(full, model.rope)
+        sc = model_d.new_cache(StreamingCache, cfg.sinks, cfg.window or max(1, budget - cfg.sinks), depth, batch=B)
+        sc.fill_from(full, L, model.rope)
         tiers.append(Tier("streaming", model_d, sc, cfg.gamma2, pos=L))
     return tiers + [Tier("target", model, full, pos=L)]
 
@@ -196,50 +202,75 @@ def eos_ids(model) -> set:
 
 def generate(model, prompt_ids: list, cfg: GenerationConfig, on_token=None, progress: bool = False,
              drafter=None) -> GenerationResult:
-    """Decode up to cfg.max_new_tokens after prompt_ids (batch 1). progress: a prefill bar on stderr.
-    drafter: the tiny model of the triforce and draft modes (same vocabulary as model)."""
+    """Decode up to cfg.max_new_tokens after prompt_ids. on_token(id) streams each token as it is chosen;
+    progress: a prefill bar on stderr. drafter: the tiny model of the drafter modes (same vocabulary as model)."""
+    stream = on_token and (lambda row, t: on_token(t))
+    return generate_batch(model, [prompt_ids], cfg, stream, progress, drafter)[0]
+
+
+def generate_batch(model, prompts: list, cfg: GenerationConfig, on_token=None, progress: bool = False,
+                   drafter=None) -> list:
+    """Decode the prompts together, one batched forward per tier step (prompts may differ in length);
+    on_token(row, id). Each result is what generate() would return for its prompt alone, up to sampling
+    randomness: greedy tokens are identical."""
     check_config(cfg)
-    check_fits(model, len(prompt_ids), cfg.max_new_tokens)
-    # Room for the prompt, the new tokens and one verification block, in whole retrieval chunks.
-    capacity = math.ceil((len(prompt_ids) + cfg.max_new_tokens + cfg.gamma2 + 1) / cfg.chunk_size) * cfg.chunk_size
+    for ids in prompts:
+        check_fits(model, len(ids), cfg.max_new_tokens)
+    # Room for the longest prompt, the new tokens and one verification block, in whole retrieval chunks.
+    longest = max(len(p) for p in prompts)
+    capacity = math.ceil((longest + cfg.max_new_tokens + cfg.gamma2 + 1) / cfg.chunk_size) * cfg.chunk_size
     t0 = time.perf_counter()
-    full = model.new_cache(FullCache, capacity)
-    logits = prefill(model, full, torch.tensor([prompt_ids], device=full.k.device), cfg.prefill_chunk, progress)
-    return decode(model, full, logits, prompt_ids, cfg, on_token, drafter, time.perf_counter() - t0)
+    full = model.new_cache(FullCache, capacity, batch=len(prompts))
+    logits = prefill(model, full, prompts, cfg.prefill_chunk, progress)
+    return decode(model, full, logits, prompts, cfg, on_token, drafter, time.perf_counter() - t0)
 
 
-def decode(model, full, logits, prompt_ids: list, cfg: GenerationConfig, on_token=None, drafter=None,
-           prefill_s: float = 0.0) -> GenerationResult:
-    """The generate loop after the target's prefill: full holds prompt_ids, logits [1, V] follow them."""
+def decode(model, full, logits, prompts: list, cfg: GenerationConfig, on_token=None, drafter=None,
+           prefill_s: float = 0.0) -> list:
+    """The generate loop after the target's prefill: row b of full holds prompts[b], logits [B, V] follow them.
+    A row that finishes (EOS or max_new_tokens) leaves the batch; the others go on."""
     gen = torch.Generator(device=full.k.device).manual_seed(cfg.seed)
     sp, stop = cfg.sampling, (set() if cfg.ignore_eos else eos_ids(model))
     t0 = time.perf_counter()
-    tok = sample(logits, sp, gen)
-    tiers = build_tiers(model, full, drafter, prompt_ids, cfg)
+    first = sample(logits, sp, gen).tolist()
+    tiers = build_tiers(model, full, drafter, prompts, cfg)
     prefill_s += time.perf_counter() - t0
 
     hierarchy, top = Hierarchy(tiers, sp, gen), len(tiers) - 1
-    seq, out = list(prompt_ids), []
+    seqs, outs = [list(p) for p in prompts], [[] for _ in prompts]
+    decode_s = [0.0] * len(prompts)
 
-    def emit(new: list) -> bool:  # True once generation is over
+    def emit(row: int, new: list) -> bool:  # True once the row's generation is over
         for t in new:
-            seq.append(t)
-            out.append(t)
+            seqs[row].append(t)
+            outs[row].append(t)
             if on_token:
-                on_token(t)
-            if t in stop or len(out) == cfg.max_new_tokens:
+                on_token(row, t)
+            if t in stop or len(outs[row]) == cfg.max_new_tokens:
+                decode_s[row] = time.perf_counter() - t0
                 return True
         return False
 
+    live = list(range(len(prompts)))  # the prompt of each batch row
+
+    def advance(news: list) -> None:  # emit each row's new tokens; finished rows leave the batch
+        nonlocal live
+        going = [i for i, (row, new) in enumerate(zip(live, news)) if not emit(row, new)]
+        if going and len(going) < len(live):
+            hierarchy.keep(going)
+        live = [live[i] for i in going]
+
     t0 = time.perf_counter()
-    done, since_select = emit([int(tok)]), 0
-    while not done:
-        new, _ = hierarchy.round(top, seq, cfg.max_new_tokens - len(out))
-        done = emit(new)
-        since_select += len(new)
-        if cfg.refresh and since_select >= cfg.refresh and not done:
+    advance([[t] for t in first])
+    since_select = 0
+    while live:
+        news, _ = hierarchy.round(top, [seqs[r] for r in live], [cfg.max_new_tokens - len(outs[r]) for r in live])
+        advance(news)
+        since_select += max(map(len, news))
+        if live and cfg.refresh and since_select >= cfg.refresh:
             hierarchy.refresh()
             since_select = 0
-    decode_s = time.perf_counter() - t0
-    text = model.tokenizer.decode(out, skip_special_tokens=True) if model.tokenizer else ""
-    return GenerationResult(cfg.mode, len(prompt_ids), out, text, prefill_s, decode_s, [asdict(t.stats) for t in tiers])
+    stats = [asdict(t.stats) for t in tiers]
+    decode_text = (lambda o: model.tokenizer.decode(o, skip_special_tokens=True)) if model.tokenizer else (lambda o: "")
+    return [GenerationResult(cfg.mode, len(p), o, decode_text(o), prefill_s, s, stats, len(prompts))
+            for p, o, s in zip(prompts, outs, decode_s)]

@@ -114,12 +114,12 @@ def run_experiment(exp: Experiment, out: str | None = None, is_quick: bool = Fal
         for (name, ctx), group in by_prompt:
             ids = prompt_ids(exp, model.tokenizer, dict(docs)[name], ctx)
             check_fits(model, len(ids), exp.max_new_tokens)
-            full, logits, prompt_q = prefilled(model, ids, exp.max_new_tokens)
+            full, logits, state = prefilled(model, [ids], exp.max_new_tokens)
             for row in group:
                 t0 = time.perf_counter()
                 if row["mode"] in exp.modes:
                     cfg = replace(base, mode=row["mode"], **row["params"])
-                    result = rerun(model, full, logits, prompt_q, ids, cfg, drafter).to_json()
+                    result = rerun(model, full, logits, state, [ids], cfg, drafter)[0].to_json()
                 else:
                     hf = hf or hf_model(model)
                     result = baseline(hf, row["mode"], ids, replace(base, **row["params"]))

@@ -5,6 +5,8 @@ Input line: {"id": str, "prompt": str | "messages": [{"role", "content"}...], op
 "new_tokens", "tiers", ...} (the generate --json fields), or {"id", "error"} for a line that cannot run; a line
 that is not JSON, has no usable id or repeats an id gets the id "line:N". Ids already in the output are skipped,
 so a killed job restarted with the same --out ends with every input id exactly once.
+With --batch-size B > 1, up to B consecutive lines that share their generation settings decode together
+(engine.generate_batch: one forward per tier step for the group); their records are appended when the group ends.
 """
 import json
 import sys
@@ -13,7 +15,7 @@ from dataclasses import replace
 
 from tqdm import tqdm
 
-from ..engine import check_config, generate
+from ..engine import check_config, check_fits, generate_batch
 from ..errors import UserError
 from ..jsonl import append_record, read_records
 from ..textio import chat_ids, encode
@@ -63,8 +65,23 @@ def request_config(cfg, req: dict):
     return out
 
 
-def run_batch(model, drafter, input_path: str, out_path: str, cfg, chat: bool, progress: bool) -> dict:
-    """Process every input line not yet in out_path; returns counts {done, skipped, errors}."""
+def prepare(model, cfg, chat: bool, rid: str, req, err) -> tuple:
+    """(id, prompt ids, config, error) of one input line: ids and config, or an error message."""
+    try:
+        if err is not None:
+            raise UserError(err)
+        rcfg = request_config(cfg, req)
+        ids = request_ids(model, req, chat)
+        check_fits(model, len(ids), rcfg.max_new_tokens)
+        return rid, ids, rcfg, None
+    except UserError as e:
+        return rid, None, None, str(e)
+
+
+def run_batch(model, drafter, input_path: str, out_path: str, cfg, chat: bool, progress: bool,
+              batch_size: int = 1) -> dict:
+    """Process every input line not yet in out_path, up to batch_size sequences at a time; returns counts
+    {done, skipped, errors}."""
     try:
         done = {str(r["id"]) for r in read_records(out_path)}
     except (ValueError, KeyError) as e:
@@ -75,26 +92,37 @@ def run_batch(model, drafter, input_path: str, out_path: str, cfg, chat: bool, p
     for n, line in lines:
         rid, req, err = parse_line(n, line, seen)
         if rid not in done:
-            todo.append((rid, req, err))
+            todo.append(prepare(model, cfg, chat, rid, req, err))
     counts = {"done": 0, "skipped": len(lines) - len(todo), "errors": 0}
     new_tokens, t0 = 0, time.perf_counter()
     with open(out_path, "a", encoding="utf-8") as out, \
             tqdm(total=len(lines), initial=counts["skipped"], desc="batch", unit="rec", disable=not progress) as bar:
-        for rid, req, err in todo:
-            record = {"id": rid, "error": err}
-            if err is None:
-                try:
-                    rcfg = request_config(cfg, req)
-                    ids = request_ids(model, req, chat)
-                    res = generate(model, ids, rcfg, drafter=drafter)
-                    record = {"id": rid, **res.to_json()}
-                    new_tokens += res.new_tokens
-                except UserError as e:
-                    record = {"id": rid, "error": str(e)}
-            counts["errors" if "error" in record else "done"] += 1
-            append_record(out, record)
-            bar.update(1)
+        i = 0
+        while i < len(todo):
+            # A group: the next line alone if it failed, else the run of up to batch_size runnable lines with its config.
+            j = i + 1
+            while (todo[i][3] is None and j < len(todo) and j - i < batch_size and todo[j][3] is None
+                   and todo[j][2] == todo[i][2]):
+                j += 1
+            for record in run_group(model, drafter, todo[i:j]):
+                counts["errors" if "error" in record else "done"] += 1
+                new_tokens += record.get("new_tokens", 0)
+                append_record(out, record)
+                bar.update(1)
             bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.1f}")
+            i = j
     print(f"batch: {counts['done']} generated, {counts['errors']} errors, {counts['skipped']} already in {out_path}",
           file=sys.stderr)
     return counts
+
+
+def run_group(model, drafter, group: list) -> list:
+    """Records of one group of prepared lines: one error line, or runnable lines sharing a config, decoded together."""
+    rid, _, cfg, err = group[0]
+    if err is not None:
+        return [{"id": rid, "error": err}]
+    try:
+        results = generate_batch(model, [ids for _, ids, _, _ in group], cfg, drafter=drafter)
+    except UserError as e:
+        return [{"id": rid, "error": str(e)} for rid, _, _, _ in group]
+    return [{"id": rid, **res.to_json()} for (rid, _, _, _), res in zip(group, results)]

@@ -32,6 +32,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(D, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, D, bias=cfg.o_bias)
+        self.reduce = None  # tensor parallel: sums the ranks' partial outputs in place (parallel.py)
 
     def forward(self, x, layer: int, cache):  # x [B, T, D]
         B, T, _ = x.shape
@@ -39,7 +40,10 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         out = cache.attend(layer, q, k, v)  # RoPE, cache write and attention: [B, Hq, T, hd]
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        out = self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        if self.reduce:
+            self.reduce(out)
+        return out
 
 
 class MLP(nn.Module):
@@ -48,9 +52,13 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.reduce = None  # tensor parallel: as Attention.reduce
 
     def forward(self, x):  # down(silu(gate x) * up x)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.reduce:
+            self.reduce(out)
+        return out
 
 
 class Block(nn.Module):
@@ -91,8 +99,11 @@ class Transformer(nn.Module):
         """input_ids, positions [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only) in fp32.
         In eval mode this runs under inference_mode; in train mode (distillation) it keeps the graph."""
         with torch.inference_mode(not self.training):
-            x = self.hidden(input_ids, positions, cache, last_only)
-            return self.full_vocab(F.linear(x, self.head).float())
+            return self.score(self.hidden(input_ids, positions, cache, last_only))
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states [..., D] -> fp32 logits [..., V]."""
+        return self.full_vocab(F.linear(x, self.head).float())
 
     def hidden(self, input_ids, positions, cache, last_only: bool = False) -> torch.Tensor:
         """The final-norm hidden states [B, T, D] that the head scores."""

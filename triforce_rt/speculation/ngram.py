@@ -3,7 +3,7 @@
 No model forward. The proposal is a point mass, q_i = one_hot(x_i), which verify_sample handles exactly: x_i is
 accepted with probability p_i(x_i), and after a rejection the residual is p_i with x_i removed.
 A lookup is one vectorised numpy scan per n over the token array (longest n first): well under a millisecond at
-128K tokens. The array mirrors the sequence the way a tier's cache does (pos, truncate).
+128K tokens. Each batch row's array mirrors its sequence the way a tier's cache does (pos, truncate).
 """
 import time
 
@@ -26,24 +26,27 @@ def find(arr: np.ndarray, n: int) -> int:
 
 
 class NgramTier:
-    def __init__(self, vocab_size: int, gamma: int, capacity: int, max_n: int = 3, min_n: int = 2):
+    def __init__(self, vocab_size: int, gamma: int, capacity: int, max_n: int = 3, min_n: int = 2, batch: int = 1):
         self.vocab_size, self.gamma = vocab_size, gamma
         self.max_n, self.min_n = max_n, min_n
-        self.arr = np.zeros(capacity, dtype=np.int32)
-        self.pos = 0
+        self.arr = np.zeros((batch, capacity), dtype=np.int32)
+        self.pos = [0] * batch
         self.stats = TierStats("ngram")
 
-    def draft(self, seq: list, n: int) -> list:
-        """Up to n tokens continuing seq (none when no n-gram of length >= min_n recurs)."""
+    def draft(self, seqs: list, n: int) -> list:
+        """Per row, up to n tokens continuing seqs[b] (none when no n-gram of length >= min_n recurs)."""
         t0 = time.perf_counter()
-        self.arr[self.pos : len(seq)] = seq[self.pos :]
-        self.pos = len(seq)
-        arr, out = self.arr[: self.pos], []
-        for size in range(self.max_n, self.min_n - 1, -1):
-            start = find(arr, size)
-            if start >= 0:
-                out = arr[start : start + n].tolist()
-                break
+        out = []
+        for b, seq in enumerate(seqs):
+            self.arr[b, self.pos[b] : len(seq)] = seq[self.pos[b] :]
+            self.pos[b] = len(seq)
+            arr, toks = self.arr[b, : len(seq)], []
+            for size in range(self.max_n, self.min_n - 1, -1):
+                start = find(arr, size)
+                if start >= 0:
+                    toks = arr[start : start + n].tolist()
+                    break
+            out.append(toks)
         self.stats.calls += 1
         self.stats.seconds += time.perf_counter() - t0
         return out
@@ -53,5 +56,9 @@ class NgramTier:
         q = torch.zeros(len(draft), self.vocab_size, device=device)
         return q.scatter_(1, torch.tensor(draft, device=device)[:, None], 1.0)
 
-    def truncate(self, n: int) -> None:
-        self.pos = min(self.pos, n)
+    def truncate(self, row: int, n: int) -> None:
+        self.pos[row] = min(self.pos[row], n)
+
+    def keep(self, rows: list) -> None:
+        self.arr = self.arr[rows]
+        self.pos = [self.pos[r] for r in rows]

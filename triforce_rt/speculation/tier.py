@@ -1,6 +1,6 @@
-"""A tier: a model, the cache it attends to, and its place in the sequence.
+"""A tier: a model, the cache it attends to, and its place in each sequence of the batch.
 
-`pos` counts the tokens of the current sequence that sit in the cache. Every tier keeps pos <= len(seq) - 1:
+`pos[b]` counts the tokens of row b's sequence that sit in the cache. Every tier keeps pos[b] <= len(seq_b) - 1:
 the last token of a sequence is pending, fed by the next forward, which returns the distribution after it.
 """
 import time
@@ -17,34 +17,50 @@ class TierStats:
     drafted: int = 0  # tokens this tier proposed to the tier above
     accepted: int = 0  # of those, the ones the tier above accepted
     rejected: int = 0  # verifications that rejected one of them (the drafts after a rejection are never examined)
-    calls: int = 0  # forward calls
+    calls: int = 0  # forward calls (one per batch step)
     seconds: float = 0.0  # time in those forwards
 
 
+def ragged(ids: list, positions: list, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per batch row, token ids and their positions (lists) -> ids, positions [B, T], T the longest row.
+    A shorter row is padded by repeating its last token at its last position: the pad rewrites that cache slot
+    with the same values and its outputs equal the last real token's, so no cache needs to know about padding."""
+    T = max(map(len, ids))
+    pad = lambda rows: [r + r[-1:] * (T - len(r)) for r in rows]
+    return torch.tensor(pad(ids), device=device), torch.tensor(pad(positions), device=device)
+
+
 class Tier:
-    def __init__(self, name: str, model, cache, gamma: int = 0, pos: int = 0):
+    def __init__(self, name: str, model, cache, gamma: int = 0, pos: list | None = None):
         self.model, self.cache = model, cache
         self.gamma = gamma  # tokens drafted per verification by the tier above (0 for the target)
-        self.pos = pos
+        self.pos = list(pos or [0])
         self.stats = TierStats(name)
 
-    def feed(self, seq: list, last_only: bool = False) -> torch.Tensor:
-        """Run seq[pos:] through the model; returns logits [T, V] (or [1, V]), row t predicting seq[pos + t + 1]."""
+    def feed(self, seqs: list, need: list) -> list:
+        """Run seqs[b][pos[b]:] through the model, all rows in one forward. Returns per row the logits [need[b], V]
+        of its last need[b] tokens: row i predicts the token after seqs[b][:len - need[b] + i + 1]."""
         device = self.model.embed_tokens.weight.device
-        ids = torch.tensor([seq[self.pos :]], device=device)
-        positions = torch.arange(self.pos, len(seq), device=device)[None]
+        new = [s[p:] for s, p in zip(seqs, self.pos)]
+        ids, positions = ragged(new, [list(range(p, p + len(n))) for p, n in zip(self.pos, new)], device)
+        b = torch.tensor([r for r, n in enumerate(need) for _ in range(n)], device=device)
+        t = torch.tensor([len(toks) - n + i for toks, n in zip(new, need) for i in range(n)], device=device)
         t0 = time.perf_counter()
-        logits = self.model(ids, positions, self.cache, last_only=last_only)[0]
+        with torch.inference_mode():
+            x = self.model.hidden(ids, positions, self.cache)  # [B, T, D]
+            logits = self.model.score(x[b, t])  # [Σ need, V]: only the rows asked for reach the head
         self.stats.seconds += time.perf_counter() - t0
         self.stats.calls += 1
-        self.pos = len(seq)
-        return logits
+        self.pos = [len(s) for s in seqs]
+        return list(logits.split(need))
 
-    def truncate(self, n: int) -> None:
-        """Keep only the first n tokens of the sequence: a rollback, which moves a length and copies nothing."""
-        if n < self.pos:
-            self.cache.rollback(self.pos - n)
-            self.pos = n
+    def truncate(self, row: int, n: int) -> None:
+        """Keep only the first n tokens of row's sequence: a rollback, which moves a count and copies nothing."""
+        self.pos[row] = min(self.pos[row], n)
+
+    def keep(self, rows: list) -> None:
+        self.pos = [self.pos[r] for r in rows]
+        self.cache.keep(rows)
 
     def verify(self, draft, q, p, generator):
         """The sampling rule this tier applies to the drafts of the tier below (a test swaps it for a flawed one)."""
