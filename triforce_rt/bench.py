@@ -82,12 +82,17 @@ def run_ar_vs_hf(spec="default", contexts=(2048, 8064), new_tokens=64, threads=2
                "tokens_identical": res.tokens == hf_tokens}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    report = {"benchmark": "ar_vs_hf", "model": spec, "dtype": "float32", "machine": machine(), "rows": rows}
-    print(markdown(report))
+    publish({"benchmark": "ar_vs_hf", "model": spec, "dtype": "float32", "machine": machine(), "rows": rows},
+            markdown, out)
+    return rows
+
+
+def publish(report: dict, to_markdown, out: str | None) -> None:
+    """Print the report's table; write the report as JSON to out, when given."""
+    print(to_markdown(report))
     if out:
         with open(out, "w") as f:
             json.dump(report, f, indent=1)
-    return rows
 
 
 def markdown(report: dict) -> str:
@@ -139,10 +144,7 @@ def run_hierarchy(spec="default", contexts=(2048, 8064), new_tokens=128, threads
                            "speedup": round(res.decode_tokens_per_second / ar.decode_tokens_per_second, 2)}
                     report["sweep"].append(row)
                     print(json.dumps(row), flush=True)
-    print(hierarchy_markdown(report))
-    if out:
-        with open(out, "w") as f:
-            json.dump(report, f, indent=1)
+    publish(report, hierarchy_markdown, out)
     return report
 
 
@@ -185,10 +187,7 @@ def run_batch(spec="default", contexts=(4096, 8064), batch=4, new_tokens=64, thr
             report["rows"].append(row)
             print(json.dumps(row), flush=True)
         del full
-    print(batch_markdown(report))
-    if out:
-        with open(out, "w") as f:
-            json.dump(report, f, indent=1)
+    publish(report, batch_markdown, out)
     return report
 
 
