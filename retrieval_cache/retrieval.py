@@ -71,9 +71,9 @@ class RetrievalCache(BatchRows):
             raise ValueError("RetrievalCache.select must run before the first step")
         B, T = positions.shape
         self.slots = positions - self.base[:, None]  # [B, T] tail slots
-        last = self.slots[:, -1].tolist()
+        first, last = self.slots[:, [0, -1]].T.tolist()  # one host sync for both bounds
         self.end = max(last) + 1
-        if min(self.slots[:, 0].tolist()) < 0 or self.end > self.tail:
+        if min(first) < 0 or self.end > self.tail:
             raise ValueError(f"RetrievalCache tail overflow: tail slot {self.end - 1} of {self.tail}")
         self.cos, self.sin = rope.cos_sin(positions)
         self.rows = torch.arange(B, device=positions.device)[:, None]
