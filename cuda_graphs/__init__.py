@@ -1,4 +1,4 @@
-"""Capture and replay of fixed-shape decoding steps; eager where there is no CUDA. Never imports triforce_rt.
+"""Capture and replay of fixed-shape decoding steps; eager where there is no CUDA. Never imports triforce_rt."""
+from .step import StepGraphs, capturing
 
-Empty until the GPU-path issue (#6) lands its mechanisms; nothing here is used yet.
-"""
+__all__ = ["StepGraphs", "capturing"]

@@ -12,6 +12,8 @@ class FullCache(BatchRows):
       begin(positions [B, T], rope)  once per forward: RoPE for the step, which slots are written and visible;
       attend(layer, q, k, v)         per layer, q/k/v before RoPE: writes k, v and returns attention;
       keep(rows)                     drops the other batch rows (a finished sequence leaves the batch).
+    static=True makes begin() shape-fixed and free of host syncs, as a captured CUDA graph needs: attention
+    runs over every slot, masked by position, and the bounds checks are left to the caller.
     There is no length: a query at position p sees the slots of positions <= p, so a rejected draft's slots are
     invisible to every later query until the accepted tokens overwrite them. Rolling back is the caller's
     bookkeeping (its count of tokens held) and moves no data. A row's last tokens may be repeated at the same
@@ -25,19 +27,20 @@ class FullCache(BatchRows):
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
+        self.static = False
         # Post-RoPE query of the last token of the latest step, per layer: [layers, B, Hq, D].
         # RetrievalCache.select scores chunks with it.
         self.last_q = None
 
     def begin(self, positions: torch.Tensor, rope) -> None:
-        last = positions[:, -1].tolist()  # rows are non-decreasing: the last column holds each row's furthest position
-        self.end = max(last) + 1
-        if self.end > self.max_len:
-            raise ValueError(f"FullCache overflow: position {self.end - 1} >= capacity {self.max_len}")
         self.cos, self.sin = rope.cos_sin(positions)
         self.positions = positions
         self.rows = torch.arange(positions.shape[0], device=positions.device)[:, None]  # [B, 1]
-        if positions.shape[1] == 1 and min(last) == self.end - 1:
+        last = [self.max_len - 1] if self.static else positions[:, -1].tolist()  # rows are non-decreasing
+        self.end = max(last) + 1
+        if self.end > self.max_len:
+            raise ValueError(f"FullCache overflow: position {self.end - 1} >= capacity {self.max_len}")
+        if positions.shape[1] == 1 and min(last) == self.end - 1 and not self.static:
             self.mask = None  # one token per row, all at the same position: every slot up to it is visible
         else:  # [B, 1, T, end]: slot s visible to the query at position p iff s <= p
             self.mask = (torch.arange(self.end, device=positions.device) <= positions[:, :, None])[:, None]

@@ -26,6 +26,7 @@ class RetrievalCache(BatchRows):
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.chunks = self.valid = self.base = None  # set by select
+        self.static = False  # shape-fixed, sync-free begin() (CUDA graphs): the whole tail is attended, masked
 
     @torch.no_grad()
     def select(self, full, lengths: list, q=None) -> None:
@@ -43,7 +44,11 @@ class RetrievalCache(BatchRows):
         pos = torch.arange(n_chunks * c, device=dev).view(n_chunks, c)
         live = pos < L[:, None, None]  # [B, n_chunks, c]: slots holding one of the row's tokens
         counts = live.sum(-1).clamp(min=1)  # [B, n_chunks]
-        self.chunks = torch.zeros(Lyr, B, Hkv, self.n_sel, dtype=torch.long, device=dev)
+        if self.chunks is None or self.chunks.shape[1] != B:  # else re-selected in place: captured graphs stay bound
+            self.chunks = torch.zeros(Lyr, B, Hkv, self.n_sel, dtype=torch.long, device=dev)
+            self.valid = torch.zeros(Lyr, B, Hkv, self.sel_len, dtype=torch.bool, device=dev)
+            self.base = torch.zeros(B, dtype=torch.long, device=dev)
+        self.chunks.zero_()
         rows = torch.arange(B * Hkv, device=dev).view(B, Hkv, 1) * (max_len // c)
         for layer in range(Lyr):
             kc = full.k[layer].view(B, Hkv, max_len // c, c, D)[:, :, :n_chunks]
@@ -61,23 +66,26 @@ class RetrievalCache(BatchRows):
                 dst[layer, :, :, : n_sel * c] = g.view(B, Hkv, n_sel * c, D)
         # Gathered slots past a row's length (a partial last chunk, fewer chunks than n_sel) are masked.
         slot_pos = self.chunks[..., None] * c + torch.arange(c, device=dev)  # [Lyr, B, Hkv, n_sel, c]
-        self.valid = (slot_pos < L[None, :, None, None, None]).reshape(Lyr, B, Hkv, self.sel_len)
+        self.valid.copy_((slot_pos < L[None, :, None, None, None]).reshape(Lyr, B, Hkv, self.sel_len))
         self.valid[..., n_sel * c :] = False
         self.all_valid = bool(self.valid.all())  # a later keep() only drops rows, so it stays a safe answer
-        self.base = L
+        self.base.copy_(L)
 
     def begin(self, positions: torch.Tensor, rope) -> None:
         if self.chunks is None:
             raise ValueError("RetrievalCache.select must run before the first step")
         B, T = positions.shape
         self.slots = positions - self.base[:, None]  # [B, T] tail slots
-        first, last = self.slots[:, [0, -1]].T.tolist()  # one host sync for both bounds
+        if self.static:
+            first, last = [0], [self.tail - 1]
+        else:
+            first, last = self.slots[:, [0, -1]].T.tolist()  # one host sync for both bounds
         self.end = max(last) + 1
         if min(first) < 0 or self.end > self.tail:
             raise ValueError(f"RetrievalCache tail overflow: tail slot {self.end - 1} of {self.tail}")
         self.cos, self.sin = rope.cos_sin(positions)
         self.rows = torch.arange(B, device=positions.device)[:, None]
-        if T == 1 and min(last) == self.end - 1 and self.all_valid:
+        if T == 1 and min(last) == self.end - 1 and self.all_valid and not self.static:
             self.mask = None
         else:  # [Lyr, B, Hkv, T, sel_len + end]: valid gathered slots, then tail slots up to the query's own
             Lyr, _, Hkv, _ = self.valid.shape

@@ -17,7 +17,9 @@ from .rows import BatchRows
 
 class StreamingCache(BatchRows):
     """Same protocol as FullCache. Tokens written past the position a row is rolled back to (rejected drafts, at
-    most max_step of them: γ+1, or a prefill chunk) sit in the R - W spare ring slots, so the window survives."""
+    most max_step of them: γ+1, or a prefill chunk) sit in the R - W spare ring slots, so the window survives.
+    Every step has a fixed shape and no host sync (a token past the sinks writes the spare sink slot S, which no
+    query reads), so `static` changes nothing here; it is kept for the protocol."""
     ROWS = {"sink_k": 1, "sink_v": 1, "ring_k": 1, "ring_v": 1, "ring_pos": 0}
 
     def __init__(self, n_layers, n_kv_heads, head_dim, sinks, window, max_step, batch=1, dtype=torch.float32, device=None):
@@ -25,7 +27,9 @@ class StreamingCache(BatchRows):
             raise ValueError(f"StreamingCache needs sinks >= 0, window >= 1, max_step >= 1 (got {sinks}, {window}, {max_step})")
         self.S, self.W, self.max_step = sinks, window, max_step
         self.R = window + max_step
-        self.sink_k = torch.zeros(n_layers, batch, n_kv_heads, sinks, head_dim, dtype=dtype, device=device)  # before RoPE
+        self.static = False
+        # [layers, B, Hkv, S + 1, hd], before RoPE; slot S takes the writes of tokens that are not sinks
+        self.sink_k = torch.zeros(n_layers, batch, n_kv_heads, sinks + 1, head_dim, dtype=dtype, device=device)
         self.sink_v = torch.zeros_like(self.sink_k)
         self.ring_k = torch.zeros(n_layers, batch, n_kv_heads, self.R, head_dim, dtype=dtype, device=device)  # after RoPE
         self.ring_v = torch.zeros_like(self.ring_k)
@@ -40,8 +44,7 @@ class StreamingCache(BatchRows):
         self.slots = positions % self.R  # [B, T]
         self.ring_pos.scatter_(1, self.slots, positions)
         self.b = torch.arange(B, device=positions.device)[:, None]  # [B, 1], row index for advanced indexing
-        self.sink_rows = (positions < S).nonzero(as_tuple=True)  # (b, t) of tokens that are sinks
-        self.sink_pos = positions[self.sink_rows]
+        self.sink_slots = positions.clamp(max=S)  # [B, T]: a sink's own slot, S for the others
         # Sinks seen by query t, rotated at i + δ_t: [B, T*S]
         delta = (positions - (S + W - 1)).clamp(min=0)
         i = torch.arange(S, device=positions.device)
@@ -56,16 +59,14 @@ class StreamingCache(BatchRows):
 
     def attend(self, layer: int, q, k, v):
         B, H, T, D = k.shape
-        if self.sink_pos.numel():
-            b, t = self.sink_rows
-            self.sink_k[layer][b, :, self.sink_pos] = k[b, :, t]
-            self.sink_v[layer][b, :, self.sink_pos] = v[b, :, t]
+        self.sink_k[layer][self.b, :, self.sink_slots] = k.transpose(1, 2)  # [B, T, H, D]
+        self.sink_v[layer][self.b, :, self.sink_slots] = v.transpose(1, 2)
         q, k = rotate(q, self.cos, self.sin), rotate(k, self.cos, self.sin)
         self.ring_k[layer][self.b, :, self.slots] = k.transpose(1, 2)  # [B, T, H, D]
         self.ring_v[layer][self.b, :, self.slots] = v.transpose(1, 2)
         S = self.S
-        sk = self.sink_k[layer][:, :, None].expand(B, H, T, S, D).reshape(B, H, T * S, D)
-        sv = self.sink_v[layer][:, :, None].expand(B, H, T, S, D).reshape(B, H, T * S, D)
+        sk = self.sink_k[layer][:, :, None, :S].expand(B, H, T, S, D).reshape(B, H, T * S, D)
+        sv = self.sink_v[layer][:, :, None, :S].expand(B, H, T, S, D).reshape(B, H, T * S, D)
         sk = rotate(sk, self.cos_sink, self.sin_sink)
         K = torch.cat([sk, self.ring_k[layer]], dim=2)
         V = torch.cat([sv, self.ring_v[layer]], dim=2)

@@ -90,6 +90,7 @@ class Transformer(nn.Module):
         self._vocab_index = None  # [V] row of each token id in embed_tokens (R for the others)
         self.rope = None  # built by setup_rope once the model sits on its device
         self.tokenizer = None  # attached by load_model
+        self.cuda_graphs = False  # tiers over this model replay their steps as CUDA graphs (on cuda; see Tier)
 
     def setup_rope(self, max_len: int | None = None):
         self.rope = Rope(self.config, self.embed_tokens.weight.device, max_len)
@@ -153,7 +154,7 @@ class Transformer(nn.Module):
             sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.state_dict().items()}
             m.load_state_dict(sd, assign=True)
             m.eval().setup_rope(self.rope.max_len if self.rope else None)
-            m.tokenizer = self.tokenizer
+            m.tokenizer, m.cuda_graphs = self.tokenizer, self.cuda_graphs
             casts[dtype] = m
         return casts[dtype]
 

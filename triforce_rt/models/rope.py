@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from cuda_graphs import capturing
+
 
 def _base_inv_freq(theta: float, dim: int) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
@@ -91,6 +93,6 @@ class Rope:
         if self.dynamic:
             inv, factor = inv_freq_and_factor(self.cfg, int(positions.max()) + 1)
             return self._table(positions, inv, factor)
-        if int(positions.max()) >= self.max_len:
+        if not capturing(positions.device) and int(positions.max()) >= self.max_len:
             raise ValueError(f"position {int(positions.max())} beyond the RoPE table ({self.max_len})")
         return self.cos_table[positions], self.sin_table[positions]

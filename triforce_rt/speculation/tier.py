@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from cuda_graphs import StepGraphs
+
 from .verify import verify_sample
 
 
@@ -36,6 +38,10 @@ class Tier:
         self.gamma = gamma  # tokens drafted per verification by the tier above (0 for the target)
         self.pos = list(pos or [0])
         self.stats = TierStats(name)
+        # The forward of a step. Where the model asks for graphs its cache runs in static mode (fixed shapes, no host
+        # syncs) and each (B, T) is replayed as a CUDA graph on cuda, or run eagerly elsewhere.
+        self.step = StepGraphs(lambda ids, positions: model.hidden(ids, positions, cache), model.cuda_graphs)
+        cache.static = model.cuda_graphs
 
     def feed(self, seqs: list, need: list) -> list:
         """Run seqs[b][pos[b]:] through the model, all rows in one forward. Returns per row the logits [need[b], V]
@@ -47,7 +53,7 @@ class Tier:
         t = torch.tensor([len(toks) - n + i for toks, n in zip(new, need) for i in range(n)], device=device)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            x = self.model.hidden(ids, positions, self.cache)  # [B, T, D]
+            x = self.step(ids, positions)  # [B, T, D]
             logits = self.model.score(x[b, t])  # [Σ need, V]: only the rows asked for reach the head
         self.stats.seconds += time.perf_counter() - t0
         self.stats.calls += 1
@@ -61,6 +67,7 @@ class Tier:
     def keep(self, rows: list) -> None:
         self.pos = [self.pos[r] for r in rows]
         self.cache.keep(rows)
+        self.step.reset()  # the cache's tensors were replaced
 
     def verify(self, draft, q, p, generator):
         """The sampling rule this tier applies to the drafts of the tier below (a test swaps it for a flawed one)."""
