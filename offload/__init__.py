@@ -1,4 +1,4 @@
-"""Pinned host memory, weight streaming with a prefetch stream, and KV offload. Never imports triforce_rt.
+"""Pinned host memory and weight streaming with a prefetch stream. Never imports triforce_rt."""
+from .weights import WeightStream
 
-Empty until the GPU-path issue (#6) lands its mechanisms; nothing here is used yet.
-"""
+__all__ = ["WeightStream"]

@@ -6,10 +6,10 @@ All share one protocol: begin(positions, rope) once per forward, attend(layer, q
 keep(rows) to drop finished batch rows. Caches are batched and addressed by position (a query at p sees slots of
 positions <= p), so rolling back rejected tokens is the caller's count and moves no data.
 """
-from .attention import attend, causal_mask, rotate
+from .attention import KERNELS, attend, causal_mask, rotate, use_kernel
 from .full import FullCache
 from .nocache import NoCache
 from .retrieval import RetrievalCache
 from .streaming import StreamingCache
 
-__all__ = ["FullCache", "NoCache", "StreamingCache", "RetrievalCache", "attend", "causal_mask", "rotate"]
+__all__ = ["FullCache", "NoCache", "StreamingCache", "RetrievalCache", "attend", "causal_mask", "rotate", "use_kernel", "KERNELS"]

@@ -1,10 +1,37 @@
 """RoPE rotation and the one attention call every cache goes through.
 
 Shapes: q [B, Hq, T, D]; k, v [B, Hkv, S, D]; Hq = G * Hkv (GQA, query head h uses kv head h // G).
-This is the single switch point for the attention kernel: SDPA here, FlashAttention on CUDA (GPU issue).
+This is the single switch point for the attention kernel (use_kernel): torch SDPA, which on CUDA dispatches to its
+own flash and memory-efficient kernels, or flash-attn's flash_attn_with_kvcache where it is installed. flash-attn
+takes a one-token step over a prefix of each row's keys (lengths), its split-KV decoding case; every other step
+(masks that are not a prefix, fp32, CPU) stays on SDPA.
 """
+import importlib.util
+
 import torch
 import torch.nn.functional as F
+
+KERNELS = ("auto", "sdpa", "flash")
+_kernel = "sdpa"
+
+
+def flash_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+
+
+def use_kernel(name: str) -> str:
+    """Choose the kernel for every later attend(): 'sdpa', 'flash', or 'auto' (flash where flash_available()).
+    Returns the kernel chosen."""
+    global _kernel
+    if name not in KERNELS:
+        raise ValueError(f"unknown attention kernel '{name}' (choose from {', '.join(KERNELS)})")
+    if name == "auto":
+        name = "flash" if flash_available() else "sdpa"
+    if name == "flash" and not flash_available():
+        raise ValueError("the flash kernel needs CUDA and the flash-attn package (pip install flash-attn); "
+                         "use --attn sdpa")
+    _kernel = name
+    return name
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -14,16 +41,25 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+           lengths: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q kᵀ / √D + mask) v, GQA without copying k, v to Hq heads.
 
     mask: bool [B|1, Hkv|1, T, S], True = visible; None = every key visible to every query.
+    lengths: int [B], given by a one-token step (T = 1) whose visible keys are row b's first lengths[b] slots:
+    the same visibility as mask, in the form flash_attn_with_kvcache takes ([B, S, H, D] views, no copy).
     Unmasked (a decode step): the G query heads of a kv head are folded into the query axis, q -> [B, Hkv, G*T, D].
     Masked (prefill chunks, verify steps): SDPA's own GQA. Measured on 2 CPU threads, SmolLM2 shapes:
     folding is 1.8x faster for T=1 at 8K keys; SDPA's GQA is 1.7x faster for a masked 1024-token chunk.
     """
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
+    if _kernel == "flash" and lengths is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        from flash_attn import flash_attn_with_kvcache
+
+        out = flash_attn_with_kvcache(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                      cache_seqlens=lengths.to(torch.int32))  # [B, T, Hq, D]
+        return out.transpose(1, 2)
     if mask is None:
         out = F.scaled_dot_product_attention(q.reshape(B, Hkv, (Hq // Hkv) * T, D), k, v)
         return out.view(B, Hq, T, D)

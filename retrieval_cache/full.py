@@ -36,6 +36,7 @@ class FullCache(BatchRows):
         self.cos, self.sin = rope.cos_sin(positions)
         self.positions = positions
         self.rows = torch.arange(positions.shape[0], device=positions.device)[:, None]  # [B, 1]
+        self.lengths = positions[:, 0] + 1 if positions.shape[1] == 1 else None  # one token: slots 0..p visible
         last = [self.max_len - 1] if self.static else positions[:, -1].tolist()  # rows are non-decreasing
         self.end = max(last) + 1
         if self.end > self.max_len:
@@ -53,4 +54,4 @@ class FullCache(BatchRows):
             self.last_q = q.new_zeros((self.k.shape[0],) + q[:, :, -1].shape)
         self.last_q[layer] = q[:, :, -1]
         e = self.end
-        return attend(q, self.k[layer, :, :, :e], self.v[layer, :, :, :e], self.mask)
+        return attend(q, self.k[layer, :, :, :e], self.v[layer, :, :, :e], self.mask, self.lengths)

@@ -170,6 +170,9 @@ def build_tiers(model, full, drafter, prompts: list, cfg: GenerationConfig) -> l
     """The tiers of cfg.mode, cheapest first, built after the target's prefill of prompts into `full`."""
     L, B, c = [len(p) for p in prompts], len(prompts), cfg.chunk_size
     dtype = getattr(torch, cfg.draft_dtype) if cfg.draft_dtype else None
+    if dtype and model.weight_stream:
+        raise UserError("--draft-dtype cannot be combined with --offload weights: the target's drafting tiers "
+                        "share its streamed weights")
     model_d = model.with_dtype(dtype)  # the target's weights for its own drafting tiers
     depth = cfg.gamma1 + cfg.gamma2 + 2  # most tokens a tier may hold past the committed sequence
     budget = retrieval_budget(cfg, max(L))  # one cache shape for the batch: sized by the longest prompt

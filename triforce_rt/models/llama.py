@@ -91,6 +91,7 @@ class Transformer(nn.Module):
         self.rope = None  # built by setup_rope once the model sits on its device
         self.tokenizer = None  # attached by load_model
         self.cuda_graphs = False  # tiers over this model replay their steps as CUDA graphs (on cuda; see Tier)
+        self.weight_stream = None  # offload.WeightStream when the layers stream from host memory
 
     def setup_rope(self, max_len: int | None = None):
         self.rope = Rope(self.config, self.embed_tokens.weight.device, max_len)
@@ -147,6 +148,8 @@ class Transformer(nn.Module):
         """This model in another dtype: a copy made once and kept (e.g. bf16 drafting tiers for an fp32 target)."""
         if dtype is None or dtype == self.embed_tokens.weight.dtype:
             return self
+        if self.weight_stream is not None:
+            raise ValueError("a model whose weights stream from host memory has no copy in another dtype")
         casts = self.__dict__.setdefault("_casts", {})
         if dtype not in casts:
             with torch.device("meta"):

@@ -13,6 +13,8 @@ import tempfile
 
 import torch
 
+from offload import WeightStream
+
 from ..errors import UserError
 from .config import ModelConfig
 from .llama import Transformer
@@ -114,10 +116,12 @@ def from_state_dict(cfg: ModelConfig, sd: dict) -> Transformer:
 
 
 def load_model(spec: str = "default", dtype=None, device=None, allow_pickle: bool = False,
-               trust_remote_code: bool = False) -> Transformer:
+               trust_remote_code: bool = False, offload: str | None = None, resident_layers: int = 0) -> Transformer:
     """Our Transformer for spec, in eval mode, with .tokenizer (transformers) attached.
 
     dtype: torch dtype or name; default float32 on CPU, bfloat16 on CUDA.
+    offload="weights": the layers past the first resident_layers stay in pinned host memory and stream through
+    two device buffers during each forward (offload.WeightStream); embeddings, norm and head stay on the device.
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -138,6 +142,12 @@ def load_model(spec: str = "default", dtype=None, device=None, allow_pickle: boo
         model = from_state_dict(cfg, read_state_dict(folder, allow_pickle))
     except ValueError as e:
         raise UserError(f"{spec}: {e}") from None
+    if offload not in (None, "weights"):
+        raise UserError(f"unknown offload '{offload}' (weights)")
+    if offload:
+        if resident_layers < 0:
+            raise UserError(f"--resident-layers must be at least 0 (got {resident_layers})")
+        model.weight_stream = WeightStream(model.to(dtype=dtype).layers, device, resident_layers)
     model = model.to(device=device, dtype=dtype).eval().setup_rope()
     try:
         model.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
