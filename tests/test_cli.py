@@ -54,11 +54,27 @@ def test_plain_output_streams_the_same_text_as_json(capsys, tiny_folder):
     (["--prompt", "hi", "--mode", "streaming-spec", "--window", "0"], "window >= 1"),
     (["--prompt", "hi", "--mode", "ngram", "--ngram", "1"], "ngram must be at least 2"),
     (["--prompt", "hi", "--mode", "draft", "--drafter", "/no/such/drafter"], "model not found"),
+    (["--prompt", "hi", "--offload", "weights"], "need --device cuda"),
+    (["--prompt", "hi", "--gpu-memory", "24"], "need --device cuda"),
+    (["--prompt", "hi", "--attn", "flash"], "flash-attn"),
 ])
 def test_bad_input_one_line_exit_2(capsys, argv, needle):
     rc, out, err = run_cli(capsys, "generate", *argv)
     assert rc == 2
     assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_cuda_out_of_memory_suggests_offload(capsys, monkeypatch):
+    import torch
+
+    from triforce_rt import cli
+
+    def oom(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+
+    monkeypatch.setattr(cli, "cmd_generate", oom)
+    rc, out, err = run_cli(capsys, "generate", "--prompt", "hi")
+    assert rc == 2 and "--offload weights" in err and len(err.strip().splitlines()) == 1
 
 
 def test_no_default_drafter_for_another_model(capsys, tiny_folder):

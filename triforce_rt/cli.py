@@ -4,6 +4,8 @@ import json
 import os
 import sys
 
+from retrieval_cache import KERNELS
+
 from .distill import DistillConfig
 from .engine import DRAFTER_MODES, MODES, GenerationConfig, check_config, generate
 from .errors import UserError
@@ -20,6 +22,19 @@ def add_model_args(p):
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt checkpoints (weights_only load)")
     p.add_argument("--trust-remote-code", action="store_true", help="let transformers run code shipped with the model")
+    gpu = p.add_argument_group("GPU")
+    gpu.add_argument("--attn", choices=KERNELS, default="auto",
+                     help="attention kernel: torch SDPA, or flash-attn's flash_attn_with_kvcache for one-token steps "
+                          "(auto: flash where flash-attn is installed and --device cuda)")
+    gpu.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
+                     help="replay fixed-shape tier steps as CUDA graphs (auto: on with --device cuda, unless "
+                          "--offload, --tp or dynamic RoPE)")
+    gpu.add_argument("--offload", choices=("weights",),
+                     help="weights: keep the target's layers in pinned host memory and stream them to the GPU")
+    gpu.add_argument("--resident-layers", type=int, default=0, metavar="K",
+                     help="with --offload weights: the first K layers stay on the GPU")
+    gpu.add_argument("--gpu-memory", type=float, metavar="GB",
+                     help="cap this process's GPU memory (GiB), e.g. 24 to stand in for an RTX 4090")
 
 
 def add_generation_args(p, mode: str, max_new_tokens: int = 128):
@@ -54,13 +69,35 @@ def load_models(args):
     """The target and, for the modes that use one, the drafter."""
     import torch
 
+    from offload import cap_memory
+    from retrieval_cache import use_kernel
+
     from .models import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    cuda = args.device == "cuda"
+    if not cuda and (args.offload or args.gpu_memory or args.cuda_graphs == "on"):
+        raise UserError("--offload, --gpu-memory and --cuda-graphs on need --device cuda")
+    if cuda and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but CUDA is not available")
+    try:
+        use_kernel(args.attn)
+        if args.gpu_memory:
+            cap_memory(args.gpu_memory)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     load = dict(dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
-    model = load_model(args.model, **load)
+    model = load_model(args.model, **load, offload=args.offload, resident_layers=args.resident_layers)
     drafter = load_drafter(args.drafter, args.model, load) if args.mode in DRAFTER_MODES else None
+    blocker = ("--offload" if args.offload else "--tp" if getattr(args, "tp", 1) > 1 else
+               "dynamic RoPE" if model.rope.dynamic else None)
+    if args.cuda_graphs == "on" and blocker:
+        raise UserError(f"--cuda-graphs on cannot be combined with {blocker}")
+    graphs = cuda and args.cuda_graphs != "off" and not blocker
+    for m in (model, drafter):
+        if m is not None:
+            m.cuda_graphs = graphs
     return model, drafter
 
 
@@ -270,8 +307,9 @@ def main(argv=None):
         return 130
     except Exception as e:  # CUDA OOM gets a hint; everything else is a bug and keeps its traceback
         if type(e).__name__ == "OutOfMemoryError":
-            print(f"triforce: error: CUDA out of memory ({e}); use a shorter prompt, fewer new tokens, "
-                  "or --dtype bfloat16", file=sys.stderr)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
+            print(f"triforce: error: CUDA out of memory ({first}); try --offload weights (with --resident-layers K), "
+                  "a shorter prompt, fewer new tokens or --dtype bfloat16", file=sys.stderr)
             return 2
         raise
     return 0

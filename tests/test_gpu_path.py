@@ -1,5 +1,6 @@
-"""Fixed-shape steps (cuda_graphs.StepGraphs over caches in static mode): on CPU the same API runs eagerly and
-must equal the plain forward; on CUDA the replayed graphs must give the eager tokens."""
+"""The GPU path. Fixed-shape steps (cuda_graphs.StepGraphs over caches in static mode): on CPU the same API runs
+eagerly and must equal the plain forward; on CUDA the replayed graphs must give the eager tokens. The attention
+kernel switch: one choice for every cache, flash-attn against SDPA where flash-attn is installed."""
 import pytest
 import torch
 from conftest import stdlib_text
@@ -7,7 +8,8 @@ from test_caches import H_KV, ROPE, step, tokens
 from test_hierarchy import random_pair
 
 from cuda_graphs import StepGraphs
-from retrieval_cache import FullCache, RetrievalCache, StreamingCache
+from retrieval_cache import FullCache, RetrievalCache, StreamingCache, use_kernel
+from retrieval_cache.attention import flash_available
 from triforce_rt.engine import MODES, GenerationConfig, generate, generate_batch
 
 D = 16
@@ -84,3 +86,30 @@ def test_cuda_graphs_equal_eager_on_smollm2(smol, tiny_drafter, mode):
         model.cuda_graphs = drafter.cuda_graphs = False
         model.to("cpu").setup_rope(), drafter.to("cpu").setup_rope()
     assert graphed == eager
+
+
+def test_kernel_switch():
+    assert use_kernel("auto") == ("flash" if flash_available() else "sdpa")
+    use_kernel("sdpa")
+    if not flash_available():
+        with pytest.raises(ValueError, match="flash-attn"):
+            use_kernel("flash")
+    with pytest.raises(ValueError, match="unknown attention kernel"):
+        use_kernel("xformers")
+
+
+@pytest.mark.skipif(not flash_available(), reason="needs CUDA and the flash-attn package (not installed here)")
+@pytest.mark.parametrize("mode", ["ar", "self-spec"])
+def test_flash_equals_sdpa_on_smollm2(mode):
+    from triforce_rt import load_model
+
+    model = load_model("default", device="cuda")
+    ids = model.tokenizer(stdlib_text("textwrap.py")).input_ids[:3000]
+    cfg = GenerationConfig(mode=mode, max_new_tokens=64, ignore_eos=True, budget=256)
+    try:
+        sdpa = generate(model, ids, cfg).tokens
+        use_kernel("flash")
+        flash = generate(model, ids, cfg).tokens
+    finally:
+        use_kernel("sdpa")
+    assert flash == sdpa
