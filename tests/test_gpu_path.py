@@ -113,3 +113,22 @@ def test_flash_equals_sdpa_on_smollm2(mode):
     finally:
         use_kernel("sdpa")
     assert flash == sdpa
+
+
+def test_gpu_benchmark_script_runs(tmp_path):
+    """benchmarks/gpu.py --smoke: every part of the GPU benchmark on tiny shapes (here on CPU), so the script is
+    known to run before a GPU is at hand. Its timings mean nothing; its structure and exactness do."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, os.path.join(root, "benchmarks", "gpu.py"), "--smoke", "--tag", "t",
+                    "--out", str(tmp_path)], check=True, capture_output=True, text=True)
+    rep = json.loads((tmp_path / "gpu-t.json").read_text())
+    assert [r["graphs"] for r in rep["onchip"]] == [False, True]
+    assert all(r["projected"]["speedup"] > 0 for r in rep["onchip"])
+    assert rep["offload"][0]["streamed_layers"] == 3
+    assert all(r["tokens_identical"] for r in rep["end_to_end"])
+    assert (tmp_path / "gpu-t.md").read_text().startswith("GPU benchmark")
