@@ -22,10 +22,14 @@ class FullCache(BatchRows):
     """
     ROWS = {"k": 1, "v": 1, "last_q": 1}
 
-    def __init__(self, n_layers, n_kv_heads, head_dim, max_len, batch=1, dtype=torch.float32, device=None):
+    def __init__(self, n_layers, n_kv_heads, head_dim, max_len, batch=1, dtype=torch.float32, device=None, store=None):
+        """store: where k, v live when not on the device, e.g. offload.KVStream(shape, dtype, device) for host memory:
+        any object with k, v (the cache) and begin(), fetch(layer) -> device (k, v) of that layer, and
+        write(layer, rows, positions, k, v) for the step's new tokens (one batch row; no keep())."""
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.store = store(shape, dtype, device) if store else None
+        self.k = self.store.k if store else torch.zeros(shape, dtype=dtype, device=device)
+        self.v = self.store.v if store else torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.static = False
         # Post-RoPE query of the last token of the latest step, per layer: [layers, B, Hq, D].
@@ -41,17 +45,27 @@ class FullCache(BatchRows):
         self.end = max(last) + 1
         if self.end > self.max_len:
             raise ValueError(f"FullCache overflow: position {self.end - 1} >= capacity {self.max_len}")
+        if self.store:
+            self.store.begin()
         if positions.shape[1] == 1 and min(last) == self.end - 1 and not self.static:
             self.mask = None  # one token per row, all at the same position: every slot up to it is visible
         else:  # [B, 1, T, end]: slot s visible to the query at position p iff s <= p
             self.mask = (torch.arange(self.end, device=positions.device) <= positions[:, :, None])[:, None]
 
+    def settle(self) -> None:
+        """Make k, v hold every token written so far (a store writes the latest step back lazily)."""
+        if self.store:
+            self.store.flush()
+
     def attend(self, layer: int, q, k, v):
         q, k = rotate(q, self.cos, self.sin), rotate(k, self.cos, self.sin)
-        self.k[layer][self.rows, :, self.positions] = k.transpose(1, 2)  # [B, T, Hkv, D] into slots positions[b, t]
-        self.v[layer][self.rows, :, self.positions] = v.transpose(1, 2)
+        kl, vl = self.store.fetch(layer) if self.store else (self.k[layer], self.v[layer])  # [B, Hkv, max_len, D]
+        kl[self.rows, :, self.positions] = k.transpose(1, 2)  # [B, T, Hkv, D] into slots positions[b, t]
+        vl[self.rows, :, self.positions] = v.transpose(1, 2)
+        if self.store:
+            self.store.write(layer, self.rows, self.positions, k, v)
         if self.last_q is None:
             self.last_q = q.new_zeros((self.k.shape[0],) + q[:, :, -1].shape)
         self.last_q[layer] = q[:, :, -1]
         e = self.end
-        return attend(q, self.k[layer, :, :, :e], self.v[layer, :, :, :e], self.mask, self.lengths)
+        return attend(q, kl[:, :, :e], vl[:, :, :e], self.mask, self.lengths)

@@ -31,10 +31,13 @@ class RetrievalCache(BatchRows):
     @torch.no_grad()
     def select(self, full, lengths: list, q=None) -> None:
         """Re-gather from `full` (a FullCache) whose row b holds lengths[b] tokens, scored by q [layers, B, Hq, D]
-        (default: full.last_q). The tail starts again at position lengths[b]."""
+        (default: full.last_q). The tail starts again at position lengths[b].
+        Scoring and gathering run where full's k, v live (host memory for an offloaded cache); only the selected
+        chunks reach this cache's device."""
+        full.settle()
         q = full.last_q if q is None else q
         Lyr, B, Hkv, max_len, D = full.k.shape
-        c, dev = self.c, full.k.device
+        c, dev, own = self.c, full.k.device, self.k.device
         if max_len % c:
             raise ValueError(f"FullCache capacity {max_len} must be a multiple of the chunk size {c}")
         L = torch.tensor(lengths, device=dev)  # [B]
@@ -45,16 +48,16 @@ class RetrievalCache(BatchRows):
         live = pos < L[:, None, None]  # [B, n_chunks, c]: slots holding one of the row's tokens
         counts = live.sum(-1).clamp(min=1)  # [B, n_chunks]
         if self.chunks is None or self.chunks.shape[1] != B:  # else re-selected in place: captured graphs stay bound
-            self.chunks = torch.zeros(Lyr, B, Hkv, self.n_sel, dtype=torch.long, device=dev)
-            self.valid = torch.zeros(Lyr, B, Hkv, self.sel_len, dtype=torch.bool, device=dev)
-            self.base = torch.zeros(B, dtype=torch.long, device=dev)
+            self.chunks = torch.zeros(Lyr, B, Hkv, self.n_sel, dtype=torch.long, device=own)
+            self.valid = torch.zeros(Lyr, B, Hkv, self.sel_len, dtype=torch.bool, device=own)
+            self.base = torch.zeros(B, dtype=torch.long, device=own)
         self.chunks.zero_()
         rows = torch.arange(B * Hkv, device=dev).view(B, Hkv, 1) * (max_len // c)
         for layer in range(Lyr):
             kc = full.k[layer].view(B, Hkv, max_len // c, c, D)[:, :, :n_chunks]
             kc = kc * live[:, None, :, :, None]  # zero the stale slots past each row's length
             mean_k = kc.sum(3) / counts[:, None, :, None]  # [B, Hkv, n_chunks, D]
-            score = torch.einsum("bhgd,bhnd->bhn", q[layer].view(B, Hkv, G, D).to(mean_k.dtype), mean_k)
+            score = torch.einsum("bhgd,bhnd->bhn", q[layer].view(B, Hkv, G, D).to(dev, mean_k.dtype), mean_k)
             score.masked_fill_(~live[:, None, :, 0], float("-inf"))  # chunks past a shorter row's end
             score[..., 0] = float("inf")  # chunk 0 always kept
             idx = score.topk(n_sel, dim=-1).indices.sort(dim=-1).values  # [B, Hkv, n_sel]
@@ -65,7 +68,8 @@ class RetrievalCache(BatchRows):
                 g = src[layer].reshape(-1, c, D).index_select(0, flat)
                 dst[layer, :, :, : n_sel * c] = g.view(B, Hkv, n_sel * c, D)
         # Gathered slots past a row's length (a partial last chunk, fewer chunks than n_sel) are masked.
-        slot_pos = self.chunks[..., None] * c + torch.arange(c, device=dev)  # [Lyr, B, Hkv, n_sel, c]
+        slot_pos = self.chunks[..., None] * c + torch.arange(c, device=own)  # [Lyr, B, Hkv, n_sel, c]
+        L = L.to(own)
         self.valid.copy_((slot_pos < L[None, :, None, None, None]).reshape(Lyr, B, Hkv, self.sel_len))
         self.valid[..., n_sel * c :] = False
         self.all_valid = bool(self.valid.all())  # a later keep() only drops rows, so it stays a safe answer

@@ -76,14 +76,17 @@ class StreamingCache(BatchRows):
     def fill_from(self, full, lengths: list, rope) -> None:
         """Hold the sinks and the last W of the lengths[b] tokens of each row of `full` (a FullCache of the same
         model, e.g. the target's after prefill: MagicDec's self-speculation draft cache). Sink keys are rotated
-        back to before RoPE."""
+        back to before RoPE. full's k, v may live elsewhere (host memory): only these tokens are copied."""
+        full.settle()
         self.ring_pos.fill_(-1)
+        dev, dt = self.ring_k.device, self.ring_k.dtype
         for b, L in enumerate(lengths):
             S = min(self.S, L)
-            cos, sin = rope.cos_sin(torch.arange(S, device=full.k.device)[None])
-            self.sink_k[:, b, :, :S] = rotate(full.k[:, b, :, :S], cos, -sin)  # R(-i) R(i) k = k
-            self.sink_v[:, b, :, :S] = full.v[:, b, :, :S]
-            w = torch.arange(max(S, L - self.W), L, device=full.k.device)
-            self.ring_pos[b, w % self.R] = w
-            self.ring_k[:, b, :, w % self.R] = full.k[:, b, :, w].to(self.ring_k.dtype)
-            self.ring_v[:, b, :, w % self.R] = full.v[:, b, :, w].to(self.ring_v.dtype)
+            cos, sin = rope.cos_sin(torch.arange(S, device=dev)[None])
+            self.sink_k[:, b, :, :S] = rotate(full.k[:, b, :, :S].to(dev), cos, -sin)  # R(-i) R(i) k = k
+            self.sink_v[:, b, :, :S] = full.v[:, b, :, :S].to(dev)
+            w = torch.arange(max(S, L - self.W), L)  # positions of the window (a CPU index serves any device)
+            slots = (w % self.R).to(dev)
+            self.ring_pos[b, slots] = w.to(dev)
+            self.ring_k[:, b, :, slots] = full.k[:, b, :, w].to(dev, dt)
+            self.ring_v[:, b, :, slots] = full.v[:, b, :, w].to(dev, dt)

@@ -29,8 +29,9 @@ def add_model_args(p):
     gpu.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
                      help="replay fixed-shape tier steps as CUDA graphs (auto: on with --device cuda, unless "
                           "--offload, --tp or dynamic RoPE)")
-    gpu.add_argument("--offload", choices=("weights",),
-                     help="weights: keep the target's layers in pinned host memory and stream them to the GPU")
+    gpu.add_argument("--offload", choices=("weights", "kv", "all"),
+                     help="keep in pinned host memory and stream to the GPU per layer: the target's layers (weights), "
+                          "its full KV cache (kv; the retrieval and drafter caches stay on the GPU), or both (all)")
     gpu.add_argument("--resident-layers", type=int, default=0, metavar="K",
                      help="with --offload weights: the first K layers stay on the GPU")
     gpu.add_argument("--gpu-memory", type=float, metavar="GB",
@@ -308,7 +309,7 @@ def main(argv=None):
     except Exception as e:  # CUDA OOM gets a hint; everything else is a bug and keeps its traceback
         if type(e).__name__ == "OutOfMemoryError":
             first = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
-            print(f"triforce: error: CUDA out of memory ({first}); try --offload weights (with --resident-layers K), "
+            print(f"triforce: error: CUDA out of memory ({first}); try --offload weights|kv|all (with --resident-layers K), "
                   "a shorter prompt, fewer new tokens or --dtype bfloat16", file=sys.stderr)
             return 2
         raise

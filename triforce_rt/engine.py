@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
+from offload import KVStream
 from retrieval_cache import FullCache, RetrievalCache, StreamingCache
 
 from .errors import UserError
@@ -222,8 +223,10 @@ def generate_batch(model, prompts: list, cfg: GenerationConfig, on_token=None, p
     # Room for the longest prompt, the new tokens and one verification block, in whole retrieval chunks.
     longest = max(len(p) for p in prompts)
     capacity = math.ceil((longest + cfg.max_new_tokens + cfg.gamma2 + 1) / cfg.chunk_size) * cfg.chunk_size
+    if model.kv_offload and len(prompts) > 1:
+        raise UserError("a KV cache offloaded to host memory decodes one sequence at a time (use --batch-size 1)")
     t0 = time.perf_counter()
-    full = model.new_cache(FullCache, capacity, batch=len(prompts))
+    full = model.new_cache(FullCache, capacity, batch=len(prompts), store=KVStream if model.kv_offload else None)
     logits = prefill(model, full, prompts, cfg.prefill_chunk, progress)
     return decode(model, full, logits, prompts, cfg, on_token, drafter, time.perf_counter() - t0)
 
@@ -232,7 +235,7 @@ def decode(model, full, logits, prompts: list, cfg: GenerationConfig, on_token=N
            prefill_s: float = 0.0) -> list:
     """The generate loop after the target's prefill: row b of full holds prompts[b], logits [B, V] follow them.
     A row that finishes (EOS or max_new_tokens) leaves the batch; the others go on."""
-    gen = torch.Generator(device=full.k.device).manual_seed(cfg.seed)
+    gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(cfg.seed)
     sp, stop = cfg.sampling, (set() if cfg.ignore_eos else eos_ids(model))
     t0 = time.perf_counter()
     first = sample(logits, sp, gen).tolist()

@@ -92,6 +92,7 @@ class Transformer(nn.Module):
         self.tokenizer = None  # attached by load_model
         self.cuda_graphs = False  # tiers over this model replay their steps as CUDA graphs (on cuda; see Tier)
         self.weight_stream = None  # offload.WeightStream when the layers stream from host memory
+        self.kv_offload = False  # the generate loop keeps this model's full KV cache in host memory (offload.KVStream)
 
     def setup_rope(self, max_len: int | None = None):
         self.rope = Rope(self.config, self.embed_tokens.weight.device, max_len)

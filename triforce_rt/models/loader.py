@@ -115,6 +115,9 @@ def from_state_dict(cfg: ModelConfig, sd: dict) -> Transformer:
     return model
 
 
+OFFLOADS = (None, "weights", "kv", "all")
+
+
 def load_model(spec: str = "default", dtype=None, device=None, allow_pickle: bool = False,
                trust_remote_code: bool = False, offload: str | None = None, resident_layers: int = 0) -> Transformer:
     """Our Transformer for spec, in eval mode, with .tokenizer (transformers) attached.
@@ -122,6 +125,8 @@ def load_model(spec: str = "default", dtype=None, device=None, allow_pickle: boo
     dtype: torch dtype or name; default float32 on CPU, bfloat16 on CUDA.
     offload="weights": the layers past the first resident_layers stay in pinned host memory and stream through
     two device buffers during each forward (offload.WeightStream); embeddings, norm and head stay on the device.
+    offload="kv": generation keeps the full KV cache in pinned host memory, streamed per layer (offload.KVStream);
+    the retrieval and drafter caches stay on the device. offload="all": both.
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -142,9 +147,10 @@ def load_model(spec: str = "default", dtype=None, device=None, allow_pickle: boo
         model = from_state_dict(cfg, read_state_dict(folder, allow_pickle))
     except ValueError as e:
         raise UserError(f"{spec}: {e}") from None
-    if offload not in (None, "weights"):
-        raise UserError(f"unknown offload '{offload}' (weights)")
-    if offload:
+    if offload not in OFFLOADS:
+        raise UserError(f"unknown offload '{offload}' (choose from {', '.join(OFFLOADS[1:])})")
+    model.kv_offload = offload in ("kv", "all")
+    if offload in ("weights", "all"):
         if resident_layers < 0:
             raise UserError(f"--resident-layers must be at least 0 (got {resident_layers})")
         model.weight_stream = WeightStream(model.to(dtype=dtype).layers, device, resident_layers)

@@ -62,7 +62,7 @@ class Hierarchy:
         tier = self.tiers[k]
         if isinstance(tier, NgramTier):
             toks = tier.draft(seqs, n)
-            device = self.tiers[-1].cache.k.device
+            device = self.tiers[-1].model.embed_tokens.weight.device
             return toks, [None if self.sp.greedy or not t else tier.one_hot(t, device) for t in toks]
         toks, ps = [[] for _ in seqs], [[] for _ in seqs]
         while min(len(t) for t in toks) < n:
