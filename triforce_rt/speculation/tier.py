@@ -39,9 +39,11 @@ class Tier:
         self.pos = list(pos or [0])
         self.stats = TierStats(name)
         # The forward of a step. Where the model asks for graphs its cache runs in static mode (fixed shapes, no host
-        # syncs) and each (B, T) is replayed as a CUDA graph on cuda, or run eagerly elsewhere.
-        self.step = StepGraphs(lambda ids, positions: model.hidden(ids, positions, cache), model.cuda_graphs)
-        cache.static = model.cuda_graphs
+        # syncs) and each (B, T) is replayed as a CUDA graph on cuda, or run eagerly elsewhere. Streaming weights or
+        # KV from the host (copy-stream events across forwards) cannot be captured: such a tier runs eagerly.
+        graphs = model.cuda_graphs and model.weight_stream is None and getattr(cache, "store", None) is None
+        self.step = StepGraphs(lambda ids, positions: model.hidden(ids, positions, cache), graphs)
+        cache.static = graphs
 
     def feed(self, seqs: list, need: list) -> list:
         """Run seqs[b][pos[b]:] through the model, all rows in one forward. Returns per row the logits [need[b], V]
