@@ -39,11 +39,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cuda_graphs import StepGraphs  # noqa: E402
 from offload import KVStream, WeightStream, cap_memory  # noqa: E402
 from retrieval_cache import FullCache, RetrievalCache, StreamingCache  # noqa: E402
 from triforce_rt.models import ModelConfig  # noqa: E402
 from triforce_rt.models.llama import Transformer  # noqa: E402
+from triforce_rt.speculation import Tier  # noqa: E402
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
     "llama2-7b": (4096, 11008, 32, 32, 32, 32000),
@@ -87,9 +87,10 @@ def timed(fn, reps: int) -> float:
 
 
 def step_fn(model, cache, ctx: int, T: int, graphs: bool):
-    """One tier step: T tokens at positions ctx.. through model over cache, the head on every column."""
-    cache.static = graphs
-    step = StepGraphs(lambda ids, pos: model.hidden(ids, pos, cache), graphs)
+    """One tier step: T tokens at positions ctx.. through model over cache, the head on every column. The step is
+    the engine's own (Tier.step), so graphs and the cache's static mode are decided as in generation."""
+    model.cuda_graphs = graphs
+    step = Tier("bench", model, cache).step
     dev = model.embed_tokens.weight.device
     ids = torch.randint(0, model.config.vocab_size, (1, T), device=dev)
     pos = torch.arange(ctx, ctx + T, device=dev)[None]

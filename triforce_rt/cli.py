@@ -74,14 +74,14 @@ def load_models(args):
     from retrieval_cache import use_kernel
 
     from .models import load_model
+    from .models.loader import check_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = args.device == "cuda"
     if not cuda and (args.offload or args.gpu_memory or args.cuda_graphs == "on"):
         raise UserError("--offload, --gpu-memory and --cuda-graphs on need --device cuda")
-    if cuda and not torch.cuda.is_available():
-        raise UserError("--device cuda requested but CUDA is not available")
+    check_device(args.device)  # before the memory cap, which needs CUDA
     try:
         use_kernel(args.attn)
         if args.gpu_memory:

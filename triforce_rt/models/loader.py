@@ -118,6 +118,13 @@ def from_state_dict(cfg: ModelConfig, sd: dict) -> Transformer:
 OFFLOADS = (None, "weights", "kv", "all")
 
 
+def check_device(device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but CUDA is not available")
+    return device
+
+
 def load_model(spec: str = "default", dtype=None, device=None, allow_pickle: bool = False,
                trust_remote_code: bool = False, offload: str | None = None, resident_layers: int = 0) -> Transformer:
     """Our Transformer for spec, in eval mode, with .tokenizer (transformers) attached.
@@ -130,9 +137,7 @@ def load_model(spec: str = "default", dtype=None, device=None, allow_pickle: boo
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    device = torch.device(device or "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda requested but CUDA is not available")
+    device = check_device(device or "cpu")
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise UserError(f"unknown dtype '{dtype}' (choose from {', '.join(DTYPES)})")
