@@ -265,3 +265,19 @@ def test_retrieval_budget_covering_the_prompt_is_full_attention():
     res = generate(target, prompt, GenerationConfig(max_new_tokens=30, ignore_eos=True, mode="self-spec", gamma2=4))
     tier = res.tiers[0]
     assert tier["name"] == "retrieval" and tier["accepted"] == tier["drafted"] > 0
+
+
+def test_triforce_ngram_drafter_drafts_where_the_lookup_finds_nothing():
+    """Row 0 repeats a phrase (the lookup matches), row 1 has no repeated bigram at first (the drafter drafts for it
+    instead): both rows are token-identical to ar, and both proposers' drafts reach the retrieval tier."""
+    target, drafter = random_pair(5, vocab=64)
+    repeat = list(itertools.islice(itertools.cycle(range(3, 20)), 60))
+    fresh = list(range(3, 63))  # 60 distinct tokens
+    cfg = GenerationConfig(max_new_tokens=24, ignore_eos=True, mode="triforce-ngram", budget=16, chunk_size=4,
+                           sinks=2, window=20, gamma1=3, gamma2=4)
+    res = generate_batch(target, [repeat, fresh], cfg, drafter=drafter)
+    ar = [generate(target, p, GenerationConfig(max_new_tokens=24, ignore_eos=True)).tokens for p in (repeat, fresh)]
+    assert [r.tokens for r in res] == ar
+    stats = {t["name"]: t for t in res[0].tiers}
+    assert [t["name"] for t in res[0].tiers] == ["drafter", "ngram", "retrieval", "target"]
+    assert stats["ngram"]["drafted"] > 0 and stats["drafter"]["drafted"] > 0

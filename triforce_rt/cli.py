@@ -44,7 +44,8 @@ def add_generation_args(p, mode: str, max_new_tokens: int = 128):
     p.add_argument("--mode", default=mode, choices=MODES,
                    help="ar: target only; triforce: drafter -> target+retrieval -> target; self-spec: "
                         "target+retrieval -> target; streaming-spec: target+StreamingLLM -> target; draft: drafter -> "
-                        "target; ngram: prompt lookup -> target; triforce-ngram: prompt lookup -> triforce")
+                        "target; ngram: prompt lookup -> target; triforce-ngram: prompt lookup (else the drafter) -> "
+                        "target+retrieval -> target")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -111,8 +112,8 @@ def add_spec_args(p):
     s.add_argument("--budget", type=int, help="retrieval cache tokens (default: 4096, at most 1/8 of the prompt; "
                                                "an explicit value is capped at the prompt)")
     s.add_argument("--chunk-size", type=int, default=d.chunk_size, help="retrieval chunk size")
-    s.add_argument("--gamma1", type=int, default=d.gamma1, help="drafter tokens per tier-2 verification (triforce); "
-                                                                "n-gram tokens per drafter step (triforce-ngram)")
+    s.add_argument("--gamma1", type=int, default=d.gamma1, help="drafter (or n-gram, triforce-ngram) tokens per "
+                                                                "tier-2 verification")
     s.add_argument("--gamma2", type=int, default=d.gamma2, help="tokens per target verification")
     s.add_argument("--sinks", type=int, default=d.sinks, help="StreamingLLM attention sinks")
     s.add_argument("--window", type=int, help="StreamingLLM window (default: 240 for a drafter, budget - sinks "

@@ -2,14 +2,15 @@
 
 generate() returns tokens, text and per-tier stats; on_token(id) streams each token as it is chosen.
 generate_batch() decodes several prompts together: every tier runs one forward per step for the whole batch.
-Modes (tiers cheapest first; "target" is the target model with its FullCache):
+Modes (tiers in hierarchy order, each drafting for the next; "target" is the target model with its FullCache):
   ar              target
   triforce        drafter + StreamingCache -> target + RetrievalCache -> target
   self-spec       target + RetrievalCache -> target
   streaming-spec  target + StreamingCache -> target      (MagicDec's self-speculation)
   draft           drafter + StreamingCache -> target     (classic speculative decoding)
   ngram           n-gram lookup -> target                 (prompt-lookup decoding)
-  triforce-ngram  n-gram lookup -> drafter -> target + RetrievalCache -> target
+  triforce-ngram  n-gram lookup, else drafter -> target + RetrievalCache -> target
+                  (tiers [drafter, ngram, retrieval, target]: the drafter drafts for the rows with no match)
 """
 import math
 import time
@@ -44,7 +45,7 @@ class GenerationConfig:
     prefill_chunk: int = 1024  # tokens per prefill forward: bounds the score matrix to chunk x context
     budget: int | None = None  # retrieval cache tokens, chunk 0 included; None: retrieval_budget()
     chunk_size: int = 8  # retrieval chunk c
-    gamma1: int = 4  # drafter tokens per tier-2 verification (triforce); n-gram tokens per drafter step (triforce-ngram)
+    gamma1: int = 4  # drafter (or n-gram, triforce-ngram) tokens per tier-2 verification
     gamma2: int = 6  # tokens per target verification (every speculative mode)
     ngram: int = 3  # longest n-gram the lookup tier matches (down to 2)
     sinks: int = 16  # StreamingLLM attention sinks
@@ -168,7 +169,8 @@ def retrieval_budget(cfg: GenerationConfig, prompt_len: int) -> int:
 
 
 def build_tiers(model, full, drafter, prompts: list, cfg: GenerationConfig) -> list:
-    """The tiers of cfg.mode, cheapest first, built after the target's prefill of prompts into `full`."""
+    """The tiers of cfg.mode in hierarchy order (the target last), built after the target's prefill of prompts
+    into `full`."""
     L, B, c = [len(p) for p in prompts], len(prompts), cfg.chunk_size
     dtype = getattr(torch, cfg.draft_dtype) if cfg.draft_dtype else None
     if dtype and model.weight_stream:
@@ -178,12 +180,12 @@ def build_tiers(model, full, drafter, prompts: list, cfg: GenerationConfig) -> l
     depth = cfg.gamma1 + cfg.gamma2 + 2  # most tokens a tier may hold past the committed sequence
     budget = retrieval_budget(cfg, max(L))  # one cache shape for the batch: sized by the longest prompt
     tiers = []
-    if cfg.mode in ("ngram", "triforce-ngram"):
-        gamma = cfg.gamma2 if cfg.mode == "ngram" else cfg.gamma1
-        tiers.append(NgramTier(model.config.vocab_size, gamma, full.max_len, max_n=cfg.ngram, batch=B))
     if cfg.mode in DRAFTER_MODES:
         gamma = cfg.gamma2 if cfg.mode == "draft" else cfg.gamma1
         tiers.append(drafter_tier(drafter and drafter.with_dtype(dtype), model, prompts, cfg, max(depth, 64), gamma))
+    if cfg.mode in ("ngram", "triforce-ngram"):  # in triforce-ngram the drafter below it drafts when it has no match
+        gamma = cfg.gamma2 if cfg.mode == "ngram" else cfg.gamma1
+        tiers.append(NgramTier(model.config.vocab_size, gamma, full.max_len, max_n=cfg.ngram, batch=B))
     if cfg.mode in ("triforce", "triforce-ngram", "self-spec"):
         # Selected from the full cache, scored with the last prompt token's query; the tail holds what follows.
         tail = (cfg.refresh or cfg.max_new_tokens) + 2 * depth

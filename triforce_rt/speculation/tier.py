@@ -16,7 +16,7 @@ from .verify import verify_sample
 @dataclass
 class TierStats:
     name: str
-    drafted: int = 0  # tokens this tier proposed to the tier above
+    drafted: int = 0  # tokens this tier proposed to the tier that verified them
     accepted: int = 0  # of those, the ones the tier above accepted
     rejected: int = 0  # verifications that rejected one of them (the drafts after a rejection are never examined)
     calls: int = 0  # forward calls (one per batch step)
