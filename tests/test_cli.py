@@ -86,6 +86,7 @@ def test_no_default_drafter_for_another_model(capsys, tiny_folder):
     (["--seq-len", "8"], "--seq-len > 16"),
     (["--layers", "0"], "--layers must be at least 1"),
     (["--target", "/no/such/model"], "model not found"),
+    (["--init", "/no/such/drafter"], "model not found"),
 ])
 def test_distill_bad_input_one_line_exit_2(capsys, argv, needle, tmp_path):
     rc, out, err = run_cli(capsys, "distill", "--out", str(tmp_path / "d"), *argv)

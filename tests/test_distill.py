@@ -43,6 +43,7 @@ def test_distill_is_deterministic(two_runs):
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert ma["agreement"] == mb["agreement"] and ma["positions"] > 0
+    assert ma["train_loss_last"] < ma["train_loss_first"]  # it learns
 
 
 def test_teacher_pass_is_cached(two_runs, tiny_folder, monkeypatch):
@@ -65,3 +66,29 @@ def test_distilled_drafter_loads_and_keeps_greedy_exact(two_runs, tiny_folder):
     for mode in ("draft", "triforce", "triforce-ngram"):
         res = generate(target, ids, GenerationConfig(mode=mode, budget=8, **cfg), drafter=drafter)
         assert res.tokens == ar.tokens, mode
+
+
+def test_distill_continues_from_a_drafter_on_longer_records(two_runs, tiny_folder):
+    """--init: training goes on from a drafter's weights and draft vocabulary with a longer --seq-len; the result's
+    context is the new length, and generation gives it the matching StreamingCache window by default."""
+    root, [(first, _), _] = two_runs
+    out = root / "continued"
+    cfg = tiny_cfg(tiny_folder, out, seq_len=48, tokens=480, epochs=1, init=str(first), layers=3, hidden=64)
+    distill(cfg, progress=False)
+    a, b = load_model(str(first)), load_model(str(out))
+    assert b.config.max_position_embeddings == 48 and a.config.max_position_embeddings == 32
+    assert b.config.num_hidden_layers == a.config.num_hidden_layers  # the shape comes from --init
+    assert torch.equal(a.vocab_ids, b.vocab_ids)
+    assert not torch.equal(a.layers[0].self_attn.q_proj.weight, b.layers[0].self_attn.q_proj.weight)
+    target = load_model(tiny_folder)
+    ids = target.tokenizer(stdlib_text("textwrap.py")).input_ids[:40]
+    ar = generate(target, ids, GenerationConfig(max_new_tokens=16, ignore_eos=True, sinks=4))
+    res = generate(target, ids, GenerationConfig(max_new_tokens=16, ignore_eos=True, sinks=4, mode="draft"), drafter=b)
+    assert res.tokens == ar.tokens
+
+
+def test_distill_init_must_be_a_distilled_drafter(tiny_folder, tmp_path):
+    from triforce_rt.errors import UserError
+
+    with pytest.raises(UserError, match="not a reduced-vocabulary drafter"):
+        distill(tiny_cfg(tiny_folder, tmp_path / "d", init=tiny_folder), progress=False)

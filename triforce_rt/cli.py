@@ -116,8 +116,8 @@ def add_spec_args(p):
                                                                 "tier-2 verification")
     s.add_argument("--gamma2", type=int, default=d.gamma2, help="tokens per target verification")
     s.add_argument("--sinks", type=int, default=d.sinks, help="StreamingLLM attention sinks")
-    s.add_argument("--window", type=int, help="StreamingLLM window (default: 240 for a drafter, budget - sinks "
-                                              "for streaming-spec)")
+    s.add_argument("--window", type=int, help="StreamingLLM window (default: the drafter's trained context - "
+                                              "sinks; budget - sinks for streaming-spec)")
     s.add_argument("--refresh", type=int, default=d.refresh, help="re-select the retrieval cache every N new "
                                                                   "tokens (0 = never)")
     s.add_argument("--ngram", type=int, default=d.ngram, help="longest n-gram the lookup tier matches (down to 2)")
@@ -178,6 +178,8 @@ def build_parser():
     d.add_argument("--lr", type=float, default=dc.lr)
     d.add_argument("--answer-frac", type=float, default=dc.answer_frac,
                    help="share of on-policy records: a chat prompt and the teacher's own answer")
+    d.add_argument("--init", metavar="DIR", help="continue from this distilled drafter (its layers, width and draft "
+                   "vocabulary; --layers, --hidden and --vocab are then ignored), e.g. on a longer --seq-len")
     d.add_argument("--out", default=dc.out, help="output folder (config.json, model.safetensors, tokenizer)")
     d.add_argument("--seed", type=int, default=dc.seed)
     d.add_argument("--threads", type=int, help="torch CPU threads")

@@ -30,7 +30,6 @@ from .speculation.tier import ragged
 MODES = ("ar", "triforce", "self-spec", "streaming-spec", "draft", "ngram", "triforce-ngram")
 DRAFTER_MODES = ("triforce", "draft", "triforce-ngram")
 DEFAULT_BUDGET = 4096  # retrieval tokens when the prompt is long enough (TriForce's setting)
-DRAFTER_WINDOW = 240  # with 16 sinks: TriForce's 256-token StreamingLLM cache for its tiny drafter
 
 
 @dataclass
@@ -49,7 +48,7 @@ class GenerationConfig:
     gamma2: int = 6  # tokens per target verification (every speculative mode)
     ngram: int = 3  # longest n-gram the lookup tier matches (down to 2)
     sinks: int = 16  # StreamingLLM attention sinks
-    window: int | None = None  # StreamingLLM window; None: 240 for a drafter, budget - sinks for streaming-spec
+    window: int | None = None  # StreamingLLM window; None: drafter context - sinks, budget - sinks for streaming-spec
     refresh: int = 0  # re-select the retrieval cache every N generated tokens; 0 = never (TriForce)
     draft_dtype: str | None = None  # dtype of the drafting tiers ("bfloat16", ...); None: the target's
 
@@ -145,7 +144,8 @@ def drafter_tier(drafter, target, prompts: list, cfg: GenerationConfig, max_step
     if drafter.config.vocab_size != target.config.vocab_size:
         raise UserError(f"the drafter's vocabulary ({drafter.config.vocab_size}) differs from the target's "
                         f"({target.config.vocab_size}); it must share the target's tokenizer")
-    S, W = cfg.sinks, cfg.window or DRAFTER_WINDOW
+    S = cfg.sinks
+    W = cfg.window or max(1, drafter.config.max_position_embeddings - S)  # the window its training records had
     if S + W > drafter.config.max_position_embeddings:
         raise UserError(f"sinks + window ({S + W}) exceed the drafter's context ({drafter.config.max_position_embeddings})")
     need = max(len(p) for p in prompts) + cfg.max_new_tokens + max_step

@@ -7,10 +7,11 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from ..errors import UserError
 from ..models.loader import cache_root, load_model
 from .teacher import label
 from .train import evaluate, init_student, pick_vocab, student_config, train
@@ -22,7 +23,7 @@ class DistillConfig:
     layers: int = 2
     hidden: int = 576
     tokens: int = 1_500_000  # teacher-labelled student positions (records = tokens / seq_len)
-    seq_len: int = 256  # student sequence: 16 sinks + 240 recent tokens, the drafter's StreamingCache at decode
+    seq_len: int = 256  # student sequence: sinks + recent tokens, the drafter's StreamingCache (window) at decode
     out: str = "drafter"
     seed: int = 0
     vocab: int = 6144  # reduced draft vocabulary
@@ -33,6 +34,7 @@ class DistillConfig:
     answer_frac: float = 0.4  # share of on-policy records (chat prompt + the teacher's own answer)
     new_tokens: int = 96  # answer length cap
     sinks: int = 16
+    init: str | None = None  # a drafter made by distill to continue from (its shape and draft vocabulary)
 
 
 def teacher_data(model, cfg: DistillConfig, part: str, records: int, progress: bool) -> dict:
@@ -78,25 +80,44 @@ def save(student, target, cfg: DistillConfig, metrics: dict) -> None:
         json.dump({"config": asdict(cfg), "heldout": metrics}, f, indent=2)
 
 
+def continued_student(path: str, teacher, seq_len: int):
+    """The drafter at path, in fp32 and trainable, its context set to seq_len: training goes on from its weights
+    and its draft vocabulary (e.g. on longer records, to widen the StreamingCache window it was trained for)."""
+    student = load_model(path, dtype=torch.float32)
+    if student.vocab_ids is None or student.config.vocab_size != teacher.config.vocab_size:
+        raise UserError(f"--init {path}: not a reduced-vocabulary drafter for this target (make one with `triforce "
+                        "distill`)")
+    student.config = replace(student.config, max_position_embeddings=seq_len)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return student.setup_rope()
+
+
 def distill(cfg: DistillConfig, progress: bool = True) -> dict:
     """Label, train, evaluate on held-out text and save; returns the held-out metrics."""
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = load_model(cfg.target, dtype="bfloat16", device=device)  # labels only: bf16 is 3x faster on CPU
+    student = continued_student(cfg.init, teacher, cfg.seq_len) if cfg.init else None  # checked before labelling
     records = max(cfg.batch, cfg.tokens // cfg.seq_len)
     t0 = time.perf_counter()
     data = teacher_data(teacher, cfg, "train", records, progress)
     held = teacher_data(teacher, cfg, "heldout", max(16, records // 20), progress)
     label_s = time.perf_counter() - t0
-    eos = set(teacher.config.eos_token_ids) | {teacher.tokenizer.eos_token_id}
-    vocab_ids = pick_vocab(data, cfg.vocab, {t for t in eos if t is not None})
-    scfg = student_config(teacher.config, cfg.layers, cfg.hidden, len(vocab_ids), cfg.seq_len)
-    student = init_student(teacher, scfg, vocab_ids, cfg.seed)
+    if student is None:
+        eos = set(teacher.config.eos_token_ids) | {teacher.tokenizer.eos_token_id}
+        vocab_ids = pick_vocab(data, cfg.vocab, {t for t in eos if t is not None})
+        scfg = student_config(teacher.config, cfg.layers, cfg.hidden, len(vocab_ids), cfg.seq_len)
+        student = init_student(teacher, scfg, vocab_ids, cfg.seed)
+    # the --init drafter's held-out agreement on these (longer) records, before it trains on them
+    init_agreement = evaluate(student.to(device), held, device)["agreement"] if cfg.init else None
     t0 = time.perf_counter()
-    train(student, data, cfg.epochs, cfg.batch, cfg.lr, cfg.seed, device, progress)
+    student, (loss_first, loss_last) = train(student, data, cfg.epochs, cfg.batch, cfg.lr, cfg.seed, device, progress)
     metrics = evaluate(student, held, device)
     metrics.update(teacher_seconds=round(label_s, 1), train_seconds=round(time.perf_counter() - t0, 1),
-                   train_positions=int(data["mask"].sum()),
-                   parameters=sum(p.numel() for p in student.parameters()))
+                   train_positions=int(data["mask"].sum()), parameters=sum(p.numel() for p in student.parameters()),
+                   train_loss_first=round(loss_first, 4), train_loss_last=round(loss_last, 4))
+    if cfg.init:
+        metrics["init_agreement"] = init_agreement
     save(student, teacher, cfg, metrics)
     return metrics

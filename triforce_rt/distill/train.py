@@ -69,7 +69,8 @@ def batch_loss(student, batch: dict, index: torch.Tensor, R: int) -> tuple:
 
 
 def train(student, data: dict, epochs: float, batch: int, lr: float, seed: int, device, progress: bool = True):
-    """AdamW with a linear warm-up and a cosine decay to 10%; bf16 autocast. Returns the final mean loss."""
+    """AdamW with a linear warm-up and a cosine decay to 10%; bf16 autocast. Returns the student (eval mode) and
+    the training loss (soft cross-entropy, a 2% moving average) after the first step and after the last."""
     student.to(device).train()
     index = student.vocab_index
     R = student.config.draft_vocab
@@ -82,7 +83,7 @@ def train(student, data: dict, epochs: float, batch: int, lr: float, seed: int, 
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
     g = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(N, generator=g) for _ in range(math.ceil(epochs) + 1)])
-    t0, seen, ema = time.perf_counter(), 0, None
+    t0, seen, ema, first = time.perf_counter(), 0, None, None
     with tqdm(total=steps, desc="distill", unit="step", disable=not progress) as bar:
         for s in range(steps):
             idx = order[s * batch : (s + 1) * batch]
@@ -97,9 +98,10 @@ def train(student, data: dict, epochs: float, batch: int, lr: float, seed: int, 
             seen += int(n)
             loss = float(loss.detach())
             ema = loss if ema is None else 0.98 * ema + 0.02 * loss
+            first = ema if first is None else first
             bar.update(1)
             bar.set_postfix(loss=f"{ema:.3f}", tok_s=f"{seen / (time.perf_counter() - t0):.0f}")
-    return student.eval()
+    return student.eval(), (first, ema)
 
 
 @torch.no_grad()
