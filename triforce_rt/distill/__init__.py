@@ -81,15 +81,13 @@ def save(student, target, cfg: DistillConfig, metrics: dict) -> None:
 
 
 def continued_student(path: str, teacher, seq_len: int):
-    """The drafter at path, in fp32 and trainable, its context set to seq_len: training goes on from its weights
-    and its draft vocabulary (e.g. on longer records, to widen the StreamingCache window it was trained for)."""
+    """The drafter at path in fp32 (its parameters load trainable), its context set to seq_len: training goes on
+    from its weights and draft vocabulary (e.g. on longer records, to widen the window it was trained for)."""
     student = load_model(path, dtype=torch.float32)
     if student.vocab_ids is None or student.config.vocab_size != teacher.config.vocab_size:
         raise UserError(f"--init {path}: not a reduced-vocabulary drafter for this target (make one with `triforce "
                         "distill`)")
     student.config = replace(student.config, max_position_embeddings=seq_len)
-    for p in student.parameters():
-        p.requires_grad_(True)
     return student.setup_rope()
 
 
