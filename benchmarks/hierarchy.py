@@ -3,6 +3,7 @@
 (256..2048) and refresh at 8K (--no-sweep skips it).
 
     python benchmarks/hierarchy.py [TAG] [--drafter PATH|default] [--draft-dtype bfloat16] [--prompt summarize]
+                                   [--refresh N]
 writes benchmarks/results/hierarchy-TAG.{json,md} (TAG defaults to cpu). One run, ratios within it.
 --prompt explain: "explain this code" over stdlib sources; summarize: "summarize" over the Python docs
 (Debian's python3.11-doc).
@@ -12,6 +13,7 @@ import json
 import os
 
 from triforce_rt.bench import PROMPTS, hierarchy_markdown, run_hierarchy
+from triforce_rt.engine import GenerationConfig
 from triforce_rt.models.loader import default_drafter
 
 if __name__ == "__main__":
@@ -22,17 +24,20 @@ if __name__ == "__main__":
     ap.add_argument("--contexts", type=int, nargs="+", default=[2048, 8064])
     ap.add_argument("--prompt", choices=sorted(PROMPTS), default="explain")
     ap.add_argument("--no-sweep", action="store_true", help="skip the budget x refresh sweep")
+    ap.add_argument("--refresh", type=int, default=GenerationConfig.refresh,
+                    help="retrieval refresh of the modes (the sweep sets its own)")
     args = ap.parse_args()
     drafter = default_drafter() if args.drafter == "default" else args.drafter
     modes = ("self-spec", "streaming-spec", "ngram") + (("draft", "triforce", "triforce-ngram") if drafter else ())
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"hierarchy-{args.tag}.json")
     sweep = {"budgets": ()} if args.no_sweep else {}
     report = run_hierarchy("default", tuple(args.contexts), 128, 2, modes, drafter, args.draft_dtype, out=path,
-                           prompt=args.prompt, **sweep)
+                           prompt=args.prompt, refresh=args.refresh, **sweep)
     argv = (([args.tag] if args.tag != "cpu" else []) + (["--drafter", args.drafter] if args.drafter else [])
             + (["--draft-dtype", args.draft_dtype] if args.draft_dtype else [])
             + (["--prompt", args.prompt] if args.prompt != "explain" else []) + (["--no-sweep"] if args.no_sweep else [])
-            + (["--contexts", *map(str, args.contexts)] if args.contexts != [2048, 8064] else []))
+            + (["--contexts", *map(str, args.contexts)] if args.contexts != [2048, 8064] else [])
+            + (["--refresh", str(args.refresh)] if args.refresh != GenerationConfig.refresh else []))
     cmd = " ".join(["python", "benchmarks/hierarchy.py"] + argv)
     with open(path[:-5] + ".md", "w") as f:
         f.write(f"Command: `{cmd}`\n\n{hierarchy_markdown(report)}\n")

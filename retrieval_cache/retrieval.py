@@ -5,6 +5,8 @@ Selection (TriForce): split each row's first L_b tokens into chunks of c; per la
 keep chunk 0 (the attention sink) and the best budget//c - 1 others, and gather them into a dense buffer.
 Keys keep the RoPE of their true positions, so relative distances stay exact.
 The tail holds tokens processed after selection, by position: tail slot j of row b is position L_b + j.
+Re-selection (a refresh) re-reads only the chunks at or past the last select's shortest row: a chunk wholly
+below every row's length holds committed tokens, which never change, so its mean key is kept.
 """
 import torch
 
@@ -13,7 +15,7 @@ from .rows import BatchRows
 
 
 class RetrievalCache(BatchRows):
-    ROWS = {"k": 1, "v": 1, "chunks": 1, "valid": 1, "base": 0}
+    ROWS = {"k": 1, "v": 1, "chunks": 1, "valid": 1, "base": 0, "mean_k": 1}
 
     def __init__(self, n_layers, n_kv_heads, head_dim, budget, chunk_size, tail, batch=1, dtype=torch.float32, device=None):
         if chunk_size < 1 or budget < chunk_size:
@@ -26,6 +28,9 @@ class RetrievalCache(BatchRows):
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.chunks = self.valid = self.base = None  # set by select
+        # Chunk-mean keys of the FullCache last selected from: [layers, B, Hkv, max_len // c, D], where `full` lives;
+        # chunks [0, final) hold committed tokens of every row and are not re-read.
+        self.mean_k, self.source, self.final = None, None, 0
         self.static = False  # shape-fixed, sync-free begin() (CUDA graphs): the whole tail is attended, masked
 
     @torch.no_grad()
@@ -52,20 +57,25 @@ class RetrievalCache(BatchRows):
             self.valid = torch.zeros(Lyr, B, Hkv, self.sel_len, dtype=torch.bool, device=own)
             self.base = torch.zeros(B, dtype=torch.long, device=own)
         self.chunks.zero_()
-        rows = torch.arange(B * Hkv, device=dev).view(B, Hkv, 1) * (max_len // c)
+        if full is not self.source or self.mean_k is None or self.mean_k.shape[1] != B or min(lengths) // c < self.final:
+            self.mean_k = full.k.new_zeros(Lyr, B, Hkv, max_len // c, D)
+            self.source, self.final = full, 0
+        lo = self.final  # chunks lo .. n_chunks-1 are (re)averaged
+        for layer in range(Lyr):  # one layer at a time: a first select reads every key
+            kc = full.k[layer].view(B, Hkv, max_len // c, c, D)[:, :, lo:n_chunks]
+            kc = kc * live[:, None, lo:, :, None]  # zero the stale slots past each row's length
+            self.mean_k[layer, :, :, lo:n_chunks] = kc.sum(3) / counts[:, None, lo:, None]
+        mean_k = self.mean_k[:, :, :, :n_chunks]  # [Lyr, B, Hkv, n_chunks, D]
+        score = torch.einsum("lbhgd,lbhnd->lbhn", q.reshape(Lyr, B, Hkv, G, D).to(dev, mean_k.dtype), mean_k)
+        score.masked_fill_(~live[None, :, None, :, 0], float("-inf"))  # chunks past a shorter row's end
+        score[..., 0] = float("inf")  # chunk 0 always kept
+        idx = score.topk(n_sel, dim=-1).indices.sort(dim=-1).values  # [Lyr, B, Hkv, n_sel]
+        self.chunks[..., :n_sel] = idx
+        # index_select over whole chunks, one layer at a time (small temporaries): flat id = (b*Hkv + h) * n + chunk
+        flat = (torch.arange(B * Hkv, device=dev).view(B, Hkv, 1) * (max_len // c) + idx).view(Lyr, -1)
         for layer in range(Lyr):
-            kc = full.k[layer].view(B, Hkv, max_len // c, c, D)[:, :, :n_chunks]
-            kc = kc * live[:, None, :, :, None]  # zero the stale slots past each row's length
-            mean_k = kc.sum(3) / counts[:, None, :, None]  # [B, Hkv, n_chunks, D]
-            score = torch.einsum("bhgd,bhnd->bhn", q[layer].view(B, Hkv, G, D).to(dev, mean_k.dtype), mean_k)
-            score.masked_fill_(~live[:, None, :, 0], float("-inf"))  # chunks past a shorter row's end
-            score[..., 0] = float("inf")  # chunk 0 always kept
-            idx = score.topk(n_sel, dim=-1).indices.sort(dim=-1).values  # [B, Hkv, n_sel]
-            self.chunks[layer, ..., :n_sel] = idx
-            # index_select over whole chunks: flat id = (b*Hkv + h) * chunks_per_row + chunk
-            flat = (rows + idx).reshape(-1)
             for src, dst in ((full.k, self.k), (full.v, self.v)):
-                g = src[layer].reshape(-1, c, D).index_select(0, flat)
+                g = src[layer].view(-1, c, D).index_select(0, flat[layer])
                 dst[layer, :, :, : n_sel * c] = g.view(B, Hkv, n_sel * c, D)
         # Gathered slots past a row's length (a partial last chunk, fewer chunks than n_sel) are masked.
         slot_pos = self.chunks[..., None] * c + torch.arange(c, device=own)  # [Lyr, B, Hkv, n_sel, c]
@@ -74,6 +84,7 @@ class RetrievalCache(BatchRows):
         self.valid[..., n_sel * c :] = False
         self.all_valid = bool(self.valid.all())  # a later keep() only drops rows, so it stays a safe answer
         self.base.copy_(L)
+        self.final = min(lengths) // c
 
     def begin(self, positions: torch.Tensor, rope) -> None:
         if self.chunks is None:

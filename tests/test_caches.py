@@ -125,6 +125,47 @@ def test_retrieval_selects_top_chunks_and_attends_like_masked_full(L, budget, c)
             assert torch.allclose(got[t, hq], want, atol=1e-5)
 
 
+def test_reselect_keeps_committed_chunk_means_and_equals_a_fresh_select():
+    """A refresh re-reads only chunks at or past the shortest row's length: it must select and gather exactly what a
+    new cache selecting from scratch does, after slots past the lengths were rewritten and after a row left."""
+    layers, c, g = 2, 4, torch.Generator().manual_seed(3)
+
+    def write(full, start, T, seed):  # both rows get new tokens at positions start .. start+T-1
+        q, k, v = (torch.randn(2, h, T, D, generator=torch.Generator().manual_seed(seed)) for h in (H_Q, H_KV, H_KV))
+        full.begin(torch.arange(start, start + T).expand(2, T), ROPE)
+        for layer in range(layers):
+            full.attend(layer, q, k, v)
+
+    def same(a, b):
+        assert torch.equal(a.chunks, b.chunks) and torch.equal(a.valid, b.valid) and torch.equal(a.base, b.base)
+        assert torch.equal(a.k[:, :, :, : a.sel_len], b.k[:, :, :, : b.sel_len])
+        assert torch.equal(a.v[:, :, :, : a.sel_len], b.v[:, :, :, : b.sel_len])
+
+    full = FullCache(layers, H_KV, D, max_len=64, batch=2)
+    write(full, 0, 30, seed=1)
+    rc = RetrievalCache(layers, H_KV, D, budget=12, chunk_size=c, tail=4, batch=2)
+    rc.select(full, [21, 13], torch.randn(layers, 2, H_Q, D, generator=g))
+    write(full, 21, 15, seed=2)  # rewrites slots past both lengths (rejected drafts, then accepted tokens)
+    for lengths in ([30, 20], [36, 33]):
+        q = torch.randn(layers, 2, H_Q, D, generator=g)
+        fresh = RetrievalCache(layers, H_KV, D, budget=12, chunk_size=c, tail=4, batch=2)
+        rc.select(full, lengths, q)
+        fresh.select(full, lengths, q)
+        same(rc, fresh)
+    assert rc.final == 33 // c
+    full.keep([1])
+    rc.keep([1])
+    write_one = torch.arange(36, 40)[None]
+    full.begin(write_one, ROPE)
+    for layer in range(layers):
+        full.attend(layer, *(torch.randn(1, h, 4, D, generator=g) for h in (H_Q, H_KV, H_KV)))
+    q = torch.randn(layers, 1, H_Q, D, generator=g)
+    fresh = RetrievalCache(layers, H_KV, D, budget=12, chunk_size=c, tail=4)
+    rc.select(full, [40], q)
+    fresh.select(full, [40], q)
+    same(rc, fresh)
+
+
 def test_rejected_slots_are_invisible_until_rewritten():
     """A FullCache query at position p sees slots <= p only: a rejected draft's keys past p change nothing."""
     L = 20

@@ -236,8 +236,9 @@ def test_rollback_leaves_exactly_the_accepted_prefix(mode):
     """Three rows decode together; after every round each row's caches hold exactly its own accepted prefix."""
     target, drafter = random_pair(7, vocab=64, sharpen=20.0)
     prompt = torch.randint(0, 64, (50,), generator=torch.Generator().manual_seed(1)).tolist()
+    # refresh=0 sizes the retrieval tail for every new token: this test refreshes by hand, every 4 rounds.
     cfg = GenerationConfig(max_new_tokens=60, mode=mode, budget=16, chunk_size=4, sinks=2, window=10, gamma1=3,
-                           gamma2=5, temperature=1.0)
+                           gamma2=5, temperature=1.0, refresh=0)
     B = 3
     tiers = start(target, drafter, prompt[:-1], cfg, batch=B)
     hierarchy = Hierarchy(tiers, cfg.sampling, torch.Generator().manual_seed(2))

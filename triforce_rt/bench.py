@@ -1,6 +1,6 @@
 """Benchmarks on real text (stdlib sources), each measured in one run: AR decode against HF transformers
-`generate` (run_ar_vs_hf), every speculative mode against AR (run_hierarchy), and batched decoding against the
-same sequences one at a time (run_batch).
+`generate` (run_ar_vs_hf), every speculative mode against AR (run_hierarchy), retrieval refresh across documents
+(run_refresh), and batched decoding against the same sequences one at a time (run_batch).
 
 HF decode tokens/s = (N - 1) / (t(N new tokens) - t(1 new token)), the prefill cancelling out;
 ours comes from the engine's own prefill/decode split. Both are greedy fp32, so their tokens must agree.
@@ -108,10 +108,10 @@ def markdown(report: dict) -> str:
 
 def run_hierarchy(spec="default", contexts=(2048, 8064), new_tokens=128, threads=2, modes=("self-spec", "streaming-spec"),
                   drafter=None, draft_dtype=None, budgets=(256, 512, 1024, 2048), refreshes=(0, 1, 8, 32), out=None,
-                  prompt="explain") -> dict:
-    """Every mode against ar on one prefill per context (greedy, fp32 target), then at the longest context the
-    retrieval tier's acceptance against budget and refresh (skipped when budgets is empty). Tier times give each
-    step's cost (cost model). prompt: a key of PROMPTS, about held-out text."""
+                  prompt="explain", refresh=GenerationConfig.refresh) -> dict:
+    """Every mode against ar on one prefill per context (greedy, fp32 target, the modes at `refresh`), then at the
+    longest context the retrieval tier's acceptance against budget and refresh (skipped when budgets is empty).
+    Tier times give each step's cost (cost model). prompt: a key of PROMPTS, about held-out text."""
     torch.set_num_threads(threads)
     model = load_model(spec, dtype=torch.float32)
     draft = load_model(drafter, dtype=torch.float32) if drafter else None
@@ -119,14 +119,14 @@ def run_hierarchy(spec="default", contexts=(2048, 8064), new_tokens=128, threads
     ids_all = heldout_ids(model.tokenizer, max(contexts), source)
     generate(model, ids_all[:64], GenerationConfig(max_new_tokens=4, ignore_eos=True))  # warm-up
     report = {"benchmark": "hierarchy", "prompt": f"{instruction!r} + held-out {source} text, chat template", "model": spec,
-              "dtype": "float32", "draft_dtype": draft_dtype or "float32", "drafter": drafter,
+              "dtype": "float32", "draft_dtype": draft_dtype or "float32", "drafter": drafter, "refresh": refresh,
               "new_tokens": new_tokens, "machine": machine(), "modes": [], "sweep": [],
               "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
     for n_ctx in contexts:
         ids = chat_prompt(model.tokenizer, instruction, ids_all, n_ctx)
         full, logits, state = prefilled(model, [ids], new_tokens)
         run = lambda **kw: rerun(model, full, logits, state, [ids], GenerationConfig(
-            max_new_tokens=new_tokens, ignore_eos=True, draft_dtype=draft_dtype, **kw), draft)[0]
+            max_new_tokens=new_tokens, ignore_eos=True, draft_dtype=draft_dtype, **{"refresh": refresh, **kw}), draft)[0]
         ar = run(mode="ar")
         kv = 2 * full.k[:, :, :, :n_ctx].numel() * full.k.element_size()
         report["modes"].append(mode_row(n_ctx, ar, ar, kv))
@@ -148,8 +148,67 @@ def run_hierarchy(spec="default", contexts=(2048, 8064), new_tokens=128, threads
     return report
 
 
+def run_refresh(spec="default", contexts=(2048, 8064), docs=3, new_tokens=128, threads=2,
+                modes=("self-spec", "triforce", "triforce-ngram"), refreshes=(0, 1), drafter=None,
+                prompts=("explain", "summarize"), out=None) -> dict:
+    """Each mode at each retrieval refresh against AR (greedy, fp32, default budget), on `docs` documents per
+    prompt: document i is the held-out text from token i * max(contexts) on, cut to each context."""
+    torch.set_num_threads(threads)
+    model = load_model(spec, dtype=torch.float32)
+    draft = load_model(drafter, dtype=torch.float32) if drafter else None
+    generate(model, list(range(1, 65)), GenerationConfig(max_new_tokens=4, ignore_eos=True))  # warm-up
+    report = {"benchmark": "refresh", "model": spec, "dtype": "float32", "drafter": drafter, "new_tokens": new_tokens,
+              "machine": machine(), "rows": []}
+    span = max(contexts)
+    for prompt in prompts:
+        instruction, source = PROMPTS[prompt]
+        text = heldout_ids(model.tokenizer, docs * span, source)
+        for doc in range(docs):
+            for n_ctx in contexts:
+                ids = chat_prompt(model.tokenizer, instruction, text[doc * span :], n_ctx)
+                full, logits, state = prefilled(model, [ids], new_tokens)
+                run = lambda **kw: rerun(model, full, logits, state, [ids], GenerationConfig(
+                    max_new_tokens=new_tokens, ignore_eos=True, **kw), draft)[0]
+                ar = run(mode="ar")
+                for mode in modes:
+                    for refresh in refreshes:
+                        row = mode_row(n_ctx, run(mode=mode, refresh=refresh), ar, 0)
+                        del row["kv_bytes"]
+                        report["rows"].append({"prompt": prompt, "doc": doc, "refresh": refresh, **row})
+                del full
+    publish(report, refresh_markdown, out)
+    return report
+
+
+def refresh_markdown(report: dict) -> str:
+    """Per context, mode and refresh: speed against AR over every document (geometric mean, min, max) and the
+    retrieval tier's mean α; then every row."""
+    m, rows = report["machine"], report["rows"]
+    tier_alpha = lambda r, name: next((t["alpha"] for t in r["tiers"] if t["name"] == name), None)
+    n_docs = len({(r["prompt"], r["doc"]) for r in rows})
+    lines = [f"Retrieval refresh, {report['model']} {report['dtype']}, greedy, {report['new_tokens']} new tokens, "
+             f"default budget, {n_docs} documents, {m['cpu']}, {m['threads']} threads, torch {m['torch']}. "
+             "Refresh N re-selects the retrieval cache after every round that ends N or more tokens after the last "
+             "selection (0: once, after prefill).", "",
+             "| context | mode | refresh | vs ar: geo-mean | min | max | retrieval α (mean) | all identical |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key in dict.fromkeys((r["context"], r["mode"], r["refresh"]) for r in rows):
+        group = [r for r in rows if (r["context"], r["mode"], r["refresh"]) == key]
+        ratios = [r["vs_ar"] for r in group]
+        geo = math.exp(sum(map(math.log, ratios)) / len(ratios))
+        a = sum(tier_alpha(r, "retrieval") for r in group) / len(group)
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {geo:.2f}x | {min(ratios)}x | {max(ratios)}x | {a:.2f} "
+                     f"| {all(r['tokens_identical'] for r in group)} |")
+    lines += ["", "| prompt | doc | context | mode | refresh | tok/s | vs ar | tiers: α, ms/call |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['prompt']} | {r['doc']} | {r['context']} | {r['mode']} | {r['refresh']} | {r['tok_s']} "
+                     f"| {r['vs_ar']}x | {tiers_text(r['tiers'])} |")
+    return "\n".join(lines)
+
+
 def run_batch(spec="default", contexts=(4096, 8064), batch=4, new_tokens=64, threads=2,
-              modes=("ar", "self-spec", "streaming-spec", "triforce"), drafter=None, prompt="summarize", out=None) -> dict:
+              modes=("ar", "self-spec", "streaming-spec", "triforce"), drafter=None, prompt="summarize", out=None,
+              refresh=GenerationConfig.refresh) -> dict:
     """Throughput of `batch` sequences decoded together against the same sequences one at a time, per mode, from
     one prefill each (greedy, fp32, ignore_eos). Throughput = all new tokens / decode seconds (the batch's, or
     the sum of the sequential runs'). Each context's prompts are chat requests about `batch` consecutive
@@ -160,12 +219,12 @@ def run_batch(spec="default", contexts=(4096, 8064), batch=4, new_tokens=64, thr
     instruction, source = PROMPTS[prompt]
     generate_batch(model, [[1, 2, 3]] * 2, GenerationConfig(max_new_tokens=4, ignore_eos=True))  # warm-up
     report = {"benchmark": "batch", "prompt": f"{instruction!r} + held-out {source} text, chat template", "model": spec,
-              "dtype": "float32", "drafter": drafter, "batch": batch, "new_tokens": new_tokens, "machine": machine(),
-              "rows": []}
+              "dtype": "float32", "drafter": drafter, "batch": batch, "new_tokens": new_tokens, "refresh": refresh,
+              "machine": machine(), "rows": []}
     for n_ctx in contexts:
         doc = heldout_ids(model.tokenizer, batch * n_ctx, source)
         prompts = [chat_prompt(model.tokenizer, instruction, doc[i * n_ctx :], n_ctx) for i in range(batch)]
-        cfg = lambda mode: GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True, mode=mode)
+        cfg = lambda mode: GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True, mode=mode, refresh=refresh)
         alone = {m: [] for m in modes}
         for ids in prompts:
             full, logits, state = prefilled(model, [ids], new_tokens)
@@ -191,19 +250,24 @@ def run_batch(spec="default", contexts=(4096, 8064), batch=4, new_tokens=64, thr
     return report
 
 
+def tiers_text(tiers: list) -> str:
+    """'name α 0.93, 3.1 ms; ...' for a row's tiers."""
+    return "; ".join(f"{t['name']} " + (f"α {t['alpha']:.2f}, " if t["alpha"] is not None else "")
+                     + f"{t['ms_per_call']} ms" for t in tiers)
+
+
 def batch_markdown(report: dict) -> str:
     m, B = report["machine"], report["batch"]
     lines = [f"Batched decoding, {B} sequences, {report['model']} {report['dtype']}, greedy, {report['new_tokens']} new "
-             f"tokens each, {m['cpu']}, {m['threads']} threads, torch {m['torch']}. Throughput = new tokens of all "
-             f"{B} sequences / decode seconds; sequential = the same {B} prompts one at a time.", "",
+             f"tokens each, retrieval refresh {report['refresh']}, {m['cpu']}, {m['threads']} threads, "
+             f"torch {m['torch']}. Throughput = new tokens of all {B} sequences / decode seconds; sequential = the "
+             f"same {B} prompts one at a time.", "",
              "| context | mode | sequential tok/s | batched tok/s | batched vs sequential | vs sequential ar "
              "| identical to ar | batched tiers: α, ms/step |", "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
-        tiers = "; ".join(f"{t['name']} " + (f"α {t['alpha']:.2f}, " if t["alpha"] is not None else "")
-                          + f"{t['ms_per_call']} ms" for t in r["tiers"])
         lines.append(f"| {B}x{r['context']} | {r['mode']} | {r['sequential_tok_s']} | {r['batched_tok_s']} "
                      f"| {r['batched_vs_sequential']}x | {r['batched_vs_sequential_ar']}x | {r['tokens_identical']} "
-                     f"| {tiers} |")
+                     f"| {tiers_text(r['tiers'])} |")
     return "\n".join(lines)
 
 
@@ -271,7 +335,7 @@ def mode_row(n_ctx, res, ar, kv_bytes) -> dict:
 def hierarchy_markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"Hierarchy, {report['model']} {report['dtype']} (drafting tiers {report['draft_dtype']}), greedy, "
-             f"{report['new_tokens']} new tokens, {m['cpu']}, {m['threads']} threads, torch {m['torch']}. "
+             f"{report['new_tokens']} new tokens, retrieval refresh {report['refresh']}, {m['cpu']}, {m['threads']} threads, torch {m['torch']}. "
              f"Weights {report['weights_bytes'] / 1e6:.0f} MB.", "",
              "| context | mode | tok/s | vs ar | identical | tok/target call | tiers: accepted/drafted, α, ms/call |",
              "|---|---|---|---|---|---|---|"]

@@ -118,8 +118,10 @@ def add_spec_args(p):
     s.add_argument("--sinks", type=int, default=d.sinks, help="StreamingLLM attention sinks")
     s.add_argument("--window", type=int, help="StreamingLLM window (default: the drafter's trained context - "
                                               "sinks; budget - sinks for streaming-spec)")
-    s.add_argument("--refresh", type=int, default=d.refresh, help="re-select the retrieval cache every N new "
-                                                                  "tokens (0 = never)")
+    s.add_argument("--refresh", type=int, default=d.refresh, help="re-select the retrieval cache after each round "
+                                                                  "that ends N or more new tokens after the last "
+                                                                  "selection (default 1: every round; 0 = never, "
+                                                                  "as TriForce)")
     s.add_argument("--ngram", type=int, default=d.ngram, help="longest n-gram the lookup tier matches (down to 2)")
     s.add_argument("--draft-dtype", choices=DTYPE_NAMES, help="dtype of the drafting tiers (default: the target's); "
                                                               "verification keeps the output exact")

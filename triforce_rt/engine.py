@@ -49,7 +49,7 @@ class GenerationConfig:
     ngram: int = 3  # longest n-gram the lookup tier matches (down to 2)
     sinks: int = 16  # StreamingLLM attention sinks
     window: int | None = None  # StreamingLLM window; None: drafter context - sinks, budget - sinks for streaming-spec
-    refresh: int = 0  # re-select the retrieval cache every N generated tokens; 0 = never (TriForce)
+    refresh: int = 1  # re-select the retrieval cache once N tokens followed the last selection; 0 = never (TriForce)
     draft_dtype: str | None = None  # dtype of the drafting tiers ("bfloat16", ...); None: the target's
 
     @property
