@@ -57,7 +57,7 @@ class RetrievalCache(BatchRows):
             self.valid = torch.zeros(Lyr, B, Hkv, self.sel_len, dtype=torch.bool, device=own)
             self.base = torch.zeros(B, dtype=torch.long, device=own)
         self.chunks.zero_()
-        if full is not self.source or self.mean_k is None or self.mean_k.shape[1] != B or min(lengths) // c < self.final:
+        if full is not self.source or self.mean_k.shape[1] != B or min(lengths) // c < self.final:
             self.mean_k = full.k.new_zeros(Lyr, B, Hkv, max_len // c, D)
             self.source, self.final = full, 0
         lo = self.final  # chunks lo .. n_chunks-1 are (re)averaged

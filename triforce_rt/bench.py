@@ -335,8 +335,8 @@ def mode_row(n_ctx, res, ar, kv_bytes) -> dict:
 def hierarchy_markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"Hierarchy, {report['model']} {report['dtype']} (drafting tiers {report['draft_dtype']}), greedy, "
-             f"{report['new_tokens']} new tokens, retrieval refresh {report['refresh']}, {m['cpu']}, {m['threads']} threads, torch {m['torch']}. "
-             f"Weights {report['weights_bytes'] / 1e6:.0f} MB.", "",
+             f"{report['new_tokens']} new tokens, retrieval refresh {report['refresh']}, {m['cpu']}, {m['threads']} "
+             f"threads, torch {m['torch']}. Weights {report['weights_bytes'] / 1e6:.0f} MB.", "",
              "| context | mode | tok/s | vs ar | identical | tok/target call | tiers: accepted/drafted, α, ms/call |",
              "|---|---|---|---|---|---|---|"]
     for r in report["modes"]:
