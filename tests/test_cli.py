@@ -87,6 +87,7 @@ def test_no_default_drafter_for_another_model(capsys, tiny_folder):
     (["--layers", "0"], "--layers must be at least 1"),
     (["--target", "/no/such/model"], "model not found"),
     (["--init", "/no/such/drafter"], "model not found"),
+    (["--copy-layers", "0,x"], "expected 'none', 'first' or target layer numbers"),
 ])
 def test_distill_bad_input_one_line_exit_2(capsys, argv, needle, tmp_path):
     rc, out, err = run_cli(capsys, "distill", "--out", str(tmp_path / "d"), *argv)

@@ -92,3 +92,52 @@ def test_distill_init_must_be_a_distilled_drafter(tiny_folder, tmp_path):
 
     with pytest.raises(UserError, match="not a reduced-vocabulary drafter"):
         distill(tiny_cfg(tiny_folder, tmp_path / "d", init=tiny_folder), progress=False)
+
+
+def test_student_starts_from_the_listed_target_layers(tiny_folder):
+    """At the target's width the student's layers are copies of the listed target layers, with the target's
+    attention and MLP shapes (the tiny target has 2 KV heads; a student of its own shape would have 1)."""
+    from triforce_rt.distill.train import copied_layers, init_student, student_config
+
+    target = load_model(tiny_folder)
+    tc = target.config
+    picked = copied_layers("1,0,1", 2, tc.hidden_size, tc.num_hidden_layers, tc.hidden_size)
+    assert picked == [1, 0, 1]
+    vocab_ids = torch.arange(0, tc.vocab_size, 2)
+    student = init_student(target, student_config(tc, 3, tc.hidden_size, len(vocab_ids), 32, copied=True),
+                           vocab_ids, 0, picked)
+    for mine, theirs in zip(student.layers, picked):
+        for (name, a), b in zip(mine.state_dict().items(), target.layers[theirs].state_dict().values()):
+            assert torch.equal(a, b), name
+    own = student_config(tc, 3, tc.hidden_size, len(vocab_ids), 32, copied=False)
+    assert own.num_key_value_heads != tc.num_key_value_heads == student.config.num_key_value_heads
+    assert copied_layers("first", 2, tc.hidden_size, 2, tc.hidden_size) == [0, 1]
+    assert copied_layers("none", 2, tc.hidden_size, 2, tc.hidden_size) == []
+
+
+def test_distill_from_target_layers_keeps_greedy_exact(tiny_folder, tmp_path):
+    out = tmp_path / "copied"
+    metrics = distill(tiny_cfg(tiny_folder, out, hidden=64, copy_layers="1"), progress=False)
+    assert metrics["train_loss_last"] < metrics["train_loss_first"]
+    drafter, target = load_model(str(out)), load_model(tiny_folder)
+    assert drafter.config.num_hidden_layers == 1  # the list sets the depth (--layers 1 here anyway)
+    assert drafter.config.num_key_value_heads == target.config.num_key_value_heads
+    ids = target.tokenizer(stdlib_text("textwrap.py")).input_ids[:24]
+    cfg = dict(max_new_tokens=24, ignore_eos=True, sinks=4, window=20)
+    ar = generate(target, ids, GenerationConfig(**cfg))
+    res = generate(target, ids, GenerationConfig(mode="triforce", budget=8, **cfg), drafter=drafter)
+    assert res.tokens == ar.tokens
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(copy_layers="0,x"), "expected 'none', 'first' or target layer numbers"),
+    (dict(copy_layers="0,5", hidden=64), "the target has layers 0 to 1"),
+    (dict(copy_layers="first", layers=3, hidden=64), "the target has layers 0 to 1"),
+    (dict(copy_layers="0", hidden=32), "needs --hidden 64"),
+    (dict(copy_layers="first", hidden=32), "needs --hidden 64"),
+])
+def test_distill_copy_layers_bad_input(tiny_folder, tmp_path, kw, needle):
+    from triforce_rt.errors import UserError
+
+    with pytest.raises(UserError, match=needle):
+        distill(tiny_cfg(tiny_folder, tmp_path / "d", **kw), progress=False)

@@ -1,6 +1,7 @@
 """Benchmarks on real text (stdlib sources), each measured in one run: AR decode against HF transformers
 `generate` (run_ar_vs_hf), every speculative mode against AR (run_hierarchy), retrieval refresh across documents
-(run_refresh), and batched decoding against the same sequences one at a time (run_batch).
+(run_refresh), drafters side by side (run_drafters), and batched decoding against the same sequences one at a
+time (run_batch).
 
 HF decode tokens/s = (N - 1) / (t(N new tokens) - t(1 new token)), the prefill cancelling out;
 ours comes from the engine's own prefill/decode split. Both are greedy fp32, so their tokens must agree.
@@ -10,6 +11,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sysconfig
 import time
 
@@ -124,14 +126,12 @@ def run_hierarchy(spec="default", contexts=(2048, 8064), new_tokens=128, threads
               "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
     for n_ctx in contexts:
         ids = chat_prompt(model.tokenizer, instruction, ids_all, n_ctx)
-        full, logits, state = prefilled(model, [ids], new_tokens)
-        run = lambda **kw: rerun(model, full, logits, state, [ids], GenerationConfig(
-            max_new_tokens=new_tokens, ignore_eos=True, draft_dtype=draft_dtype, **{"refresh": refresh, **kw}), draft)[0]
+        run, full = one_prefill(model, ids, new_tokens, draft_dtype=draft_dtype, refresh=refresh)
         ar = run(mode="ar")
         kv = 2 * full.k[:, :, :, :n_ctx].numel() * full.k.element_size()
         report["modes"].append(mode_row(n_ctx, ar, ar, kv))
         for mode in modes:
-            report["modes"].append(mode_row(n_ctx, run(mode=mode), ar, kv))
+            report["modes"].append(mode_row(n_ctx, run(draft, mode=mode), ar, kv))
         if n_ctx == max(contexts):
             for budget in budgets:
                 for refresh in refreshes:
@@ -159,23 +159,14 @@ def run_refresh(spec="default", contexts=(2048, 8064), docs=3, new_tokens=128, t
     generate(model, list(range(1, 65)), GenerationConfig(max_new_tokens=4, ignore_eos=True))  # warm-up
     report = {"benchmark": "refresh", "model": spec, "dtype": "float32", "drafter": drafter, "new_tokens": new_tokens,
               "machine": machine(), "rows": []}
-    span = max(contexts)
-    for prompt in prompts:
-        instruction, source = PROMPTS[prompt]
-        text = heldout_ids(model.tokenizer, docs * span, source)
-        for doc in range(docs):
-            for n_ctx in contexts:
-                ids = chat_prompt(model.tokenizer, instruction, text[doc * span :], n_ctx)
-                full, logits, state = prefilled(model, [ids], new_tokens)
-                run = lambda **kw: rerun(model, full, logits, state, [ids], GenerationConfig(
-                    max_new_tokens=new_tokens, ignore_eos=True, **kw), draft)[0]
-                ar = run(mode="ar")
-                for mode in modes:
-                    for refresh in refreshes:
-                        row = mode_row(n_ctx, run(mode=mode, refresh=refresh), ar, 0)
-                        del row["kv_bytes"]
-                        report["rows"].append({"prompt": prompt, "doc": doc, "refresh": refresh, **row})
-                del full
+    for prompt, doc, n_ctx, ids in documents(model.tokenizer, contexts, docs, prompts):
+        run, _ = one_prefill(model, ids, new_tokens)
+        ar = run(mode="ar")
+        for mode in modes:
+            for refresh in refreshes:
+                row = mode_row(n_ctx, run(draft, mode=mode, refresh=refresh), ar, 0)
+                del row["kv_bytes"]
+                report["rows"].append({"prompt": prompt, "doc": doc, "refresh": refresh, **row})
     publish(report, refresh_markdown, out)
     return report
 
@@ -202,6 +193,57 @@ def refresh_markdown(report: dict) -> str:
     lines += ["", "| prompt | doc | context | mode | refresh | tok/s | vs ar | tiers: α, ms/call |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['prompt']} | {r['doc']} | {r['context']} | {r['mode']} | {r['refresh']} | {r['tok_s']} "
+                     f"| {r['vs_ar']}x | {tiers_text(r['tiers'])} |")
+    return "\n".join(lines)
+
+
+def run_drafters(drafters: dict, spec="default", contexts=(2048, 8064), docs=3, new_tokens=128, threads=2,
+                 modes=("draft", "triforce"), prompts=("explain", "summarize"), out=None) -> dict:
+    """Drafters side by side ({label: path}), each in each mode at default settings against AR, on the documents of
+    run_refresh: the drafter tier's α (against the target in draft, against tier 2 in triforce) and its cost."""
+    torch.set_num_threads(threads)
+    model = load_model(spec, dtype=torch.float32)
+    loaded = {name: load_model(path, dtype=torch.float32) for name, path in drafters.items()}
+    generate(model, list(range(1, 65)), GenerationConfig(max_new_tokens=4, ignore_eos=True))  # warm-up
+    report = {"benchmark": "drafters", "model": spec, "dtype": "float32", "drafters": drafters,
+              "new_tokens": new_tokens, "machine": machine(), "rows": []}
+    for prompt, doc, n_ctx, ids in documents(model.tokenizer, contexts, docs, prompts):
+        run, _ = one_prefill(model, ids, new_tokens)
+        ar = run(mode="ar")
+        for name, drafter in loaded.items():
+            for mode in modes:
+                row = mode_row(n_ctx, run(drafter, mode=mode), ar, 0)
+                del row["kv_bytes"]
+                report["rows"].append({"prompt": prompt, "doc": doc, "drafter": name, **row})
+    publish(report, drafters_markdown, out)
+    return report
+
+
+def drafters_markdown(report: dict) -> str:
+    """Per context, mode and drafter: the drafter tier's α over the documents (median, min, max), its mean cost
+    per call and its largest share of an AR step (AR step = 1000 · vs_ar / tok_s ms), and speed against AR
+    (geometric mean); then every row."""
+    m, rows = report["machine"], report["rows"]
+    n_docs = len({(r["prompt"], r["doc"]) for r in rows})
+    tier = lambda r: next(t for t in r["tiers"] if t["name"] == "drafter")
+    lines = [f"Drafters, {report['model']} {report['dtype']}, greedy, {report['new_tokens']} new tokens, default "
+             f"settings, {n_docs} documents, {m['cpu']}, {m['threads']} threads, torch {m['torch']}. Drafters: "
+             + ", ".join(f"{k} = `{v}`" for k, v in report["drafters"].items()) + ". The drafter's α is against "
+             "the target in draft and against tier 2 (the target on its retrieval cache) in triforce.", "",
+             "| context | mode | drafter | drafter α: median | min | max | ms/drafter call | max share of an AR step "
+             "| vs ar: geo-mean | all identical |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for key in dict.fromkeys((r["context"], r["mode"], r["drafter"]) for r in rows):
+        group = [r for r in rows if (r["context"], r["mode"], r["drafter"]) == key]
+        a = sorted(tier(r)["alpha"] for r in group)
+        ms = sum(tier(r)["ms_per_call"] for r in group) / len(group)
+        share = max(tier(r)["ms_per_call"] * r["tok_s"] / (1000 * r["vs_ar"]) for r in group)
+        geo = math.exp(sum(math.log(r["vs_ar"]) for r in group) / len(group))
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {statistics.median(a):.2f} | {a[0]:.2f} | {a[-1]:.2f} "
+                     f"| {ms:.1f} | {100 * share:.0f}% | {geo:.2f}x | {all(r['tokens_identical'] for r in group)} |")
+    lines += ["", "| prompt | doc | context | drafter | mode | tok/s | vs ar | tiers: α, ms/call |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['prompt']} | {r['doc']} | {r['context']} | {r['drafter']} | {r['mode']} | {r['tok_s']} "
                      f"| {r['vs_ar']}x | {tiers_text(r['tiers'])} |")
     return "\n".join(lines)
 
@@ -317,6 +359,29 @@ def rerun(model, full, logits, state, prompts: list, cfg, drafter) -> list:
     full.k, full.v, q = state
     full.last_q = q.clone()
     return decode(model, full, logits, prompts, cfg, drafter=drafter)
+
+
+def one_prefill(model, ids: list, new_tokens: int, **fixed):
+    """run(drafter=None, **kw): a greedy, ignore_eos decode of new_tokens from one prefill of ids, with the
+    settings `fixed` and kw over them; and the target's cache."""
+    full, logits, state = prefilled(model, [ids], new_tokens)
+
+    def run(drafter=None, **kw):
+        cfg = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True, **{**fixed, **kw})
+        return rerun(model, full, logits, state, [ids], cfg, drafter)[0]
+    return run, full
+
+
+def documents(tokenizer, contexts, docs: int, prompts):
+    """(prompt, doc, context, ids) for run_refresh and run_drafters: document i of a prompt is the held-out text
+    from token i * max(contexts) on, cut to each context inside the prompt's chat request."""
+    span = max(contexts)
+    for prompt in prompts:
+        instruction, source = PROMPTS[prompt]
+        text = heldout_ids(tokenizer, docs * span, source)
+        for doc in range(docs):
+            for n_ctx in contexts:
+                yield prompt, doc, n_ctx, chat_prompt(tokenizer, instruction, text[doc * span :], n_ctx)
 
 
 def mode_row(n_ctx, res, ar, kv_bytes) -> dict:

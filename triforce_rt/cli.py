@@ -180,8 +180,12 @@ def build_parser():
     d.add_argument("--lr", type=float, default=dc.lr)
     d.add_argument("--answer-frac", type=float, default=dc.answer_frac,
                    help="share of on-policy records: a chat prompt and the teacher's own answer")
+    d.add_argument("--copy-layers", default=dc.copy_layers, metavar="none|first|I,J,...",
+                   help="start the student's layers as copies of these target layers (first: its first --layers; "
+                   "a list sets the depth; needs --hidden at the target's width), not at random")
     d.add_argument("--init", metavar="DIR", help="continue from this distilled drafter (its layers, width and draft "
-                   "vocabulary; --layers, --hidden and --vocab are then ignored), e.g. on a longer --seq-len")
+                   "vocabulary; --layers, --hidden, --vocab and --copy-layers are then ignored), e.g. on a longer "
+                   "--seq-len")
     d.add_argument("--out", default=dc.out, help="output folder (config.json, model.safetensors, tokenizer)")
     d.add_argument("--seed", type=int, default=dc.seed)
     d.add_argument("--threads", type=int, help="torch CPU threads")

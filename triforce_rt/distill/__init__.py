@@ -14,7 +14,7 @@ import torch
 from ..errors import UserError
 from ..models.loader import cache_root, load_model
 from .teacher import label
-from .train import evaluate, init_student, pick_vocab, student_config, train
+from .train import copied_layers, evaluate, init_student, pick_vocab, student_config, train
 
 
 @dataclass
@@ -35,6 +35,7 @@ class DistillConfig:
     new_tokens: int = 96  # answer length cap
     sinks: int = 16
     init: str | None = None  # a drafter made by distill to continue from (its shape and draft vocabulary)
+    copy_layers: str = "none"  # the target layers the student starts from: none (random), first, or a list: 0,29
 
 
 def teacher_data(model, cfg: DistillConfig, part: str, records: int, progress: bool) -> dict:
@@ -97,16 +98,20 @@ def distill(cfg: DistillConfig, progress: bool = True) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = load_model(cfg.target, dtype="bfloat16", device=device)  # labels only: bf16 is 3x faster on CPU
     student = continued_student(cfg.init, teacher, cfg.seq_len) if cfg.init else None  # checked before labelling
+    tc = teacher.config
+    copied = [] if cfg.init else copied_layers(cfg.copy_layers, cfg.layers, cfg.hidden, tc.num_hidden_layers,
+                                               tc.hidden_size)
     records = max(cfg.batch, cfg.tokens // cfg.seq_len)
     t0 = time.perf_counter()
     data = teacher_data(teacher, cfg, "train", records, progress)
     held = teacher_data(teacher, cfg, "heldout", max(16, records // 20), progress)
     label_s = time.perf_counter() - t0
     if student is None:
-        eos = set(teacher.config.eos_token_ids) | {teacher.tokenizer.eos_token_id}
+        eos = set(tc.eos_token_ids) | {teacher.tokenizer.eos_token_id}
         vocab_ids = pick_vocab(data, cfg.vocab, {t for t in eos if t is not None})
-        scfg = student_config(teacher.config, cfg.layers, cfg.hidden, len(vocab_ids), cfg.seq_len)
-        student = init_student(teacher, scfg, vocab_ids, cfg.seed)
+        layers = len(copied) or cfg.layers
+        scfg = student_config(tc, layers, cfg.hidden, len(vocab_ids), cfg.seq_len, copied=bool(copied))
+        student = init_student(teacher, scfg, vocab_ids, cfg.seed, copied)
     # the --init drafter's held-out agreement on these (longer) records, before it trains on them
     init_agreement = evaluate(student.to(device), held, device)["agreement"] if cfg.init else None
     t0 = time.perf_counter()

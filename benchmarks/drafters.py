@@ -1,0 +1,35 @@
+"""Drafters side by side: draft and triforce with each drafter against AR, on SmolLM2-135M fp32, 2 threads, 128
+greedy tokens, default settings, at 2K and 8K, on the held-out documents of refresh.py (--docs per prompt).
+The drafter tier's α and cost per call are issue #4's two targets: α against tier 2 >= 0.6, and a
+cost <= 10% of an AR step.
+
+    python benchmarks/drafters.py [TAG] [--drafter NAME=PATH ...] [--docs 3] [--contexts 2048 8064]
+writes benchmarks/results/drafters-TAG.{json,md} (TAG defaults to cpu; --drafter defaults to the shipped one,
+default=triforce_rt/drafters/smollm2-135m-instruct). One run, ratios within it.
+"""
+import argparse
+import json
+import os
+
+from triforce_rt.bench import drafters_markdown, run_drafters
+from triforce_rt.models.loader import default_drafter
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("tag", nargs="?", default="cpu")
+    ap.add_argument("--drafter", nargs="+", metavar="NAME=PATH", help="drafters to compare (default: the shipped one)")
+    ap.add_argument("--docs", type=int, default=3)
+    ap.add_argument("--contexts", type=int, nargs="+", default=[2048, 8064])
+    args = ap.parse_args()
+    pairs = [d.split("=", 1) for d in args.drafter or []]
+    if any(len(p) != 2 for p in pairs):
+        ap.error("--drafter takes NAME=PATH")
+    drafters = dict(pairs) or {"default": default_drafter()}
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"drafters-{args.tag}.json")
+    report = run_drafters(drafters, "default", tuple(args.contexts), args.docs, out=path)
+    argv = (([args.tag] if args.tag != "cpu" else []) + (["--drafter", *args.drafter] if args.drafter else [])
+            + (["--docs", str(args.docs)] if args.docs != 3 else [])
+            + (["--contexts", *map(str, args.contexts)] if args.contexts != [2048, 8064] else []))
+    with open(path[:-5] + ".md", "w") as f:
+        f.write(f"Command: `{' '.join(['python', 'benchmarks/drafters.py'] + argv)}`\n\n{drafters_markdown(report)}\n")
+    print(json.dumps({"written": path}))

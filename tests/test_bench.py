@@ -1,0 +1,21 @@
+"""The benchmark drivers on a tiny random target and real held-out text: every mode's output equals ar's, and the
+reports render (the numbers themselves are for benchmarks/, on SmolLM2)."""
+from conftest import tiny_with_smol_tokenizer
+
+from triforce_rt.bench import drafters_markdown, refresh_markdown, run_drafters, run_refresh
+
+
+def test_drafters_and_refresh_benchmarks_run_and_match_ar(tmp_path_factory, smol, tiny_folder):
+    target = tiny_with_smol_tokenizer(tmp_path_factory, smol, 512)
+    kw = dict(spec=target, contexts=(160, 320), docs=2, new_tokens=12, prompts=("explain",))
+    report = run_drafters({"a": tiny_folder, "b": tiny_folder}, out=str(tmp_path_factory.mktemp("b") / "d.json"), **kw)
+    rows = report["rows"]
+    assert len(rows) == 2 * 2 * 2 * 2  # documents x contexts x drafters x modes
+    assert all(r["tokens_identical"] for r in rows)
+    assert {r["mode"] for r in rows} == {"draft", "triforce"}
+    assert all(any(t["name"] == "drafter" and t["calls"] > 0 for t in r["tiers"]) for r in rows)
+    text = drafters_markdown(report)
+    assert "| 320 | triforce | b |" in text and "2 documents" in text
+    report = run_refresh(drafter=tiny_folder, **kw)
+    assert len(report["rows"]) == 2 * 2 * 3 * 2 and all(r["tokens_identical"] for r in report["rows"])
+    assert "| 160 | triforce-ngram | 1 |" in refresh_markdown(report)
