@@ -159,15 +159,8 @@ def run_refresh(spec="default", contexts=(2048, 8064), docs=3, new_tokens=128, t
     generate(model, list(range(1, 65)), GenerationConfig(max_new_tokens=4, ignore_eos=True))  # warm-up
     report = {"benchmark": "refresh", "model": spec, "dtype": "float32", "drafter": drafter, "new_tokens": new_tokens,
               "machine": machine(), "rows": []}
-    for prompt, doc, n_ctx, ids in documents(model.tokenizer, contexts, docs, prompts):
-        run = one_prefill(model, ids, new_tokens)[0]
-        ar = run(mode="ar")
-        for mode in modes:
-            for refresh in refreshes:
-                row = mode_row(n_ctx, run(draft, mode=mode, refresh=refresh), ar, 0)
-                del row["kv_bytes"]
-                report["rows"].append({"prompt": prompt, "doc": doc, "refresh": refresh, **row})
-        del run  # this document's cache, before the next prefill
+    variants = [({"refresh": r}, draft, {"mode": m, "refresh": r}) for m in modes for r in refreshes]
+    report["rows"] = document_rows(model, contexts, docs, prompts, new_tokens, variants)
     publish(report, refresh_markdown, out)
     return report
 
@@ -208,15 +201,8 @@ def run_drafters(drafters: dict, spec="default", contexts=(2048, 8064), docs=3, 
     generate(model, list(range(1, 65)), GenerationConfig(max_new_tokens=4, ignore_eos=True))  # warm-up
     report = {"benchmark": "drafters", "model": spec, "dtype": "float32", "drafters": drafters,
               "new_tokens": new_tokens, "machine": machine(), "rows": []}
-    for prompt, doc, n_ctx, ids in documents(model.tokenizer, contexts, docs, prompts):
-        run = one_prefill(model, ids, new_tokens)[0]
-        ar = run(mode="ar")
-        for name, drafter in loaded.items():
-            for mode in modes:
-                row = mode_row(n_ctx, run(drafter, mode=mode), ar, 0)
-                del row["kv_bytes"]
-                report["rows"].append({"prompt": prompt, "doc": doc, "drafter": name, **row})
-        del run  # this document's cache, before the next prefill
+    variants = [({"drafter": name}, d, {"mode": m}) for name, d in loaded.items() for m in modes]
+    report["rows"] = document_rows(model, contexts, docs, prompts, new_tokens, variants)
     publish(report, drafters_markdown, out)
     return report
 
@@ -374,16 +360,25 @@ def one_prefill(model, ids: list, new_tokens: int, **fixed):
     return run, full
 
 
-def documents(tokenizer, contexts, docs: int, prompts):
-    """(prompt, doc, context, ids) for run_refresh and run_drafters: document i of a prompt is the held-out text
-    from token i * max(contexts) on, cut to each context inside the prompt's chat request."""
-    span = max(contexts)
+def document_rows(model, contexts, docs: int, prompts, new_tokens: int, variants: list) -> list:
+    """The rows of run_refresh and run_drafters: per prompt, document and context, one prefill, AR, then each
+    variant (labels, drafter, GenerationConfig settings) as a mode_row under its labels. Document i of a prompt
+    is the held-out text from token i * max(contexts) on, cut to each context inside the prompt's chat request."""
+    rows, span = [], max(contexts)
     for prompt in prompts:
         instruction, source = PROMPTS[prompt]
-        text = heldout_ids(tokenizer, docs * span, source)
+        text = heldout_ids(model.tokenizer, docs * span, source)
         for doc in range(docs):
             for n_ctx in contexts:
-                yield prompt, doc, n_ctx, chat_prompt(tokenizer, instruction, text[doc * span :], n_ctx)
+                run = one_prefill(model, chat_prompt(model.tokenizer, instruction, text[doc * span :], n_ctx),
+                                  new_tokens)[0]
+                ar = run(mode="ar")
+                for labels, drafter, settings in variants:
+                    row = mode_row(n_ctx, run(drafter, **settings), ar, 0)
+                    del row["kv_bytes"]
+                    rows.append({"prompt": prompt, "doc": doc, **labels, **row})
+                del run  # this document's cache, before the next prefill
+    return rows
 
 
 def mode_row(n_ctx, res, ar, kv_bytes) -> dict:
