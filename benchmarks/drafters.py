@@ -11,8 +11,7 @@ import argparse
 import json
 import os
 
-from triforce_rt.bench import drafters_markdown, run_drafters
-from triforce_rt.models.loader import default_drafter
+from triforce_rt.bench import drafters_markdown, named_drafters, run_drafters
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
@@ -21,10 +20,7 @@ if __name__ == "__main__":
     ap.add_argument("--docs", type=int, default=3)
     ap.add_argument("--contexts", type=int, nargs="+", default=[2048, 8064])
     args = ap.parse_args()
-    pairs = [d.split("=", 1) for d in args.drafter or []]
-    if any(len(p) != 2 for p in pairs):
-        ap.error("--drafter takes NAME=PATH")
-    drafters = dict(pairs) or {"default": default_drafter()}
+    drafters = named_drafters(args.drafter)
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"drafters-{args.tag}.json")
     report = run_drafters(drafters, "default", tuple(args.contexts), args.docs, out=path)
     argv = (([args.tag] if args.tag != "cpu" else []) + (["--drafter", *args.drafter] if args.drafter else [])

@@ -18,6 +18,12 @@ def tiny_cfg(target, out, **kw):
     return DistillConfig(**{**base, **kw})
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Teacher data goes to a test's own cache, never to the user's ~/.cache/triforce-rt."""
+    monkeypatch.setenv("TRIFORCE_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.fixture(scope="module")
 def two_runs(tiny_folder, tmp_path_factory):
     """The same distillation twice, each with an empty teacher cache, then a third time reusing the cache."""
@@ -53,6 +59,22 @@ def test_teacher_pass_is_cached(two_runs, tiny_folder, monkeypatch):
 
     monkeypatch.setattr(d, "label", lambda *a, **k: pytest.fail("the teacher ran again"))
     distill(tiny_cfg(tiny_folder, root / "out-again", epochs=0.5), progress=False)
+
+
+def test_agreement_benchmark_reads_the_cached_teacher_data(two_runs, tiny_folder, monkeypatch):
+    """benchmarks/agreement.py's driver scores a drafter on distill's held-out part and a training sample, from the
+    teacher cache (the teacher never runs again)."""
+    import triforce_rt.distill as d
+    from triforce_rt.bench import agreement_markdown, run_agreement
+
+    root, [(out, metrics), _] = two_runs
+    monkeypatch.setenv("TRIFORCE_CACHE", str(root / "cache0"))
+    monkeypatch.setattr(d, "label", lambda *a, **k: pytest.fail("the teacher ran again"))
+    report = run_agreement({"a": str(out)}, spec=tiny_folder, cfg=tiny_cfg(tiny_folder, root / "unused"))
+    [row] = report["rows"]
+    assert row["positions"] == metrics["positions"] and report["records"] == 16  # max(16, 20 // 20) held-out records
+    assert 0 <= row["heldout"] <= 1 and 0 <= row["train_sample"] <= 1
+    assert "| a |" in agreement_markdown(report)
 
 
 def test_distilled_drafter_loads_and_keeps_greedy_exact(two_runs, tiny_folder):
@@ -141,3 +163,23 @@ def test_distill_copy_layers_bad_input(tiny_folder, tmp_path, kw, needle):
 
     with pytest.raises(UserError, match=needle):
         distill(tiny_cfg(tiny_folder, tmp_path / "d", **kw), progress=False)
+
+
+def test_more_tokens_keep_the_labelled_blocks(tiny_folder, tmp_path, monkeypatch):
+    """Teacher data comes in blocks of BLOCK_TOKENS positions, each cached: doubling --tokens labels one new block
+    (other documents: its own seed), keeps the first block as it was, and keeps the held-out part."""
+    import triforce_rt.distill as d
+
+    monkeypatch.setenv("TRIFORCE_CACHE", str(tmp_path))
+    monkeypatch.setattr(d, "BLOCK_TOKENS", 320)  # 10 records of 32 tokens
+    model = load_model(tiny_folder, dtype=torch.float32)
+    small, held = d.teacher_data(model, tiny_cfg(tiny_folder, tmp_path / "a", tokens=320), progress=False)
+    calls = []
+    real = d.label
+    monkeypatch.setattr(d, "label", lambda *a, **k: calls.append(a[1:3]) or real(*a, **k))
+    big, held2 = d.teacher_data(model, tiny_cfg(tiny_folder, tmp_path / "b", tokens=720), progress=False)
+    assert calls == [("train", 10), ("train", 2)]  # blocks 1 and 2 (partial); block 0 and held-out from the cache
+    assert len(small["tokens"]) == 10 and len(big["tokens"]) == 22
+    assert all(torch.equal(big[k][:10], small[k]) for k in small)
+    assert not torch.equal(big["tokens"][10:12], small["tokens"][:2])
+    assert all(torch.equal(held[k], held2[k]) for k in held)

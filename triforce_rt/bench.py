@@ -1,7 +1,7 @@
 """Benchmarks on real text (stdlib sources), each measured in one run: AR decode against HF transformers
 `generate` (run_ar_vs_hf), every speculative mode against AR (run_hierarchy), retrieval refresh across documents
-(run_refresh), drafters side by side (run_drafters), and batched decoding against the same sequences one at a
-time (run_batch).
+(run_refresh), drafters side by side (run_drafters) and their teacher-forced agreement (run_agreement), and batched
+decoding against the same sequences one at a time (run_batch).
 
 HF decode tokens/s = (N - 1) / (t(N new tokens) - t(1 new token)), the prefill cancelling out;
 ours comes from the engine's own prefill/decode split. Both are greedy fp32, so their tokens must agree.
@@ -21,6 +21,7 @@ from retrieval_cache import FullCache
 
 from .engine import GenerationConfig, decode, generate, generate_batch, prefill
 from .models import load_model
+from .models.loader import default_drafter
 from .textio import alpha, encode
 
 
@@ -191,6 +192,14 @@ def refresh_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def named_drafters(specs: list | None) -> dict:
+    """--drafter NAME=PATH ... as {NAME: PATH}; the shipped drafter as 'default' when none are given."""
+    pairs = [s.split("=", 1) for s in specs or []]
+    if any(len(p) != 2 for p in pairs):
+        raise SystemExit("error: --drafter takes NAME=PATH")
+    return dict(pairs) or {"default": default_drafter()}
+
+
 def run_drafters(drafters: dict, spec="default", contexts=(2048, 8064), docs=3, new_tokens=128, threads=2,
                  modes=("draft", "triforce"), prompts=("explain", "summarize"), out=None) -> dict:
     """Drafters side by side ({label: path}), each in each mode at default settings against AR, on the documents of
@@ -233,6 +242,49 @@ def drafters_markdown(report: dict) -> str:
     for r in rows:
         lines.append(f"| {r['prompt']} | {r['doc']} | {r['context']} | {r['drafter']} | {r['mode']} | {r['tok_s']} "
                      f"| {r['vs_ar']}x | {tiers_text(r['tiers'])} |")
+    return "\n".join(lines)
+
+
+def run_agreement(drafters: dict, spec="default", threads=2, cfg=None, out=None) -> dict:
+    """Teacher-forced top-1 agreement of drafters ({label: path}) with the target, on the cached teacher data of
+    `triforce distill` with cfg (default: the default distillation's): its held-out part, and as many records spread
+    evenly over its first training block, which every drafter distilled with that seed and --seq-len trained on.
+    The gap between the two is what a drafter learnt of its training records rather than of the target."""
+    from .distill import BLOCK_TOKENS, DistillConfig, teacher_data
+    from .distill.train import evaluate
+
+    torch.set_num_threads(threads)
+    cfg = cfg or DistillConfig(target=spec)
+    teacher = load_model(cfg.target, dtype="bfloat16")  # as distill loads it: the teacher cache is keyed by dtype
+    train, held = teacher_data(teacher, cfg, progress=True)
+    first = min(len(train["tokens"]), max(cfg.batch, BLOCK_TOKENS // cfg.seq_len))  # records of the first block
+    pick = torch.linspace(0, first - 1, len(held["tokens"])).long()
+    sample = {k: v[pick] for k, v in train.items()}
+    report = {"benchmark": "agreement", "model": spec, "drafters": drafters, "records": len(pick),
+              "seq_len": cfg.seq_len, "machine": machine(), "rows": []}
+    cpu = torch.device("cpu")
+    for name, path in drafters.items():
+        d = load_model(path, dtype=torch.float32)
+        h, t = evaluate(d, held, cpu), evaluate(d, sample, cpu)
+        report["rows"].append({"drafter": name, "parameters": sum(p.numel() for p in d.parameters()),
+                               "heldout": round(h["agreement"], 4), "train_sample": round(t["agreement"], 4),
+                               "coverage": round(h["vocab_coverage"], 4), "positions": h["positions"]})
+    publish(report, agreement_markdown, out)
+    return report
+
+
+def agreement_markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"Teacher-forced top-1 agreement with {report['model']} (the distillation teacher's cached top-16), "
+             f"records of {report['seq_len']} tokens: the held-out part ({report['rows'][0]['positions']} positions) "
+             f"and {report['records']} records spread over the first training block. {m['cpu']}, {m['threads']} "
+             f"threads, torch {m['torch']}. Drafters: " + ", ".join(f"{k} = `{v}`" for k, v in report["drafters"].items()),
+             "", "| drafter | parameters | held-out | training sample | gap | held-out top-1 in the draft vocabulary |",
+             "|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['drafter']} | {r['parameters'] / 1e6:.1f}M | {100 * r['heldout']:.1f}% "
+                     f"| {100 * r['train_sample']:.1f}% | {100 * (r['train_sample'] - r['heldout']):.1f} points "
+                     f"| {100 * r['coverage']:.1f}% |")
     return "\n".join(lines)
 
 

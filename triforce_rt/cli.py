@@ -172,7 +172,8 @@ def build_parser():
     d.add_argument("--target", default=dc.target, help="'default' or a model path (.gguf or HF folder)")
     d.add_argument("--layers", type=int, default=dc.layers)
     d.add_argument("--hidden", type=int, default=dc.hidden, help="width; the target's width starts from its embedding rows")
-    d.add_argument("--tokens", type=int, default=dc.tokens, help="teacher-labelled training positions")
+    d.add_argument("--tokens", type=int, default=dc.tokens, help="teacher-labelled training positions, labelled "
+                   "and cached in blocks of 1.5M: a larger value keeps the blocks already labelled")
     d.add_argument("--seq-len", type=int, default=dc.seq_len, help="student sequence: sinks + recent tokens")
     d.add_argument("--vocab", type=int, default=dc.vocab, help="reduced draft vocabulary (most frequent teacher top-1)")
     d.add_argument("--epochs", type=float, default=dc.epochs)

@@ -38,8 +38,12 @@ class DistillConfig:
     copy_layers: str = "none"  # the target layers the student starts from: none (random), first, or a list: 0,29
 
 
-def teacher_data(model, cfg: DistillConfig, part: str, records: int, progress: bool) -> dict:
-    """label() for one part, cached under $TRIFORCE_CACHE/distill/ by everything that determines it."""
+BLOCK_TOKENS = 1_500_000  # teacher data is labelled and cached in blocks of this many positions
+
+
+def teacher_block(model, cfg: DistillConfig, part: str, records: int, block: int, progress: bool) -> dict:
+    """label() for one block of one part, cached under $TRIFORCE_CACHE/distill/ by everything that determines it.
+    Block k draws its documents with seed + 7919 k, so a larger --tokens keeps the blocks already labelled."""
     from safetensors.torch import load_file, save_file
 
     from .corpus import files
@@ -47,16 +51,30 @@ def teacher_data(model, cfg: DistillConfig, part: str, records: int, progress: b
     key = dict(target=os.path.realpath(model.source), dtype=str(model.embed_tokens.weight.dtype), part=part,
                records=records, seq_len=cfg.seq_len, sinks=cfg.sinks, top_k=cfg.top_k, answer_frac=cfg.answer_frac,
                new_tokens=cfg.new_tokens, seed=cfg.seed, corpus=len(files(part)), version=1)
+    if block:
+        key["block"] = block
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(cache_root(), "distill", f"teacher-{part}-{digest}.safetensors")
     if os.path.isfile(path):
         return load_file(path)
     data = label(model, part, records, cfg.seq_len, cfg.sinks, cfg.top_k, cfg.answer_frac, cfg.new_tokens,
-                 cfg.seed + (part == "heldout"), progress=progress)
+                 cfg.seed + (part == "heldout") + 7919 * block, progress=progress)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_file(data, path + ".tmp")
     os.replace(path + ".tmp", path)
     return data
+
+
+def teacher_data(model, cfg: DistillConfig, progress: bool) -> tuple:
+    """(train, held-out) teacher data: --tokens // --seq-len training records in blocks of BLOCK_TOKENS positions
+    (the last one partial), and a held-out part of 1/20 of the first block, the same for every --tokens."""
+    records = max(cfg.batch, cfg.tokens // cfg.seq_len)
+    per_block = max(cfg.batch, BLOCK_TOKENS // cfg.seq_len)
+    sizes = [min(per_block, records - start) for start in range(0, records, per_block)]
+    blocks = [teacher_block(model, cfg, "train", n, k, progress) for k, n in enumerate(sizes)]
+    train_data = {k: torch.cat([b[k] for b in blocks]) for k in blocks[0]}
+    held = teacher_block(model, cfg, "heldout", max(16, sizes[0] // 20), 0, progress)
+    return train_data, held
 
 
 def save(student, target, cfg: DistillConfig, metrics: dict) -> None:
@@ -101,10 +119,8 @@ def distill(cfg: DistillConfig, progress: bool = True) -> dict:
     tc = teacher.config
     copied = [] if cfg.init else copied_layers(cfg.copy_layers, cfg.layers, cfg.hidden, tc.num_hidden_layers,
                                                tc.hidden_size)
-    records = max(cfg.batch, cfg.tokens // cfg.seq_len)
     t0 = time.perf_counter()
-    data = teacher_data(teacher, cfg, "train", records, progress)
-    held = teacher_data(teacher, cfg, "heldout", max(16, records // 20), progress)
+    data, held = teacher_data(teacher, cfg, progress)
     label_s = time.perf_counter() - t0
     if student is None:
         eos = set(tc.eos_token_ids) | {teacher.tokenizer.eos_token_id}
