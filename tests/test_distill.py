@@ -170,7 +170,6 @@ def test_more_tokens_keep_the_labelled_blocks(tiny_folder, tmp_path, monkeypatch
     (other documents: its own seed), keeps the first block as it was, and keeps the held-out part."""
     import triforce_rt.distill as d
 
-    monkeypatch.setenv("TRIFORCE_CACHE", str(tmp_path))
     monkeypatch.setattr(d, "BLOCK_TOKENS", 320)  # 10 records of 32 tokens
     model = load_model(tiny_folder, dtype=torch.float32)
     small, held = d.teacher_data(model, tiny_cfg(tiny_folder, tmp_path / "a", tokens=320), progress=False)

@@ -19,6 +19,8 @@ import torch
 
 from retrieval_cache import FullCache
 
+from .distill import BLOCK_TOKENS, DistillConfig, teacher_data
+from .distill.train import evaluate
 from .engine import GenerationConfig, decode, generate, generate_batch, prefill
 from .models import load_model
 from .models.loader import default_drafter
@@ -250,9 +252,6 @@ def run_agreement(drafters: dict, spec="default", threads=2, cfg=None, out=None)
     `triforce distill` with cfg (default: the default distillation's): its held-out part, and as many records spread
     evenly over its first training block, which every drafter distilled with that seed and --seq-len trained on.
     The gap between the two is what a drafter learnt of its training records rather than of the target."""
-    from .distill import BLOCK_TOKENS, DistillConfig, teacher_data
-    from .distill.train import evaluate
-
     torch.set_num_threads(threads)
     cfg = cfg or DistillConfig(target=spec)
     teacher = load_model(cfg.target, dtype="bfloat16")  # as distill loads it: the teacher cache is keyed by dtype
