@@ -1,5 +1,6 @@
 """The benchmark drivers on a tiny random target and real held-out text: every mode's output equals ar's, and the
 reports render (the numbers themselves are for benchmarks/, on SmolLM2)."""
+import torch
 from conftest import tiny_with_smol_tokenizer
 
 from triforce_rt.bench import drafters_markdown, refresh_markdown, run_drafters, run_refresh
@@ -7,7 +8,10 @@ from triforce_rt.bench import drafters_markdown, refresh_markdown, run_drafters,
 
 def test_drafters_and_refresh_benchmarks_run_and_match_ar(tmp_path_factory, smol, tiny_folder):
     target = tiny_with_smol_tokenizer(tmp_path_factory, smol, 512)
-    kw = dict(spec=target, contexts=(160, 320), docs=2, new_tokens=12, prompts=("explain",))
+    # threads: the drivers set the process's thread count, and a worker left at 2 beside another on 2 cores makes
+    # the small-op tests after it many times slower
+    kw = dict(spec=target, contexts=(160, 320), docs=2, new_tokens=12, prompts=("explain",),
+              threads=torch.get_num_threads())
     report = run_drafters({"a": tiny_folder, "b": tiny_folder}, out=str(tmp_path_factory.mktemp("b") / "d.json"), **kw)
     rows = report["rows"]
     assert len(rows) == 2 * 2 * 2 * 2  # documents x contexts x drafters x modes

@@ -70,7 +70,8 @@ def test_agreement_benchmark_reads_the_cached_teacher_data(two_runs, tiny_folder
     root, [(out, metrics), _] = two_runs
     monkeypatch.setenv("TRIFORCE_CACHE", str(root / "cache0"))
     monkeypatch.setattr(d, "label", lambda *a, **k: pytest.fail("the teacher ran again"))
-    report = run_agreement({"a": str(out)}, spec=tiny_folder, cfg=tiny_cfg(tiny_folder, root / "unused"))
+    report = run_agreement({"a": str(out)}, spec=tiny_folder, cfg=tiny_cfg(tiny_folder, root / "unused"),
+                           threads=torch.get_num_threads())  # keep the worker's thread count (test_bench.py)
     [row] = report["rows"]
     assert row["positions"] == metrics["positions"] and report["records"] == 16  # max(16, 20 // 20) held-out records
     assert 0 <= row["heldout"] <= 1 and 0 <= row["train_sample"] <= 1
