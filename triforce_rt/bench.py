@@ -19,7 +19,7 @@ import torch
 
 from retrieval_cache import FullCache
 
-from .distill import BLOCK_TOKENS, DistillConfig, teacher_data
+from .distill import DistillConfig, block_records, teacher_data
 from .distill.train import evaluate
 from .engine import GenerationConfig, decode, generate, generate_batch, prefill
 from .models import load_model
@@ -256,7 +256,7 @@ def run_agreement(drafters: dict, spec="default", threads=2, cfg=None, out=None)
     cfg = cfg or DistillConfig(target=spec)
     teacher = load_model(cfg.target, dtype="bfloat16")  # as distill loads it: the teacher cache is keyed by dtype
     train, held = teacher_data(teacher, cfg, progress=True)
-    first = min(len(train["tokens"]), max(cfg.batch, BLOCK_TOKENS // cfg.seq_len))  # records of the first block
+    first = min(len(train["tokens"]), block_records(cfg))  # records of the first block
     pick = torch.linspace(0, first - 1, len(held["tokens"])).long()
     sample = {k: v[pick] for k, v in train.items()}
     report = {"benchmark": "agreement", "model": spec, "drafters": drafters, "records": len(pick),

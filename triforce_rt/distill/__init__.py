@@ -65,11 +65,16 @@ def teacher_block(model, cfg: DistillConfig, part: str, records: int, block: int
     return data
 
 
+def block_records(cfg: DistillConfig) -> int:
+    """Records in a full block of teacher data."""
+    return max(cfg.batch, BLOCK_TOKENS // cfg.seq_len)
+
+
 def teacher_data(model, cfg: DistillConfig, progress: bool) -> tuple:
     """(train, held-out) teacher data: --tokens // --seq-len training records in blocks of BLOCK_TOKENS positions
     (the last one partial), and a held-out part of 1/20 of the first block, the same for every --tokens."""
     records = max(cfg.batch, cfg.tokens // cfg.seq_len)
-    per_block = max(cfg.batch, BLOCK_TOKENS // cfg.seq_len)
+    per_block = block_records(cfg)
     sizes = [min(per_block, records - start) for start in range(0, records, per_block)]
     blocks = [teacher_block(model, cfg, "train", n, k, progress) for k, n in enumerate(sizes)]
     train_data = {k: torch.cat([b[k] for b in blocks]) for k in blocks[0]}
