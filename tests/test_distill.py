@@ -183,3 +183,40 @@ def test_more_tokens_keep_the_labelled_blocks(tiny_folder, tmp_path, monkeypatch
     assert all(torch.equal(big[k][:10], small[k]) for k in small)
     assert not torch.equal(big["tokens"][10:12], small["tokens"][:2])
     assert all(torch.equal(held[k], held2[k]) for k in held)
+
+
+def test_length_draw_follows_file_size(tmp_path, monkeypatch):
+    """--draw file picks every file alike; --draw length in proportion to its tokens (here 2,048 against 20,480)."""
+    from triforce_rt.distill import corpus
+
+    root = tmp_path / "src"
+    root.mkdir()
+    for name, size in (("small.py", 2048), ("large.py", 20480)):
+        (root / name).write_text(name[0] * size)
+    monkeypatch.setattr(corpus, "ROOTS", {"stdlib": (str(root), "*.py")})
+    monkeypatch.setattr(corpus.zlib, "crc32", lambda b: 1)  # nothing held out
+
+    class Bytes:  # a byte-level tokenizer: these files need no vocabulary
+        def encode(self, text, add_special_tokens=False):
+            return list(text.encode())
+
+    n = 2000
+    for draw, p_large in (("file", 0.5), ("length", 20480 / 22528)):
+        docs = corpus.Documents(Bytes(), "train", seed=0, draw=draw)
+        large = sum(docs.draw(256)[1][0] == ord("l") for _ in range(n))
+        sd = (n * p_large * (1 - p_large)) ** 0.5
+        assert abs(large - n * p_large) < 5 * sd, (draw, large)
+    with pytest.raises(ValueError, match="draw must be one of"):
+        corpus.Documents(Bytes(), "train", seed=0, draw="tokens")
+
+
+def test_draw_has_its_own_teacher_cache(tiny_folder, tmp_path, monkeypatch):
+    """--draw length labels and caches its own blocks (other text) beside the default's."""
+    import triforce_rt.distill as d
+
+    model = load_model(tiny_folder, dtype=torch.float32)
+    a, _ = d.teacher_data(model, tiny_cfg(tiny_folder, tmp_path / "a", tokens=320), progress=False)
+    b, _ = d.teacher_data(model, tiny_cfg(tiny_folder, tmp_path / "b", tokens=320, draw="length"), progress=False)
+    names = sorted(p.name for p in (tmp_path / "cache" / "distill").iterdir())
+    assert len(names) == 4  # train and held-out for each draw
+    assert not torch.equal(a["tokens"], b["tokens"])

@@ -250,8 +250,9 @@ def drafters_markdown(report: dict) -> str:
 def run_agreement(drafters: dict, spec="default", threads=2, cfg=None, out=None) -> dict:
     """Teacher-forced top-1 agreement of drafters ({label: path}) with the target, on the cached teacher data of
     `triforce distill` with cfg (default: the default distillation's): its held-out part, and as many records spread
-    evenly over its first training block, which every drafter distilled with that seed and --seq-len trained on.
-    The gap between the two is what a drafter learnt of its training records rather than of the target."""
+    evenly over its first training block, which every drafter distilled with that seed, --seq-len and --draw
+    trained on. The gap between the two is what a drafter learnt of its training records rather than of the
+    target."""
     torch.set_num_threads(threads)
     cfg = cfg or DistillConfig(target=spec)
     teacher = load_model(cfg.target, dtype="bfloat16")  # as distill loads it: the teacher cache is keyed by dtype
@@ -260,7 +261,7 @@ def run_agreement(drafters: dict, spec="default", threads=2, cfg=None, out=None)
     pick = torch.linspace(0, first - 1, len(held["tokens"])).long()
     sample = {k: v[pick] for k, v in train.items()}
     report = {"benchmark": "agreement", "model": spec, "drafters": drafters, "records": len(pick),
-              "seq_len": cfg.seq_len, "machine": machine(), "rows": []}
+              "seq_len": cfg.seq_len, "draw": cfg.draw, "machine": machine(), "rows": []}
     cpu = torch.device("cpu")
     for name, path in drafters.items():
         d = load_model(path, dtype=torch.float32)
@@ -275,8 +276,9 @@ def run_agreement(drafters: dict, spec="default", threads=2, cfg=None, out=None)
 def agreement_markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"Teacher-forced top-1 agreement with {report['model']} (the distillation teacher's cached top-16), "
-             f"records of {report['seq_len']} tokens: the held-out part ({report['rows'][0]['positions']} positions) "
-             f"and {report['records']} records spread over the first training block. {m['cpu']}, {m['threads']} "
+             f"records of {report['seq_len']} tokens, documents drawn with --draw {report['draw']}: the "
+             f"held-out part ({report['rows'][0]['positions']} positions) and {report['records']} records spread over "
+             f"the first training block. {m['cpu']}, {m['threads']} "
              f"threads, torch {m['torch']}. Drafters: " + ", ".join(f"{k} = `{v}`" for k, v in report["drafters"].items()),
              "", "| drafter | parameters | held-out | training sample | gap | held-out top-1 in the draft vocabulary |",
              "|---|---|---|---|---|---|"]

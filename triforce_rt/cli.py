@@ -7,6 +7,7 @@ import sys
 from retrieval_cache import KERNELS
 
 from .distill import DistillConfig
+from .distill.corpus import DRAWS
 from .engine import DRAFTER_MODES, MODES, GenerationConfig, check_config, generate
 from .errors import UserError
 from .models.loader import load_drafter
@@ -187,6 +188,9 @@ def build_parser():
     d.add_argument("--init", metavar="DIR", help="continue from this distilled drafter (its layers, width and draft "
                    "vocabulary; --layers, --hidden, --vocab and --copy-layers are then ignored), e.g. on a longer "
                    "--seq-len")
+    d.add_argument("--draw", default=dc.draw, choices=DRAWS,
+                   help="how documents are drawn: file (every file alike) or length (in proportion to its tokens, so "
+                   "long documents are not under-represented and short ones not repeated)")
     d.add_argument("--out", default=dc.out, help="output folder (config.json, model.safetensors, tokenizer)")
     d.add_argument("--seed", type=int, default=dc.seed)
     d.add_argument("--threads", type=int, help="torch CPU threads")

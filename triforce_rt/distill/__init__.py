@@ -36,6 +36,7 @@ class DistillConfig:
     sinks: int = 16
     init: str | None = None  # a drafter made by distill to continue from (its shape and draft vocabulary)
     copy_layers: str = "none"  # the target layers the student starts from: none (random), first, or a list: 0,29
+    draw: str = "file"  # how documents are drawn: file (each file alike) or length (in proportion to its tokens)
 
 
 BLOCK_TOKENS = 1_500_000  # teacher data is labelled and cached in blocks of this many positions
@@ -53,12 +54,14 @@ def teacher_block(model, cfg: DistillConfig, part: str, records: int, block: int
                new_tokens=cfg.new_tokens, seed=cfg.seed, corpus=len(files(part)), version=1)
     if block:
         key["block"] = block
+    if cfg.draw != "file":  # keys from before --draw stay valid
+        key["draw"] = cfg.draw
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(cache_root(), "distill", f"teacher-{part}-{digest}.safetensors")
     if os.path.isfile(path):
         return load_file(path)
     data = label(model, part, records, cfg.seq_len, cfg.sinks, cfg.top_k, cfg.answer_frac, cfg.new_tokens,
-                 cfg.seed + (part == "heldout") + 7919 * block, progress=progress)
+                 cfg.seed + (part == "heldout") + 7919 * block, cfg.draw, progress=progress)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_file(data, path + ".tmp")
     os.replace(path + ".tmp", path)

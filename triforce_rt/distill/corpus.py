@@ -10,6 +10,8 @@ import random
 import re
 import sysconfig
 import zlib
+from bisect import bisect
+from itertools import accumulate
 
 STDLIB = sysconfig.get_paths()["stdlib"]
 ROOTS = {"stdlib": (STDLIB, "**/*.py"), "licenses": ("/usr/share/common-licenses", "*"),
@@ -43,25 +45,43 @@ def is_code(source: str) -> bool:
     return source == "stdlib"
 
 
-class Documents:
-    """Tokenized documents of one part, drawn in a seeded order; each file is tokenized once, when first drawn."""
+DRAWS = ("file", "length")
 
-    def __init__(self, tokenizer, part: str, seed: int):
+
+class Documents:
+    """Tokenized documents of one part, drawn in a seeded order; each file is tokenized once, when first needed.
+    draw 'file': every file is equally likely, so a short file's text recurs far more often than a long one's;
+    'length': a file's chance is its number of tokens, so every token of the corpus is about equally likely."""
+
+    def __init__(self, tokenizer, part: str, seed: int, draw: str = "file"):
         self.tok, self.files = tokenizer, files(part)
         if not self.files:
             raise ValueError(f"no {part} text found under {', '.join(r for r, _ in ROOTS.values())}")
-        self.rng = random.Random(seed)
-        self.cache = {}
+        if draw not in DRAWS:
+            raise ValueError(f"draw must be one of {', '.join(DRAWS)}, not {draw!r}")
+        self.rng, self.by_length = random.Random(seed), draw == "length"
+        self.cache, self.pools = {}, {}
+
+    def ids(self, source: str, path: str) -> list:
+        if path not in self.cache:
+            self.cache[path] = self.tok.encode(read(source, path), add_special_tokens=False)
+        return self.cache[path]
+
+    def pool(self, code: bool | None) -> tuple:
+        """The files to draw from (code, prose or either) and, for draw 'length', their cumulative token counts."""
+        if code not in self.pools:
+            pool = self.files if code is None else [f for f in self.files if is_code(f[0]) == code] or self.files
+            self.pools[code] = pool, list(accumulate(len(self.ids(*f)) for f in pool)) if self.by_length else None
+        return self.pools[code]
 
     def draw(self, n_tokens: int, code: bool | None = None) -> tuple:
         """(source, token ids) of a random document (code, prose or either) with at least n_tokens tokens, cut at a
         random offset."""
-        pool = self.files if code is None else [f for f in self.files if is_code(f[0]) == code] or self.files
+        pool, cum = self.pool(code)
         for _ in range(10_000):
-            source, path = pool[self.rng.randrange(len(pool))]
-            if path not in self.cache:
-                self.cache[path] = self.tok.encode(read(source, path), add_special_tokens=False)
-            ids = self.cache[path]
+            i = bisect(cum, self.rng.random() * cum[-1]) if self.by_length else self.rng.randrange(len(pool))
+            source, path = pool[i]
+            ids = self.ids(source, path)
             if len(ids) >= n_tokens:
                 start = self.rng.randrange(len(ids) - n_tokens + 1)
                 return source, ids[start : start + n_tokens]

@@ -103,10 +103,10 @@ def answer_batch(model, docs: Documents, B: int, L: int, S: int, K: int, new: in
 
 
 def label(model, part: str, records: int, L: int, S: int, K: int, answer_frac: float, new: int, seed: int,
-          batch: int = 8, progress: bool = True) -> dict:
+          draw: str = "file", batch: int = 8, progress: bool = True) -> dict:
     """`records` teacher-labelled sequences of one corpus part, as padded tensors:
     tokens [N, L], ids [N, L, K], logp [N, L, K], mask [N, L] (positions with a label), kind [N] (1 = answer)."""
-    docs, rng = Documents(model.tokenizer, part, seed), random.Random(seed + 1)
+    docs, rng = Documents(model.tokenizer, part, seed, draw), random.Random(seed + 1)
     gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
     eos = set(model.config.eos_token_ids) | {model.tokenizer.eos_token_id}
     n_answer = round(records * answer_frac)
