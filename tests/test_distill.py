@@ -211,11 +211,11 @@ def test_length_draw_follows_file_size(tmp_path, monkeypatch):
 
 
 def test_draw_has_its_own_teacher_cache(tiny_folder, tmp_path, monkeypatch):
-    """--draw length labels and caches its own blocks (other text) beside the default's."""
+    """--draw file and --draw length label and cache their own blocks (other text), side by side."""
     import triforce_rt.distill as d
 
     model = load_model(tiny_folder, dtype=torch.float32)
-    a, _ = d.teacher_data(model, tiny_cfg(tiny_folder, tmp_path / "a", tokens=320), progress=False)
+    a, _ = d.teacher_data(model, tiny_cfg(tiny_folder, tmp_path / "a", tokens=320, draw="file"), progress=False)
     b, _ = d.teacher_data(model, tiny_cfg(tiny_folder, tmp_path / "b", tokens=320, draw="length"), progress=False)
     names = sorted(p.name for p in (tmp_path / "cache" / "distill").iterdir())
     assert len(names) == 4  # train and held-out for each draw

@@ -189,8 +189,9 @@ def build_parser():
                    "vocabulary; --layers, --hidden, --vocab and --copy-layers are then ignored), e.g. on a longer "
                    "--seq-len")
     d.add_argument("--draw", default=dc.draw, choices=DRAWS,
-                   help="how documents are drawn: file (every file alike) or length (in proportion to its tokens, so "
-                   "long documents are not under-represented and short ones not repeated)")
+                   help="how documents are drawn: length (in proportion to their tokens, so long documents are not "
+                   "under-represented and short ones not repeated; default) or file (every file alike, as drafters "
+                   "distilled before --draw were)")
     d.add_argument("--out", default=dc.out, help="output folder (config.json, model.safetensors, tokenizer)")
     d.add_argument("--seed", type=int, default=dc.seed)
     d.add_argument("--threads", type=int, help="torch CPU threads")

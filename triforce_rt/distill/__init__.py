@@ -36,7 +36,7 @@ class DistillConfig:
     sinks: int = 16
     init: str | None = None  # a drafter made by distill to continue from (its shape and draft vocabulary)
     copy_layers: str = "none"  # the target layers the student starts from: none (random), first, or a list: 0,29
-    draw: str = "file"  # how documents are drawn: file (each file alike) or length (in proportion to its tokens)
+    draw: str = "length"  # how documents are drawn: length (in proportion to their tokens) or file (each file alike)
 
 
 BLOCK_TOKENS = 1_500_000  # teacher data is labelled and cached in blocks of this many positions
