@@ -53,7 +53,7 @@ class Documents:
     draw 'file': every file is equally likely, so a short file's text recurs far more often than a long one's;
     'length': a file's chance is its number of tokens, so every token of the corpus is about equally likely."""
 
-    def __init__(self, tokenizer, part: str, seed: int, draw: str = "file"):
+    def __init__(self, tokenizer, part: str, seed: int, draw: str):
         self.tok, self.files = tokenizer, files(part)
         if not self.files:
             raise ValueError(f"no {part} text found under {', '.join(r for r, _ in ROOTS.values())}")

@@ -103,7 +103,7 @@ def answer_batch(model, docs: Documents, B: int, L: int, S: int, K: int, new: in
 
 
 def label(model, part: str, records: int, L: int, S: int, K: int, answer_frac: float, new: int, seed: int,
-          draw: str = "file", batch: int = 8, progress: bool = True) -> dict:
+          draw: str, batch: int = 8, progress: bool = True) -> dict:
     """`records` teacher-labelled sequences of one corpus part, as padded tensors:
     tokens [N, L], ids [N, L, K], logp [N, L, K], mask [N, L] (positions with a label), kind [N] (1 = answer)."""
     docs, rng = Documents(model.tokenizer, part, seed, draw), random.Random(seed + 1)
