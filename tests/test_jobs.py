@@ -47,6 +47,22 @@ def test_summarize_several_files_streams_each_under_its_name(capsys, tiny512, tm
     assert len([line for line in err.splitlines() if line.startswith("[self-spec]")]) == 2
 
 
+def test_summarize_stats_start_their_own_line_on_a_shared_terminal(tmp_path, monkeypatch):
+    """stdout and stderr on one terminal: the summary's last line and the stats line stay apart (SmolLM2's greedy
+    summary does not end in a newline)."""
+    import io
+
+    doc = tmp_path / "a.md"
+    doc.write_text("The meeting moved to Tuesday.\n")
+    term = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", term)
+    monkeypatch.setattr(sys, "stderr", term)
+    assert main(["summarize", str(doc), "--mode", "ar", "--max-new-tokens", "8", "--ignore-eos", "--quiet"]) == 0
+    text = term.getvalue()
+    stats = [line for line in text.splitlines() if "[ar]" in line]
+    assert len(stats) == 1 and stats[0].startswith("[ar]") and text.split("[ar]")[0].strip(), text
+
+
 def test_summarize_refuses_an_overlong_document_with_both_counts(capsys, tiny512):
     rc, out, err = run(capsys, "summarize", LICENSE, "--model", tiny512, "--mode", "ar", "--max-new-tokens", "16")
     assert rc == 2 and len(err.strip().splitlines()) == 1

@@ -82,6 +82,8 @@ def run(model, drafter, ids: list, cfg, out, progress: bool):
 
     res = generate(model, ids, cfg, on_token=on_token, progress=progress, drafter=drafter)
     bar.close()
+    if out is sys.stdout:  # the text went to the terminal too: the stats start a line of their own
+        print(file=sys.stderr)
     print(summary_line(res), file=sys.stderr)
     return res
 
