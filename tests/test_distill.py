@@ -220,3 +220,17 @@ def test_draw_has_its_own_teacher_cache(tiny_folder, tmp_path, monkeypatch):
     names = sorted(p.name for p in (tmp_path / "cache" / "distill").iterdir())
     assert len(names) == 4  # train and held-out for each draw
     assert not torch.equal(a["tokens"], b["tokens"])
+
+
+def test_distill_cli_shows_progress_in_a_log_unless_quiet(tiny_folder, tmp_path, capsys):
+    """Run in the background (stderr not a terminal), distill still reports the teacher pass and the training, with
+    the loss; --quiet silences both bars."""
+    from triforce_rt.cli import main
+
+    argv = ["distill", "--target", tiny_folder, "--layers", "1", "--hidden", "32", "--tokens", "320", "--seq-len", "32",
+            "--vocab", "300", "--epochs", "1", "--batch", "4", "--answer-frac", "0"]
+    assert main(argv + ["--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "teacher (train)" in err and "distill" in err and "loss" in err, err
+    assert main(argv + ["--out", str(tmp_path / "b"), "--quiet"]) == 0  # the teacher data is cached by now
+    assert "loss" not in capsys.readouterr().err

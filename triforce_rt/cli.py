@@ -195,6 +195,7 @@ def build_parser():
     d.add_argument("--out", default=dc.out, help="output folder (config.json, model.safetensors, tokenizer)")
     d.add_argument("--seed", type=int, default=dc.seed)
     d.add_argument("--threads", type=int, help="torch CPU threads")
+    d.add_argument("--quiet", action="store_true", help="no progress bars (into a log file they update once a minute)")
 
     r = sub.add_parser("run", help="run a YAML experiment: sweeps, baselines, tables and a plot")
     r.add_argument("experiment", help="the experiment file (see experiments/)")
@@ -291,7 +292,7 @@ def cmd_distill(args):
         raise UserError(f"need --seq-len > {cfg.sinks} (the sinks), --epochs > 0 and 0 <= --answer-frac <= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    metrics = distill(cfg, progress=sys.stderr.isatty())
+    metrics = distill(cfg, progress=not args.quiet)
     print(json.dumps({"out": cfg.out, **metrics}))
 
 

@@ -2,6 +2,12 @@
 import sys
 
 
+def bar_interval() -> float:
+    """Seconds between progress-bar updates: tqdm's 0.1 on a terminal, a minute into a log file, so that a long job
+    run in the background shows where it is without flooding its log."""
+    return 0.1 if sys.stderr.isatty() else 60.0
+
+
 def chat_ids(tokenizer, messages: list) -> list:
     """Token ids of messages [{role, content}...] in the model's chat template, ready for the assistant's turn."""
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from retrieval_cache import FullCache, NoCache
 
 from ..sampling import SamplingParams, sample
+from ..textio import bar_interval
 from .corpus import Documents
 
 INSTRUCTIONS = {
@@ -111,7 +112,8 @@ def label(model, part: str, records: int, L: int, S: int, K: int, answer_frac: f
     eos = set(model.config.eos_token_ids) | {model.tokenizer.eos_token_id}
     n_answer = round(records * answer_frac)
     rows, kinds, t0, done_tokens = [], [], time.perf_counter(), 0
-    with tqdm(total=records, desc=f"teacher ({part})", unit="seq", disable=not progress) as bar:
+    with tqdm(total=records, desc=f"teacher ({part})", unit="seq", disable=not progress,
+              mininterval=bar_interval()) as bar:
         while len(rows) < records:
             answer = len(rows) < n_answer
             if answer:  # a wider batch: decode steps cost little more at 32 rows than at 8 on CPU

@@ -20,6 +20,7 @@ from retrieval_cache import NoCache
 
 from ..errors import UserError
 from ..models.llama import Transformer
+from ..textio import bar_interval
 
 
 def student_config(target_cfg, layers: int, hidden: int, vocab: int, context: int, copied: bool):
@@ -111,7 +112,7 @@ def train(student, data: dict, epochs: float, batch: int, lr: float, seed: int, 
     g = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(N, generator=g) for _ in range(math.ceil(epochs) + 1)])
     t0, seen, ema, first = time.perf_counter(), 0, None, None
-    with tqdm(total=steps, desc="distill", unit="step", disable=not progress) as bar:
+    with tqdm(total=steps, desc="distill", unit="step", disable=not progress, mininterval=bar_interval()) as bar:
         for s in range(steps):
             idx = order[s * batch : (s + 1) * batch]
             b = {k: v[idx].to(device) for k, v in data.items() if k != "kind"}
