@@ -18,7 +18,7 @@ import sys
 import numpy as np
 from transformers import AutoTokenizer
 
-from triforce_rt.distill.corpus import DRAWS, files, read
+from triforce_rt.distill.corpus import DRAWS, Documents
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOKENIZER = os.path.join(HERE, "..", "triforce_rt", "drafters", "smollm2-135m-instruct")
@@ -47,8 +47,9 @@ def main():
     ap.add_argument("tag", nargs="?", default="cpu")
     args = ap.parse_args()
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
-    part = files("train")
-    tokens = np.array([len(tok.encode(read(s, p), add_special_tokens=False)) for s, p in part])
+    docs = Documents(tok, "train", seed=0, draw="length")
+    part = docs.files
+    tokens = np.array([len(docs.ids(s, p)) for s, p in part])
     sources = {}
     for (s, _), n in zip(part, tokens):
         row = sources.setdefault(s, {"files": 0, "tokens": 0, "long_files": 0, "long_tokens": 0})
