@@ -1,6 +1,7 @@
 """`triforce distill` end to end on a tiny target: deterministic, cached teacher pass, and a drafter that
 load_model and --drafter accept, whose greedy drafts keep the output identical to ar."""
 import os
+import re
 
 import pytest
 import torch
@@ -232,5 +233,8 @@ def test_distill_cli_shows_progress_in_a_log_unless_quiet(tiny_folder, tmp_path,
     assert main(argv + ["--out", str(tmp_path / "a")]) == 0
     err = capsys.readouterr().err
     assert "teacher (train)" in err and "distill" in err and "loss" in err, err
+    # once a minute into a log: a run of a few seconds draws each bar at its start and end, not once per step
+    for bar in (r"teacher \(train\):\s+\d+%", r"distill:\s+\d+%"):
+        assert 1 <= len(re.findall(bar, err)) <= 3, err
     assert main(argv + ["--out", str(tmp_path / "b"), "--quiet"]) == 0  # the teacher data is cached by now
     assert "loss" not in capsys.readouterr().err

@@ -163,7 +163,7 @@ def build_parser():
     bt.add_argument("input", metavar="INPUT.jsonl")
     bt.add_argument("--out", required=True, metavar="OUTPUT.jsonl", help="appended to; finished ids are skipped")
     bt.add_argument("--chat", action="store_true", help="wrap each 'prompt' in the chat template ('messages' always is)")
-    bt.add_argument("--quiet", action="store_true", help="no progress bar")
+    bt.add_argument("--quiet", action="store_true", help="no progress bar (into a log file it updates once a minute)")
     bt.add_argument("--batch-size", type=int, default=1, metavar="B",
                     help="decode up to B lines with the same settings together (batched speculation)")
     add_generation_args(bt, "ar")
@@ -201,7 +201,7 @@ def build_parser():
     r.add_argument("experiment", help="the experiment file (see experiments/)")
     r.add_argument("--out", help="output folder (default: runs/<name>/, runs/<name>-quick/ with --quick)")
     r.add_argument("--quick", action="store_true", help="shrink every size for a smoke run")
-    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--quiet", action="store_true", help="no progress bar (into a log file it updates once a minute)")
 
     b = sub.add_parser("bench", help="our AR decode against HF generate (see benchmarks/)")
     b.add_argument("--model", default="default")
@@ -270,7 +270,7 @@ def cmd_batch(args):
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1 (got {args.batch_size})")
     model, drafter = load_models(args)
-    run_batch(model, drafter, args.input, args.out, cfg, args.chat, progress=not args.quiet and sys.stderr.isatty(),
+    run_batch(model, drafter, args.input, args.out, cfg, args.chat, progress=not args.quiet,
               batch_size=args.batch_size)
 
 
@@ -300,7 +300,7 @@ def cmd_run(args):
     from .experiment import load, run_experiment
 
     exp = load(args.experiment)  # validated before any model loads
-    out = run_experiment(exp, args.out, args.quick, progress=not args.quiet and sys.stderr.isatty())
+    out = run_experiment(exp, args.out, args.quick, progress=not args.quiet)
     print(f"results in {out}/ (results.jsonl, results.md, results.csv, plot.png)", file=sys.stderr)
 
 

@@ -125,8 +125,8 @@ def label(model, part: str, records: int, L: int, S: int, K: int, answer_frac: f
             rows += got
             kinds += [int(answer)] * len(got)
             done_tokens += sum(int(r[3].sum()) for r in got)
+            bar.set_postfix(tok_s=f"{done_tokens / (time.perf_counter() - t0):.0f}", refresh=False)
             bar.update(len(got))
-            bar.set_postfix(tok_s=f"{done_tokens / (time.perf_counter() - t0):.0f}")
     N = len(rows)
     out = {"tokens": torch.zeros(N, L, dtype=torch.int32), "ids": torch.zeros(N, L, K, dtype=torch.int32),
            "logp": torch.zeros(N, L, K, dtype=torch.float16), "mask": torch.zeros(N, L, dtype=torch.bool),

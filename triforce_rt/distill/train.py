@@ -127,8 +127,9 @@ def train(student, data: dict, epochs: float, batch: int, lr: float, seed: int, 
             loss = float(loss.detach())
             ema = loss if ema is None else 0.98 * ema + 0.02 * loss
             first = ema if first is None else first
+            # refresh=False: the postfix waits for update()'s next draw, which keeps to mininterval
+            bar.set_postfix(loss=f"{ema:.3f}", tok_s=f"{seen / (time.perf_counter() - t0):.0f}", refresh=False)
             bar.update(1)
-            bar.set_postfix(loss=f"{ema:.3f}", tok_s=f"{seen / (time.perf_counter() - t0):.0f}")
     return student.eval(), (first, ema)
 
 
