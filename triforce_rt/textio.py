@@ -1,11 +1,19 @@
 """Prompt encoding, streamed text output and the one-line run summary, shared by the commands."""
 import sys
 
+from tqdm import tqdm
 
-def bar_interval() -> float:
-    """Seconds between progress-bar updates: tqdm's 0.1 on a terminal, a minute into a log file, so that a long job
-    run in the background shows where it is without flooding its log."""
-    return 0.1 if sys.stderr.isatty() else 60.0
+
+class LogBar(tqdm):
+    """The progress bar of a long job: tqdm's 0.1 s between draws on a terminal, a minute into a log file, so that a
+    job run in the background shows where it is without flooding its log. set_postfix never forces a draw (tqdm's
+    does by default, which would redraw every step): the new postfix shows at update()'s next draw."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, mininterval=0.1 if sys.stderr.isatty() else 60.0, **kwargs)
+
+    def set_postfix(self, ordered_dict=None, refresh=False, **kwargs):
+        super().set_postfix(ordered_dict, refresh, **kwargs)
 
 
 def chat_ids(tokenizer, messages: list) -> list:

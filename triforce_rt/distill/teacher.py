@@ -11,12 +11,11 @@ import random
 import time
 
 import torch
-from tqdm import tqdm
 
 from retrieval_cache import FullCache, NoCache
 
 from ..sampling import SamplingParams, sample
-from ..textio import bar_interval
+from ..textio import LogBar
 from .corpus import Documents
 
 INSTRUCTIONS = {
@@ -112,8 +111,7 @@ def label(model, part: str, records: int, L: int, S: int, K: int, answer_frac: f
     eos = set(model.config.eos_token_ids) | {model.tokenizer.eos_token_id}
     n_answer = round(records * answer_frac)
     rows, kinds, t0, done_tokens = [], [], time.perf_counter(), 0
-    with tqdm(total=records, desc=f"teacher ({part})", unit="seq", disable=not progress,
-              mininterval=bar_interval()) as bar:
+    with LogBar(total=records, desc=f"teacher ({part})", unit="seq", disable=not progress) as bar:
         while len(rows) < records:
             answer = len(rows) < n_answer
             if answer:  # a wider batch: decode steps cost little more at 32 rows than at 8 on CPU
@@ -125,7 +123,7 @@ def label(model, part: str, records: int, L: int, S: int, K: int, answer_frac: f
             rows += got
             kinds += [int(answer)] * len(got)
             done_tokens += sum(int(r[3].sum()) for r in got)
-            bar.set_postfix(tok_s=f"{done_tokens / (time.perf_counter() - t0):.0f}", refresh=False)
+            bar.set_postfix(tok_s=f"{done_tokens / (time.perf_counter() - t0):.0f}")
             bar.update(len(got))
     N = len(rows)
     out = {"tokens": torch.zeros(N, L, dtype=torch.int32), "ids": torch.zeros(N, L, K, dtype=torch.int32),

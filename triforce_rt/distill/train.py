@@ -14,13 +14,12 @@ import time
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from retrieval_cache import NoCache
 
 from ..errors import UserError
 from ..models.llama import Transformer
-from ..textio import bar_interval
+from ..textio import LogBar
 
 
 def student_config(target_cfg, layers: int, hidden: int, vocab: int, context: int, copied: bool):
@@ -112,7 +111,7 @@ def train(student, data: dict, epochs: float, batch: int, lr: float, seed: int, 
     g = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(N, generator=g) for _ in range(math.ceil(epochs) + 1)])
     t0, seen, ema, first = time.perf_counter(), 0, None, None
-    with tqdm(total=steps, desc="distill", unit="step", disable=not progress, mininterval=bar_interval()) as bar:
+    with LogBar(total=steps, desc="distill", unit="step", disable=not progress) as bar:
         for s in range(steps):
             idx = order[s * batch : (s + 1) * batch]
             b = {k: v[idx].to(device) for k, v in data.items() if k != "kind"}
@@ -127,8 +126,7 @@ def train(student, data: dict, epochs: float, batch: int, lr: float, seed: int, 
             loss = float(loss.detach())
             ema = loss if ema is None else 0.98 * ema + 0.02 * loss
             first = ema if first is None else first
-            # refresh=False: the postfix waits for update()'s next draw, which keeps to mininterval
-            bar.set_postfix(loss=f"{ema:.3f}", tok_s=f"{seen / (time.perf_counter() - t0):.0f}", refresh=False)
+            bar.set_postfix(loss=f"{ema:.3f}", tok_s=f"{seen / (time.perf_counter() - t0):.0f}")
             bar.update(1)
     return student.eval(), (first, ema)
 

@@ -11,13 +11,12 @@ import time
 from dataclasses import replace
 
 import torch
-from tqdm import tqdm
 
 from ..bench import chat_prompt, hf_decode, machine, prefilled, rerun
 from ..engine import DRAFTER_MODES, GenerationConfig, check_config, check_fits, generate
 from ..errors import UserError
 from ..jsonl import append_record, read_records
-from ..textio import bar_interval
+from ..textio import LogBar
 from .report import write_report
 from .schema import Experiment
 
@@ -111,8 +110,7 @@ def run_experiment(exp: Experiment, out: str | None = None, is_quick: bool = Fal
     rows = [r for r in plan(exp, docs) if json.dumps(r, sort_keys=True) not in done]
     by_prompt = itertools.groupby(rows, key=lambda r: (r["document"], r["context"]))
     hf = None
-    with open(path, "a") as f, tqdm(total=len(rows), desc=exp.name, unit="run", disable=not progress,
-                                    mininterval=bar_interval()) as bar:
+    with open(path, "a") as f, LogBar(total=len(rows), desc=exp.name, unit="run", disable=not progress) as bar:
         for (name, ctx), group in by_prompt:
             ids = prompt_ids(exp, model.tokenizer, dict(docs)[name], ctx)
             check_fits(model, len(ids), exp.max_new_tokens)

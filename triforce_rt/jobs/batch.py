@@ -13,12 +13,10 @@ import sys
 import time
 from dataclasses import replace
 
-from tqdm import tqdm
-
 from ..engine import check_config, check_fits, generate_batch
 from ..errors import UserError
 from ..jsonl import append_record, read_records
-from ..textio import bar_interval, chat_ids, encode
+from ..textio import LogBar, chat_ids, encode
 
 OVERRIDES = {"max_new_tokens": int, "temperature": (int, float), "top_p": (int, float), "top_k": int, "seed": int,
              "ignore_eos": bool}
@@ -96,8 +94,7 @@ def run_batch(model, drafter, input_path: str, out_path: str, cfg, chat: bool, p
     counts = {"done": 0, "skipped": len(lines) - len(todo), "errors": 0}
     new_tokens, t0 = 0, time.perf_counter()
     with open(out_path, "a", encoding="utf-8") as out, \
-            tqdm(total=len(lines), initial=counts["skipped"], desc="batch", unit="rec", disable=not progress,
-                 mininterval=bar_interval()) as bar:
+            LogBar(total=len(lines), initial=counts["skipped"], desc="batch", unit="rec", disable=not progress) as bar:
         i = 0
         while i < len(todo):
             # A group: the next line alone if it failed, else the run of up to batch_size runnable lines with its config.
@@ -109,8 +106,8 @@ def run_batch(model, drafter, input_path: str, out_path: str, cfg, chat: bool, p
                 counts["errors" if "error" in record else "done"] += 1
                 new_tokens += record.get("new_tokens", 0)
                 append_record(out, record)
+                bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.1f}")
                 bar.update(1)
-            bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.1f}", refresh=False)
             i = j
     print(f"batch: {counts['done']} generated, {counts['errors']} errors, {counts['skipped']} already in {out_path}",
           file=sys.stderr)
