@@ -186,6 +186,27 @@ def test_more_tokens_keep_the_labelled_blocks(tiny_folder, tmp_path, monkeypatch
     assert all(torch.equal(held[k], held2[k]) for k in held)
 
 
+def test_skip_tokens_trains_on_the_later_blocks_only(tiny_folder, tmp_path, monkeypatch):
+    """--skip-tokens leaves out whole blocks: they are never labelled, the later blocks are the ones --tokens alone
+    would give, and the held-out part stays; a value that is not whole blocks, or leaves nothing, is a UserError."""
+    import triforce_rt.distill as d
+    from triforce_rt.errors import UserError
+
+    monkeypatch.setattr(d, "BLOCK_TOKENS", 320)  # 10 records of 32 tokens
+    model = load_model(tiny_folder, dtype=torch.float32)
+    calls = []
+    real = d.label
+    monkeypatch.setattr(d, "label", lambda *a, **k: calls.append(a[1:3]) or real(*a, **k))
+    later, held = d.teacher_data(model, tiny_cfg(tiny_folder, tmp_path / "a", tokens=720, skip_tokens=320), False)
+    assert calls == [("train", 10), ("train", 2), ("heldout", 16)]  # blocks 1 and 2; block 0 never labelled
+    full, held2 = d.teacher_data(model, tiny_cfg(tiny_folder, tmp_path / "b", tokens=720), progress=False)
+    assert len(later["tokens"]) == 12 and all(torch.equal(full[k][10:], later[k]) for k in later)
+    assert all(torch.equal(held[k], held2[k]) for k in held)
+    for skip in (100, 960):
+        with pytest.raises(UserError, match="--skip-tokens"):
+            distill(tiny_cfg(tiny_folder, tmp_path / "c", tokens=720, skip_tokens=skip), progress=False)
+
+
 def test_length_draw_follows_file_size(tmp_path, monkeypatch):
     """--draw file picks every file alike; --draw length in proportion to its tokens (here 2,048 against 20,480)."""
     from triforce_rt.distill import corpus

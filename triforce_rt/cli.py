@@ -188,6 +188,10 @@ def build_parser():
     d.add_argument("--init", metavar="DIR", help="continue from this distilled drafter (its layers, width and draft "
                    "vocabulary; --layers, --hidden, --vocab and --copy-layers are then ignored), e.g. on a longer "
                    "--seq-len")
+    d.add_argument("--skip-tokens", type=int, default=dc.skip_tokens, metavar="N",
+                   help="train only on the positions after the first N of --tokens (a multiple of 1.5M: whole blocks, "
+                   "neither labelled nor loaded). With --init a drafter distilled on those N, this continues it on "
+                   "new data at the cost of the new blocks' teacher pass alone")
     d.add_argument("--draw", default=dc.draw, choices=DRAWS,
                    help="how documents are drawn: length (in proportion to their tokens, so long documents are not "
                    "under-represented and short ones not repeated; default) or file (every file alike, as drafters "

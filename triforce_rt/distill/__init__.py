@@ -37,6 +37,7 @@ class DistillConfig:
     init: str | None = None  # a drafter made by distill to continue from (its shape and draft vocabulary)
     copy_layers: str = "none"  # the target layers the student starts from: none (random), first, or a list: 0,29
     draw: str = "length"  # how documents are drawn: length (in proportion to their tokens) or file (each file alike)
+    skip_tokens: int = 0  # train on the blocks after the first skip_tokens positions only (e.g. to continue --init)
 
 
 BLOCK_TOKENS = 1_500_000  # teacher data is labelled and cached in blocks of this many positions
@@ -73,13 +74,26 @@ def block_records(cfg: DistillConfig) -> int:
     return max(cfg.batch, BLOCK_TOKENS // cfg.seq_len)
 
 
+def block_sizes(cfg: DistillConfig) -> list:
+    """Records of each training block: --tokens // --seq-len in blocks of block_records(cfg), the last one partial."""
+    records, per_block = max(cfg.batch, cfg.tokens // cfg.seq_len), block_records(cfg)
+    return [min(per_block, records - start) for start in range(0, records, per_block)]
+
+
+def first_block(cfg: DistillConfig) -> int:
+    """The first training block: --skip-tokens leaves out whole blocks, which are then neither labelled nor loaded."""
+    first, rest = divmod(cfg.skip_tokens, BLOCK_TOKENS)
+    if rest or not 0 <= first < len(block_sizes(cfg)):
+        raise UserError(f"--skip-tokens {cfg.skip_tokens}: need a multiple of {BLOCK_TOKENS:,} (whole blocks of "
+                        f"teacher data) that leaves some of --tokens {cfg.tokens:,}")
+    return first
+
+
 def teacher_data(model, cfg: DistillConfig, progress: bool) -> tuple:
-    """(train, held-out) teacher data: --tokens // --seq-len training records in blocks of BLOCK_TOKENS positions
-    (the last one partial), and a held-out part of 1/20 of the first block, the same for every --tokens."""
-    records = max(cfg.batch, cfg.tokens // cfg.seq_len)
-    per_block = block_records(cfg)
-    sizes = [min(per_block, records - start) for start in range(0, records, per_block)]
-    blocks = [teacher_block(model, cfg, "train", n, k, progress) for k, n in enumerate(sizes)]
+    """(train, held-out) teacher data: the training blocks from first_block(cfg) on, and a held-out part of 1/20 of
+    the first block, the same for every --tokens and --skip-tokens."""
+    sizes = block_sizes(cfg)
+    blocks = [teacher_block(model, cfg, "train", n, k, progress) for k, n in enumerate(sizes) if k >= first_block(cfg)]
     train_data = {k: torch.cat([b[k] for b in blocks]) for k in blocks[0]}
     held = teacher_block(model, cfg, "heldout", max(16, sizes[0] // 20), 0, progress)
     return train_data, held
@@ -120,6 +134,7 @@ def continued_student(path: str, teacher, seq_len: int):
 
 def distill(cfg: DistillConfig, progress: bool = True) -> dict:
     """Label, train, evaluate on held-out text and save; returns the held-out metrics."""
+    first_block(cfg)  # a bad --skip-tokens fails before the target loads
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = load_model(cfg.target, dtype="bfloat16", device=device)  # labels only: bf16 is 3x faster on CPU
