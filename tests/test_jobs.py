@@ -1,4 +1,5 @@
 """summarize and batch: real documents, over-long refusal and fitting, malformed lines, and kill-and-resume."""
+import io
 import json
 import re
 import signal
@@ -51,7 +52,6 @@ def test_summarize_several_files_streams_each_under_its_name(capsys, tiny512, tm
 def test_summarize_stats_start_their_own_line_on_a_shared_terminal(tmp_path, monkeypatch):
     """stdout and stderr on one terminal: the summary's last line and the stats line stay apart (SmolLM2's greedy
     summary does not end in a newline)."""
-    import io
 
     doc = tmp_path / "a.md"
     doc.write_text("The meeting moved to Tuesday.\n")
@@ -62,6 +62,26 @@ def test_summarize_stats_start_their_own_line_on_a_shared_terminal(tmp_path, mon
     text = term.getvalue()
     stats = [line for line in text.splitlines() if "[ar]" in line]
     assert len(stats) == 1 and stats[0].startswith("[ar]") and text.split("[ar]")[0].strip(), text
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("stdout_is_terminal", [False, True])
+def test_summarize_progress_follows_stderr(tmp_path, monkeypatch, tiny512, stdout_is_terminal):
+    """Bars go to stderr whenever it is a terminal (`summarize doc > summary.md` too); the decode bar stays off
+    only while the text itself streams to a terminal."""
+    doc = tmp_path / "a.md"
+    doc.write_text("The meeting moved to Tuesday.\n")
+    out, err = (Terminal() if stdout_is_terminal else io.StringIO()), Terminal()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    assert main(["summarize", str(doc), "--model", tiny512, "--mode", "ar", "--max-new-tokens", "8",
+                 "--ignore-eos"]) == 0
+    assert "prefill:" in err.getvalue() and ("decode:" in err.getvalue()) != stdout_is_terminal, err.getvalue()
+    assert "[ar] prompt" in err.getvalue()
 
 
 def test_summarize_refuses_an_overlong_document_with_both_counts(capsys, tiny512):

@@ -262,7 +262,7 @@ def cmd_summarize(args):
 
     cfg = generation_config(args)
     model, drafter = load_models(args)
-    summarize_files(model, drafter, args.files, cfg, args.fit, args.out, progress=not args.quiet and sys.stdout.isatty())
+    summarize_files(model, drafter, args.files, cfg, args.fit, args.out, progress=not args.quiet and sys.stderr.isatty())
 
 
 def cmd_batch(args):

@@ -68,12 +68,13 @@ def map_reduce(model, drafter, doc: list, cfg, name: str, out, progress: bool):
 
 
 def run(model, drafter, ids: list, cfg, out, progress: bool):
-    """Generate with progress bars (prefill tokens; decode tok/s when the text is not streamed to the terminal)."""
+    """Generate with progress bars on stderr (prefill tokens; decode tok/s unless the text streams to a terminal,
+    where it shows its own progress)."""
     from tqdm import tqdm
 
     stream = TextStream(model.tokenizer, out) if out is not None else None
     bar = tqdm(total=cfg.max_new_tokens, desc="decode", unit="tok", leave=False, file=sys.stderr,
-               disable=not progress or out is sys.stdout)
+               disable=not progress or (out is sys.stdout and sys.stdout.isatty()))
 
     def on_token(t):
         bar.update(1)
