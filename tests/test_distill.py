@@ -1,5 +1,6 @@
 """`triforce distill` end to end on a tiny target: deterministic, cached teacher pass, and a drafter that
 load_model and --drafter accept, whose greedy drafts keep the output identical to ar."""
+import json
 import os
 import re
 
@@ -259,3 +260,16 @@ def test_distill_cli_shows_progress_in_a_log_unless_quiet(tiny_folder, tmp_path,
         assert 1 <= len(re.findall(bar, err)) <= 3, err
     assert main(argv + ["--out", str(tmp_path / "b"), "--quiet"]) == 0  # the teacher data is cached by now
     assert "loss" not in capsys.readouterr().err
+
+
+def test_distill_says_when_a_corpus_source_is_missing(tiny_folder, tmp_path, monkeypatch, capsys):
+    """Without Debian's python3.11-doc the corpus has no docs: distill still runs, says so on stderr with the fix,
+    and records it in distill.json, since the data (and the weights) then differ from the shipped drafter's."""
+    from triforce_rt.distill import corpus
+
+    monkeypatch.setitem(corpus.ROOTS, "docs", (str(tmp_path / "no-docs"), "**/*.html"))
+    metrics = distill(tiny_cfg(tiny_folder, tmp_path / "d", tokens=320, epochs=1, answer_frac=0), progress=True)
+    err = capsys.readouterr().err
+    assert "note: no docs text under" in err and "install Debian's python3.11-doc" in err, err
+    assert metrics["corpus_missing"] == ["docs"]
+    assert json.loads((tmp_path / "d" / "distill.json").read_text())["heldout"]["corpus_missing"] == ["docs"]

@@ -6,6 +6,7 @@ train.py (the student and its KL loss). distill() runs the three and writes a fo
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -13,6 +14,7 @@ import torch
 
 from ..errors import UserError
 from ..models.loader import cache_root, load_model
+from .corpus import ROOTS, files, missing
 from .teacher import label
 from .train import copied_layers, evaluate, init_student, pick_vocab, student_config, train
 
@@ -47,8 +49,6 @@ def teacher_block(model, cfg: DistillConfig, part: str, records: int, block: int
     """label() for one block of one part, cached under $TRIFORCE_CACHE/distill/ by everything that determines it.
     Block k draws its documents with seed + 7919 k, so a larger --tokens keeps the blocks already labelled."""
     from safetensors.torch import load_file, save_file
-
-    from .corpus import files
 
     key = dict(target=os.path.realpath(model.source), dtype=str(model.embed_tokens.weight.dtype), part=part,
                records=records, seq_len=cfg.seq_len, sinks=cfg.sinks, top_k=cfg.top_k, answer_frac=cfg.answer_frac,
@@ -139,6 +139,11 @@ def distill(cfg: DistillConfig, progress: bool = True) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = load_model(cfg.target, dtype="bfloat16", device=device)  # labels only: bf16 is 3x faster on CPU
     student = continued_student(cfg.init, teacher, cfg.seq_len) if cfg.init else None  # checked before labelling
+    absent = missing()  # the run still works, on other text than the shipped drafter was distilled on
+    if absent and progress:
+        print(f"triforce: note: no {', '.join(absent)} text under {', '.join(ROOTS[s][0] for s in absent)}"
+              + (" (install Debian's python3.11-doc)" if "docs" in absent else "")
+              + ": this corpus differs from the shipped drafter's", file=sys.stderr)
     tc = teacher.config
     copied = [] if cfg.init else copied_layers(cfg.copy_layers, cfg.layers, cfg.hidden, tc.num_hidden_layers,
                                                tc.hidden_size)
@@ -158,7 +163,7 @@ def distill(cfg: DistillConfig, progress: bool = True) -> dict:
     metrics = evaluate(student, held, device)
     metrics.update(teacher_seconds=round(label_s, 1), train_seconds=round(time.perf_counter() - t0, 1),
                    train_positions=int(data["mask"].sum()), parameters=sum(p.numel() for p in student.parameters()),
-                   train_loss_first=round(loss_first, 4), train_loss_last=round(loss_last, 4))
+                   train_loss_first=round(loss_first, 4), train_loss_last=round(loss_last, 4), corpus_missing=absent)
     if cfg.init:
         metrics["init_agreement"] = init_agreement
     save(student, teacher, cfg, metrics)

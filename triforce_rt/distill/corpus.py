@@ -32,6 +32,11 @@ def files(part: str) -> list:
     return out
 
 
+def missing() -> list:
+    """The sources that hold no text on this machine: distilling without them gives other data and weights."""
+    return [s for s, (root, pattern) in ROOTS.items() if not glob.glob(os.path.join(root, pattern), recursive=True)]
+
+
 def read(source: str, path: str) -> str:
     with open(path, encoding="utf-8", errors="replace") as f:
         text = f.read()
