@@ -362,7 +362,7 @@ PROMPTS = {  # instruction, and the held-out corpus source (distill/corpus.py) o
 
 def heldout_ids(tokenizer, n: int, source: str) -> list:
     """n tokens of held-out corpus files of one source (never seen by `triforce distill`), in a fixed order."""
-    from .distill.corpus import files, read
+    from .distill.corpus import files, install_hint, read
 
     ids = []
     for src, path in files("heldout"):
@@ -370,8 +370,7 @@ def heldout_ids(tokenizer, n: int, source: str) -> list:
             ids += tokenizer(read(src, path)).input_ids
             if len(ids) >= n:
                 return ids[:n]
-    hint = " (install Debian's python3.11-doc)" if source == "docs" else ""
-    raise RuntimeError(f"only {len(ids)} tokens of held-out {source} text found{hint}")
+    raise RuntimeError(f"only {len(ids)} tokens of held-out {source} text found{install_hint(source)}")
 
 
 def chat_prompt(tokenizer, instruction: str, doc_ids: list, n: int) -> list:

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import UserError
 from ..models.loader import cache_root, load_model
-from .corpus import ROOTS, files, missing
+from .corpus import ROOTS, files, install_hint, missing
 from .teacher import label
 from .train import copied_layers, evaluate, init_student, pick_vocab, student_config, train
 
@@ -142,7 +142,7 @@ def distill(cfg: DistillConfig, progress: bool = True) -> dict:
     absent = missing()  # the run still works, on other text than the shipped drafter was distilled on
     if absent and progress:
         print(f"triforce: note: no {', '.join(absent)} text under {', '.join(ROOTS[s][0] for s in absent)}"
-              + (" (install Debian's python3.11-doc)" if "docs" in absent else "")
+              + "".join(map(install_hint, absent))
               + ": this corpus differs from the shipped drafter's", file=sys.stderr)
     tc = teacher.config
     copied = [] if cfg.init else copied_layers(cfg.copy_layers, cfg.layers, cfg.hidden, tc.num_hidden_layers,

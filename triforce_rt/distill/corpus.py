@@ -16,6 +16,7 @@ from itertools import accumulate
 STDLIB = sysconfig.get_paths()["stdlib"]
 ROOTS = {"stdlib": (STDLIB, "**/*.py"), "licenses": ("/usr/share/common-licenses", "*"),
          "docs": ("/usr/share/doc/python3.11-doc/html", "**/*.html")}
+PACKAGES = {"docs": "python3.11-doc"}  # the Debian package that installs a source not on every machine
 
 
 def files(part: str) -> list:
@@ -35,6 +36,11 @@ def files(part: str) -> list:
 def missing() -> list:
     """The sources that hold no text on this machine: distilling without them gives other data and weights."""
     return [s for s, (root, pattern) in ROOTS.items() if not glob.glob(os.path.join(root, pattern), recursive=True)]
+
+
+def install_hint(source: str) -> str:
+    """' (install Debian's PACKAGE)' for a source a package adds, else ''."""
+    return f" (install Debian's {PACKAGES[source]})" if source in PACKAGES else ""
 
 
 def read(source: str, path: str) -> str:
