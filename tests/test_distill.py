@@ -273,3 +273,29 @@ def test_distill_says_when_a_corpus_source_is_missing(tiny_folder, tmp_path, mon
     assert "note: no docs text under" in err and "install Debian's python3.11-doc" in err, err
     assert metrics["corpus_missing"] == ["docs"]
     assert json.loads((tmp_path / "d" / "distill.json").read_text())["heldout"]["corpus_missing"] == ["docs"]
+
+
+def test_teacher_cache_follows_the_corpus_content(tiny_folder, tmp_path, monkeypatch):
+    """The cached teacher data is keyed by the corpus's contents, not its number of files: a page that changes (here
+    to as many bytes) is relabelled, an unchanged corpus is not."""
+    import triforce_rt.distill as d
+    from triforce_rt.distill import corpus
+
+    root = tmp_path / "src"
+    root.mkdir()
+    text = stdlib_text("textwrap.py")
+    (root / "a.py").write_text(text)
+    monkeypatch.setattr(corpus, "ROOTS", {"stdlib": (str(root), "*.py")})
+    monkeypatch.setattr(corpus.zlib, "crc32", lambda b: 0 if b.endswith(b"held.py") else 1)
+    (root / "held.py").write_text(text[::-1])
+    model = load_model(tiny_folder, dtype=torch.float32)
+    cfg = tiny_cfg(tiny_folder, tmp_path / "o", tokens=320, answer_frac=0)
+    calls, real = [], d.label
+    monkeypatch.setattr(d, "label", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    d.teacher_data(model, cfg, progress=False)
+    d.teacher_data(model, cfg, progress=False)
+    assert calls == ["train", "heldout"]
+    (root / "a.py").write_text(text.swapcase())
+    assert (root / "a.py").stat().st_size == len(text.encode())
+    d.teacher_data(model, cfg, progress=False)
+    assert calls == ["train", "heldout", "train"]

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import UserError
 from ..models.loader import cache_root, load_model
-from .corpus import ROOTS, files, install_hint, missing
+from .corpus import ROOTS, fingerprint, install_hint, missing
 from .teacher import label
 from .train import copied_layers, evaluate, init_student, pick_vocab, student_config, train
 
@@ -52,11 +52,8 @@ def teacher_block(model, cfg: DistillConfig, part: str, records: int, block: int
 
     key = dict(target=os.path.realpath(model.source), dtype=str(model.embed_tokens.weight.dtype), part=part,
                records=records, seq_len=cfg.seq_len, sinks=cfg.sinks, top_k=cfg.top_k, answer_frac=cfg.answer_frac,
-               new_tokens=cfg.new_tokens, seed=cfg.seed, corpus=len(files(part)), version=1)
-    if block:
-        key["block"] = block
-    if cfg.draw != "file":  # keys from before --draw stay valid
-        key["draw"] = cfg.draw
+               new_tokens=cfg.new_tokens, seed=cfg.seed, draw=cfg.draw, block=block, corpus=fingerprint(part),
+               version=2)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(cache_root(), "distill", f"teacher-{part}-{digest}.safetensors")
     if os.path.isfile(path):
