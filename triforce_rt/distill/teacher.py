@@ -105,7 +105,9 @@ def answer_batch(model, docs: Documents, B: int, L: int, S: int, K: int, new: in
 def label(model, part: str, records: int, L: int, S: int, K: int, answer_frac: float, new: int, seed: int,
           draw: str, batch: int = 8, progress: bool = True) -> dict:
     """`records` teacher-labelled sequences of one corpus part, as padded tensors:
-    tokens [N, L], ids [N, L, K], logp [N, L, K], mask [N, L] (positions with a label), kind [N] (1 = answer)."""
+    tokens [N, L], ids [N, L, K], logp [N, L, K], mask [N, L] (positions with a label), kind [N] (1 = answer).
+    The answers come first, in whole batches of 4 * batch: round(records * answer_frac) rounded up to a multiple of
+    4 * batch (at most `records`)."""
     docs, rng = Documents(model.tokenizer, part, seed, draw), random.Random(seed + 1)
     gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
     eos = set(model.config.eos_token_ids) | {model.tokenizer.eos_token_id}
