@@ -299,3 +299,24 @@ def test_teacher_cache_follows_the_corpus_content(tiny_folder, tmp_path, monkeyp
     assert (root / "a.py").stat().st_size == len(text.encode())
     d.teacher_data(model, cfg, progress=False)
     assert calls == ["train", "heldout", "train"]
+
+
+def test_teacher_cache_follows_the_target_weights(tiny_folder, tmp_path, monkeypatch):
+    """New weights in the same target folder (same size, a later mtime, e.g. a fine-tune saved over it) are
+    relabelled, as a changed GGUF is re-converted."""
+    import shutil
+
+    import triforce_rt.distill as d
+
+    target = tmp_path / "target"
+    shutil.copytree(tiny_folder, target)
+    cfg = tiny_cfg(str(target), tmp_path / "o", tokens=320, answer_frac=0)
+    calls, real = [], d.label
+    monkeypatch.setattr(d, "label", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    d.teacher_data(load_model(str(target), dtype=torch.float32), cfg, progress=False)
+    d.teacher_data(load_model(str(target), dtype=torch.float32), cfg, progress=False)
+    assert calls == ["train", "heldout"]
+    weights = target / "model.safetensors"
+    os.utime(weights, (weights.stat().st_atime, weights.stat().st_mtime + 60))
+    d.teacher_data(load_model(str(target), dtype=torch.float32), cfg, progress=False)
+    assert calls == ["train", "heldout", "train", "heldout"]

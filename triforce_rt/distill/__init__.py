@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from ..errors import UserError
-from ..models.loader import cache_root, load_model
+from ..models.loader import cache_root, load_model, weight_files
 from .corpus import ROOTS, fingerprint, install_hint, missing
 from .teacher import label
 from .train import copied_layers, evaluate, init_student, pick_vocab, student_config, train
@@ -46,14 +46,17 @@ BLOCK_TOKENS = 1_500_000  # teacher data is labelled and cached in blocks of thi
 
 
 def teacher_block(model, cfg: DistillConfig, part: str, records: int, block: int, progress: bool) -> dict:
-    """label() for one block of one part, cached under $TRIFORCE_CACHE/distill/ by everything that determines it.
+    """label() for one block of one part, cached under $TRIFORCE_CACHE/distill/ by everything that determines it:
+    the settings, the target's weight files (name, size, mtime, as for a converted GGUF) and the corpus's contents.
     Block k draws its documents with seed + 7919 k, so a larger --tokens keeps the blocks already labelled."""
     from safetensors.torch import load_file, save_file
 
-    key = dict(target=os.path.realpath(model.source), dtype=str(model.embed_tokens.weight.dtype), part=part,
-               records=records, seq_len=cfg.seq_len, sinks=cfg.sinks, top_k=cfg.top_k, answer_frac=cfg.answer_frac,
-               new_tokens=cfg.new_tokens, seed=cfg.seed, draw=cfg.draw, block=block, corpus=fingerprint(part),
-               version=2)
+    safe, pickles = weight_files(model.source)
+    weights = [(os.path.basename(f), (st := os.stat(f)).st_size, int(st.st_mtime)) for f in safe + pickles]
+    key = dict(target=os.path.realpath(model.source), weights=weights, dtype=str(model.embed_tokens.weight.dtype),
+               part=part, records=records, seq_len=cfg.seq_len, sinks=cfg.sinks, top_k=cfg.top_k,
+               answer_frac=cfg.answer_frac, new_tokens=cfg.new_tokens, seed=cfg.seed, draw=cfg.draw, block=block,
+               corpus=fingerprint(part), version=2)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(cache_root(), "distill", f"teacher-{part}-{digest}.safetensors")
     if os.path.isfile(path):

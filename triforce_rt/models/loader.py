@@ -87,13 +87,19 @@ def gguf_to_folder(path: str) -> str:
     return out
 
 
+def weight_files(folder: str) -> tuple:
+    """(safetensors files, pickle checkpoints) of a model folder, each sorted: the first that is not empty is read."""
+    safe = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    pickles = sorted(glob.glob(os.path.join(folder, "*.bin")) + glob.glob(os.path.join(folder, "*.pt"))
+                     + glob.glob(os.path.join(folder, "*.pth")))
+    return safe, pickles
+
+
 def read_state_dict(folder: str, allow_pickle: bool) -> dict:
-    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    files, pickles = weight_files(folder)
     if files:
         from safetensors.torch import load_file
         return {k: v for f in files for k, v in load_file(f).items()}
-    pickles = sorted(glob.glob(os.path.join(folder, "*.bin")) + glob.glob(os.path.join(folder, "*.pt"))
-                     + glob.glob(os.path.join(folder, "*.pth")))
     if not pickles:
         raise UserError(f"no weights in '{folder}' (expected *.safetensors)")
     if not allow_pickle:
