@@ -45,9 +45,10 @@ class DistillConfig:
 BLOCK_TOKENS = 1_500_000  # teacher data is labelled and cached in blocks of this many positions
 
 
-def teacher_block(model, cfg: DistillConfig, part: str, records: int, block: int, progress: bool) -> dict:
+def teacher_block(model, cfg: DistillConfig, part: str, records: int, block: int, corpus: str, progress: bool) -> dict:
     """label() for one block of one part, cached under $TRIFORCE_CACHE/distill/ by everything that determines it:
-    the settings, the target's weight files (name, size, mtime, as for a converted GGUF) and the corpus's contents.
+    the settings, the target's weight files (name, size, mtime, as for a converted GGUF) and the part's contents
+    (corpus: its fingerprint, hashed once per part by the caller).
     Block k draws its documents with seed + 7919 k, so a larger --tokens keeps the blocks already labelled."""
     from safetensors.torch import load_file, save_file
 
@@ -56,7 +57,7 @@ def teacher_block(model, cfg: DistillConfig, part: str, records: int, block: int
     key = dict(target=os.path.realpath(model.source), weights=weights, dtype=str(model.embed_tokens.weight.dtype),
                part=part, records=records, seq_len=cfg.seq_len, sinks=cfg.sinks, top_k=cfg.top_k,
                answer_frac=cfg.answer_frac, new_tokens=cfg.new_tokens, seed=cfg.seed, draw=cfg.draw, block=block,
-               corpus=fingerprint(part), version=2)
+               corpus=corpus, version=2)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(cache_root(), "distill", f"teacher-{part}-{digest}.safetensors")
     if os.path.isfile(path):
@@ -92,10 +93,11 @@ def first_block(cfg: DistillConfig) -> int:
 def teacher_data(model, cfg: DistillConfig, progress: bool) -> tuple:
     """(train, held-out) teacher data: the training blocks from first_block(cfg) on, and a held-out part of 1/20 of
     the first block, the same for every --tokens and --skip-tokens."""
-    sizes = block_sizes(cfg)
-    blocks = [teacher_block(model, cfg, "train", n, k, progress) for k, n in enumerate(sizes) if k >= first_block(cfg)]
+    sizes, corpus = block_sizes(cfg), fingerprint("train")
+    blocks = [teacher_block(model, cfg, "train", n, k, corpus, progress)
+              for k, n in enumerate(sizes) if k >= first_block(cfg)]
     train_data = {k: torch.cat([b[k] for b in blocks]) for k in blocks[0]}
-    held = teacher_block(model, cfg, "heldout", max(16, sizes[0] // 20), 0, progress)
+    held = teacher_block(model, cfg, "heldout", max(16, sizes[0] // 20), 0, fingerprint("heldout"), progress)
     return train_data, held
 
 
