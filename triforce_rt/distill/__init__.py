@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from ..errors import UserError
-from ..models.loader import cache_root, load_model, weight_files
+from ..models.loader import cache_root, load_model, stamp, weight_files
 from .corpus import ROOTS, fingerprint, install_hint, missing
 from .teacher import label
 from .train import copied_layers, evaluate, init_student, pick_vocab, student_config, train
@@ -53,7 +53,7 @@ def teacher_block(model, cfg: DistillConfig, part: str, records: int, block: int
     from safetensors.torch import load_file, save_file
 
     safe, pickles = weight_files(model.source)
-    weights = [(os.path.basename(f), (st := os.stat(f)).st_size, int(st.st_mtime)) for f in safe + pickles]
+    weights = [(os.path.basename(f), *stamp(f)) for f in safe + pickles]
     key = dict(target=os.path.realpath(model.source), weights=weights, dtype=str(model.embed_tokens.weight.dtype),
                part=part, records=records, seq_len=cfg.seq_len, sinks=cfg.sinks, top_k=cfg.top_k,
                answer_frac=cfg.answer_frac, new_tokens=cfg.new_tokens, seed=cfg.seed, draw=cfg.draw, block=block,

@@ -53,9 +53,15 @@ def resolve(spec: str) -> str:
     raise UserError(f"model not found: '{spec}' (expected 'default', a .gguf file, or a folder with config.json)")
 
 
-def gguf_to_folder(path: str) -> str:
+def stamp(path: str) -> tuple:
+    """(size, whole-second mtime) of a file: what tells a converted or cached copy of it from a stale one."""
     st = os.stat(path)
-    out = os.path.join(cache_root(), f"{os.path.basename(path)[:-5]}-{st.st_size}-{int(st.st_mtime)}")
+    return st.st_size, int(st.st_mtime)
+
+
+def gguf_to_folder(path: str) -> str:
+    size, mtime = stamp(path)
+    out = os.path.join(cache_root(), f"{os.path.basename(path)[:-5]}-{size}-{mtime}")
     if os.path.isfile(os.path.join(out, "done")):
         return out
     from safetensors.torch import save_file
