@@ -46,8 +46,9 @@ def test_malformed_yaml_and_missing_keys(tmp_path, capsys):
     assert "malformed YAML at line" in capsys.readouterr().err
     assert main(["run", write(tmp_path, {"prompt": {"text": "hi"}})]) == 2
     assert "missing required key 'name'" in capsys.readouterr().err
-    assert main(["run", write(tmp_path, "- just\n- a list\n")]) == 2
-    assert "expected a mapping" in capsys.readouterr().err
+    path = write(tmp_path, "- just\n- a list\n")
+    assert main(["run", path]) == 2
+    assert f"{path}: expected a mapping" in capsys.readouterr().err
     assert main(["run", str(tmp_path / "none.yaml")]) == 2
     assert "experiment file not found" in capsys.readouterr().err
 

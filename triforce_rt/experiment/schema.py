@@ -5,6 +5,7 @@ Paths may start with {stdlib}, {licenses} or {docs} (the corpus roots of distill
 experiment file.
 """
 import os
+import reprlib
 from dataclasses import dataclass, field, fields
 
 from ..engine import MODES
@@ -54,13 +55,13 @@ def _check(key: str, value, t):
     ok = (isinstance(value, t) and not (t is int and isinstance(value, bool))) or (
         t is float and isinstance(value, int) and not isinstance(value, bool))
     if not ok:
-        raise UserError(f"{key}: expected {_type_name(t)}, got {value!r}")
+        raise UserError(f"{key}: expected {_type_name(t)}, got {reprlib.repr(value)}")
     return float(value) if t is float else value
 
 
 def _mapping(key: str, value, allowed) -> dict:
     if not isinstance(value, dict):
-        raise UserError(f"{key or 'the file'}: expected a mapping of keys to values, got {value!r}")
+        raise UserError(f"{key}: expected a mapping of keys to values, got {reprlib.repr(value)}")
     for k in value:
         if k not in allowed:
             raise UserError(f"{(key + '.') if key else ''}{k}: unknown key (allowed: {', '.join(allowed)})")
@@ -83,6 +84,9 @@ def expand(path: str, base: str) -> str:
 
 def parse(raw, source: str = "") -> Experiment:
     top = {f.name: f for f in fields(Experiment) if f.name != "source"}
+    if not isinstance(raw, dict):  # a list, a scalar or an empty file: say which file
+        got = "an empty file" if raw is None else reprlib.repr(raw)
+        raise UserError(f"{source or 'the experiment'}: expected a mapping of keys to values, got {got}")
     raw = _mapping("", raw, list(top))
     if "name" not in raw or "prompt" not in raw:
         raise UserError(f"missing required key '{'name' if 'name' not in raw else 'prompt'}'")
