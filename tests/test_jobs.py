@@ -119,7 +119,7 @@ def test_batch_malformed_lines_get_error_records(capsys, tiny512, tmp_path):
         f.write('{"id": "r0", "prompt": "again"}\n{"id": "np"}\n{"id": "long", "prompt": "' + "word " * 600 + '"}\n')
         f.write('{"id": "msg", "messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 4}\n')
     rc, _, err = run(capsys, "batch", str(src), "--out", str(out), "--model", tiny512, "--ignore-eos")
-    assert rc == 0, err
+    assert rc == 1 and "5 generated, 4 errors, 0 already in" in err, err  # the error records make the exit code 1
     recs = {r["id"]: r for r in read_records(str(out))}
     assert recs["line:3"]["error"].startswith("not JSON")
     assert "duplicate id 'r0'" in recs["line:6"]["error"]
@@ -129,6 +129,9 @@ def test_batch_malformed_lines_get_error_records(capsys, tiny512, tmp_path):
     assert len(recs) == 9
     # stderr is not a terminal here, as under nohup: the bar shows, drawn at its start and end, not per record
     assert 1 <= len(re.findall(r"batch:\s+\d+%", err)) <= 3, err
+    # a re-run skips every line and still exits 1: the output holds their error records
+    rc, _, err = run(capsys, "batch", str(src), "--out", str(out), "--model", tiny512, "--ignore-eos")
+    assert rc == 1 and "0 generated, 0 errors, 9 already in" in err and "(4 of them errors)" in err, err
 
 
 def test_batched_lines_equal_one_at_a_time(capsys, tiny512, tmp_path):
@@ -143,7 +146,7 @@ def test_batched_lines_equal_one_at_a_time(capsys, tiny512, tmp_path):
         out = tmp_path / f"out{b}.jsonl"
         rc, _, err = run(capsys, "batch", str(src), "--out", str(out), "--model", tiny512, "--ignore-eos",
                          "--mode", "self-spec", "--max-new-tokens", "12", "--batch-size", str(b))
-        assert rc == 0, err
+        assert rc == 1, err  # the malformed line's error record
         recs[b] = {r["id"]: r for r in read_records(str(out))}
     assert {k: r.get("tokens") for k, r in recs[1].items()} == {k: r.get("tokens") for k, r in recs[3].items()}
     assert [recs[3][f"r{i}"]["batch_size"] for i in range(7)] == [3, 3, 3, 1, 1, 1, 1]

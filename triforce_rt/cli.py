@@ -274,8 +274,9 @@ def cmd_batch(args):
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1 (got {args.batch_size})")
     model, drafter = load_models(args)
-    run_batch(model, drafter, args.input, args.out, cfg, args.chat, progress=not args.quiet,
-              batch_size=args.batch_size)
+    counts = run_batch(model, drafter, args.input, args.out, cfg, args.chat, progress=not args.quiet,
+                       batch_size=args.batch_size)
+    return 1 if counts["errors"] or counts["skipped_errors"] else 0
 
 
 def cmd_distill(args):
@@ -319,7 +320,7 @@ def main(argv=None):
     try:
         commands = {"generate": cmd_generate, "summarize": cmd_summarize, "batch": cmd_batch, "distill": cmd_distill,
                     "run": cmd_run, "bench": cmd_bench}
-        commands[args.command](args)
+        rc = commands[args.command](args)  # None, or batch's 1 when some lines ended as error records
     except UserError as e:
         print(f"triforce: error: {e}", file=sys.stderr)
         return 2
@@ -333,4 +334,4 @@ def main(argv=None):
                   "a shorter prompt, fewer new tokens or --dtype bfloat16", file=sys.stderr)
             return 2
         raise
-    return 0
+    return rc or 0

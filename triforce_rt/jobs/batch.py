@@ -4,7 +4,8 @@ Input line: {"id": str, "prompt": str | "messages": [{"role", "content"}...], op
 "temperature", "top_p", "top_k", "seed", "ignore_eos"}. Output line: {"id", "text", "tokens", "prompt_tokens",
 "new_tokens", "tiers", ...} (the generate --json fields), or {"id", "error"} for a line that cannot run; a line
 that is not JSON, has no usable id or repeats an id gets the id "line:N". Ids already in the output are skipped,
-so a killed job restarted with the same --out ends with every input id exactly once.
+so a killed job restarted with the same --out ends with every input id exactly once. `triforce batch` exits 1 when
+any input line's record in the output is an error (this run's or an earlier one's), so scripts notice.
 With --batch-size B > 1, up to B consecutive lines that share their generation settings decode together
 (engine.generate_batch: one forward per tier step for the group); their records are appended when the group ends.
 """
@@ -79,19 +80,22 @@ def prepare(model, cfg, chat: bool, rid: str, req, err) -> tuple:
 def run_batch(model, drafter, input_path: str, out_path: str, cfg, chat: bool, progress: bool,
               batch_size: int = 1) -> dict:
     """Process every input line not yet in out_path, up to batch_size sequences at a time; returns counts
-    {done, skipped, errors}."""
+    {done, skipped, errors, skipped_errors}: generated and error records written now, lines already in out_path
+    and, of those, the ones whose record there is an error."""
     try:
-        done = {str(r["id"]) for r in read_records(out_path)}
+        done = {str(r["id"]): "error" in r for r in read_records(out_path)}  # id -> its record is an error
     except (ValueError, KeyError) as e:
         raise UserError(f"cannot resume from {out_path}: {e}") from None
     with open(input_path, encoding="utf-8", errors="replace") as f:
         lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
-    seen, todo = set(), []
+    seen, todo, skipped_errors = set(), [], 0
     for n, line in lines:
         rid, req, err = parse_line(n, line, seen)
-        if rid not in done:
+        if rid in done:
+            skipped_errors += done[rid]
+        else:
             todo.append(prepare(model, cfg, chat, rid, req, err))
-    counts = {"done": 0, "skipped": len(lines) - len(todo), "errors": 0}
+    counts = {"done": 0, "skipped": len(lines) - len(todo), "errors": 0, "skipped_errors": skipped_errors}
     new_tokens, t0 = 0, time.perf_counter()
     with open(out_path, "a", encoding="utf-8") as out, \
             LogBar(total=len(lines), initial=counts["skipped"], desc="batch", unit="rec", disable=not progress) as bar:
@@ -109,8 +113,9 @@ def run_batch(model, drafter, input_path: str, out_path: str, cfg, chat: bool, p
                 bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.1f}")
                 bar.update(1)
             i = j
-    print(f"batch: {counts['done']} generated, {counts['errors']} errors, {counts['skipped']} already in {out_path}",
-          file=sys.stderr)
+    earlier = f" ({counts['skipped_errors']} of them errors)" if counts["skipped_errors"] else ""
+    print(f"batch: {counts['done']} generated, {counts['errors']} errors, {counts['skipped']} already in {out_path}"
+          f"{earlier}", file=sys.stderr)
     return counts
 
 
