@@ -53,7 +53,7 @@ def test_plain_output_streams_the_same_text_as_json(capsys, tiny_folder):
     (["--prompt", "hi", "--mode", "self-spec", "--chunk-size", "0"], "chunk_size must be at least 1"),
     (["--prompt", "hi", "--mode", "streaming-spec", "--window", "0"], "window >= 1"),
     (["--prompt", "hi", "--mode", "ngram", "--ngram", "1"], "ngram must be at least 2"),
-    (["--prompt", "hi", "--mode", "draft", "--drafter", "/no/such/drafter"], "model not found"),
+    (["--prompt", "hi", "--mode", "draft", "--drafter", "/no/such/drafter"], "drafter not found"),
     (["--prompt", "hi", "--offload", "weights"], "need --device cuda"),
     (["--prompt", "hi", "--gpu-memory", "24"], "need --device cuda"),
     (["--prompt", "hi", "--attn", "flash"], "flash-attn"),
@@ -86,7 +86,7 @@ def test_no_default_drafter_for_another_model(capsys, tiny_folder):
     (["--seq-len", "8"], "--seq-len > 16"),
     (["--layers", "0"], "--layers must be at least 1"),
     (["--target", "/no/such/model"], "model not found"),
-    (["--init", "/no/such/drafter"], "model not found"),
+    (["--init", "/no/such/drafter"], "drafter not found"),
     (["--copy-layers", "0,x"], "expected 'none', 'first' or target layer numbers"),
 ])
 def test_distill_bad_input_one_line_exit_2(capsys, argv, needle, tmp_path):

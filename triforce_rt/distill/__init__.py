@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from ..errors import UserError
-from ..models.loader import cache_root, load_model, stamp, weight_files
+from ..models.loader import cache_root, load_model, resolve, stamp, weight_files
 from .corpus import ROOTS, fingerprint, install_hint, missing
 from .teacher import label
 from .train import copied_layers, evaluate, init_student, pick_vocab, student_config, train
@@ -126,7 +126,7 @@ def save(student, target, cfg: DistillConfig, metrics: dict) -> None:
 def continued_student(path: str, teacher, seq_len: int):
     """The drafter at path in fp32 (its parameters load trainable), its context set to seq_len: training goes on
     from its weights and draft vocabulary (e.g. on longer records, to widen the window it was trained for)."""
-    student = load_model(path, dtype=torch.float32)
+    student = load_model(resolve(path, "drafter"), dtype=torch.float32)
     if student.vocab_ids is None or student.config.vocab_size != teacher.config.vocab_size:
         raise UserError(f"--init {path}: not a reduced-vocabulary drafter for this target (make one with `triforce "
                         "distill`)")

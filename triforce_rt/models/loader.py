@@ -43,14 +43,15 @@ def cache_root() -> str:
     return os.environ.get("TRIFORCE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "triforce-rt")
 
 
-def resolve(spec: str) -> str:
-    """The HF folder that holds the model named by spec, converting a GGUF file on first use."""
+def resolve(spec: str, what: str = "model") -> str:
+    """The HF folder that holds the model named by spec, converting a GGUF file on first use; what names it in
+    the error ("drafter" for --drafter and --init)."""
     path = default_gguf() if spec == "default" else os.path.expanduser(spec)
     if os.path.isfile(path) and path.endswith(".gguf"):
         return gguf_to_folder(path)
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
         return path
-    raise UserError(f"model not found: '{spec}' (expected 'default', a .gguf file, or a folder with config.json)")
+    raise UserError(f"{what} not found: '{spec}' (expected 'default', a .gguf file, or a folder with config.json)")
 
 
 def stamp(path: str) -> tuple:
@@ -187,4 +188,4 @@ def load_drafter(spec: str, target: str, load: dict):
             raise UserError("no default drafter exists for this model; make one with `triforce distill --target "
                             f"{target} --out DIR` and pass --drafter DIR (or use --mode self-spec / ngram)")
         spec = default_drafter()
-    return load_model(spec, **load)
+    return load_model(resolve(spec, "drafter"), **load)
