@@ -6,7 +6,7 @@
                                    [--refresh N]
 writes benchmarks/results/hierarchy-TAG.{json,md} (TAG defaults to cpu). One run, ratios within it.
 --prompt explain: "explain this code" over stdlib sources; summarize: "summarize" over the Python docs
-(Debian's python3.11-doc).
+(held-out files of the shipped corpus).
 """
 import argparse
 import json

@@ -1,7 +1,7 @@
 """Retrieval refresh across documents: self-spec, triforce and triforce-ngram (the shipped drafter) at each
 --refreshes value (default 0, select once after prefill as TriForce does, and 1, after every round) against AR,
 on SmolLM2-135M fp32, 2 threads, 128 greedy tokens, default budget, at 2K and 8K, on --docs held-out documents
-for each prompt (explain: stdlib code; summarize: the Python docs, from Debian's python3.11-doc).
+for each prompt (explain: stdlib code; summarize: the Python docs, from the shipped corpus).
 
     python benchmarks/refresh.py [TAG] [--docs 3] [--contexts 2048 8064] [--refreshes 0 1]
 writes benchmarks/results/refresh-TAG.{json,md} (TAG defaults to cpu). One run, ratios within it.

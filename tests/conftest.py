@@ -1,5 +1,7 @@
 import os
+import sys
 import sysconfig
+import tempfile
 
 import pytest
 import torch
@@ -9,7 +11,6 @@ from triforce_rt.models.loader import from_state_dict
 
 # Two threads per process; one per worker under pytest-xdist (`make test` runs two workers on two cores).
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
-STDLIB = sysconfig.get_paths()["stdlib"]
 
 
 @pytest.fixture(autouse=True)
@@ -22,9 +23,54 @@ def keep_thread_count():
     torch.set_num_threads(n)
 
 
+def child_env(**extra) -> dict:
+    """The environment of a test's child process: this worker's thread count (two processes of 2 threads each on 2
+    cores spin against each other: benchmarks/gpu.py --smoke took 170-234 s beside the other worker, 18 s alone)."""
+    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), **extra}
+
+
+def _allowed_roots() -> tuple:
+    """What a test may read: Python and its packages, this checkout, temporary files, the model cache, and the
+    kernel's and the system's own files. Anything else (Debian's python3.11-doc, /usr/share/common-licenses, ...)
+    is a package a new machine may lack."""
+    from triforce_rt.models.loader import cache_root
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, here, tempfile.gettempdir(), cache_root(),
+             os.path.join(os.path.expanduser("~"), ".cache"), *sysconfig.get_paths().values(), "/proc", "/sys",
+             "/dev", "/etc", "/usr/share/fonts", "/usr/local/share/fonts"}  # fonts: matplotlib's scan, optional
+    return tuple(os.path.realpath(r) + os.sep for r in roots if r)
+
+
+HOST_READS = []  # files outside _allowed_roots() opened by this process
+
+
+def _audit(event, args):
+    if event == "open" and args and isinstance(args[0], (str, bytes)):
+        path = os.fsdecode(args[0])
+        if os.path.isabs(path) and not (path + os.sep).startswith(ALLOWED):
+            HOST_READS.append(path)
+
+
+ALLOWED = _allowed_roots()
+sys.addaudithook(_audit)
+
+
+@pytest.fixture(autouse=True)
+def reads_nothing_from_the_host():
+    """Every test fails if it read a file that neither Python, `make setup` nor the test itself put there: such a test
+    passes only on a machine with that file installed by hand (issue: python3.11-doc)."""
+    HOST_READS.clear()
+    yield
+    found = sorted(set(HOST_READS))
+    assert not found, f"read from outside the project's installs: {found[:5]}"
+
+
 def stdlib_text(name: str) -> str:
-    with open(os.path.join(STDLIB, name), encoding="utf-8") as f:
-        return f.read()
+    """A Python standard library source from the shipped corpus (the same on every machine)."""
+    from triforce_rt.distill.corpus import read
+
+    return read("stdlib", f"stdlib/{name}")
 
 
 def pooled_chisquare(counts: torch.Tensor, law: torch.Tensor) -> float:
@@ -104,3 +150,4 @@ def tiny_drafter(tiny_folder):
     from triforce_rt import load_model
 
     return load_model(tiny_folder)
+

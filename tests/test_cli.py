@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import STDLIB
+from conftest import child_env, stdlib_text
 
 from triforce_rt.cli import main
 
@@ -146,13 +146,15 @@ def test_pickle_checkpoint_refused(capsys, tmp_path, tiny_folder):
     assert rc == 2 and "--allow-pickle" in err
 
 
-def test_console_entry_bad_dtype_and_real_model_path():
+def test_console_entry_bad_dtype_and_real_model_path(tmp_path):
     """Through a real process: argparse errors are one line too, and a real prompt file works."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = child_env(PYTHONWARNINGS="ignore")
     r = subprocess.run([sys.executable, "-m", "triforce_rt", "generate", "--prompt", "x", "--dtype", "float8"],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "invalid choice" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "triforce_rt", "generate", "--prompt-file", os.path.join(STDLIB, "this.py"),
+    prompt = tmp_path / "prompt.py"
+    prompt.write_text(stdlib_text("textwrap.py")[:1000])
+    r = subprocess.run([sys.executable, "-m", "triforce_rt", "generate", "--prompt-file", str(prompt),
                         "--max-new-tokens", "8", "--ignore-eos", "--json"], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["new_tokens"] == 8

@@ -208,15 +208,11 @@ def test_skip_tokens_trains_on_the_later_blocks_only(tiny_folder, tmp_path, monk
             distill(tiny_cfg(tiny_folder, tmp_path / "c", tokens=720, skip_tokens=skip), progress=False)
 
 
-def test_length_draw_follows_file_size(tmp_path, monkeypatch):
+def test_length_draw_follows_file_size(monkeypatch):
     """--draw file picks every file alike; --draw length in proportion to its tokens (here 2,048 against 20,480)."""
     from triforce_rt.distill import corpus
 
-    root = tmp_path / "src"
-    root.mkdir()
-    for name, size in (("small.py", 2048), ("large.py", 20480)):
-        (root / name).write_text(name[0] * size)
-    monkeypatch.setattr(corpus, "ROOTS", {"stdlib": (str(root), "*.py")})
+    monkeypatch.setattr(corpus, "members", lambda: {"stdlib/small.py": b"s" * 2048, "stdlib/large.py": b"l" * 20480})
     monkeypatch.setattr(corpus.zlib, "crc32", lambda b: 1)  # nothing held out
 
     class Bytes:  # a byte-level tokenizer: these files need no vocabulary
@@ -262,17 +258,15 @@ def test_distill_cli_shows_progress_in_a_log_unless_quiet(tiny_folder, tmp_path,
     assert "loss" not in capsys.readouterr().err
 
 
-def test_distill_says_when_a_corpus_source_is_missing(tiny_folder, tmp_path, monkeypatch, capsys):
-    """Without Debian's python3.11-doc the corpus has no docs: distill still runs, says so on stderr with the fix,
-    and records it in distill.json, since the data (and the weights) then differ from the shipped drafter's."""
+def test_corpus_is_the_shipped_archive(tiny_folder, tmp_path, capsys):
+    """The corpus is read from the archive the package ships, never from the host: its contents (and so the shipped
+    drafter's data) are the same on every machine, and distill prints nothing about it."""
     from triforce_rt.distill import corpus
 
-    monkeypatch.setitem(corpus.ROOTS, "docs", (str(tmp_path / "no-docs"), "**/*.html"))
-    metrics = distill(tiny_cfg(tiny_folder, tmp_path / "d", tokens=320, epochs=1, answer_frac=0), progress=True)
-    err = capsys.readouterr().err
-    assert "note: no docs text under" in err and "install Debian's python3.11-doc" in err, err
-    assert metrics["corpus_missing"] == ["docs"]
-    assert json.loads((tmp_path / "d" / "distill.json").read_text())["heldout"]["corpus_missing"] == ["docs"]
+    assert (len(corpus.files("train")), len(corpus.files("heldout"))) == (1896, 97)
+    assert (corpus.fingerprint("train"), corpus.fingerprint("heldout")) == ("0a1bb3ab4d723b88", "5c48ff91d5f9bb16")
+    distill(tiny_cfg(tiny_folder, tmp_path / "d", tokens=320, epochs=1, answer_frac=0), progress=False)
+    assert capsys.readouterr().err == ""
 
 
 def test_teacher_cache_follows_the_corpus_content(tiny_folder, tmp_path, monkeypatch):
@@ -281,13 +275,10 @@ def test_teacher_cache_follows_the_corpus_content(tiny_folder, tmp_path, monkeyp
     import triforce_rt.distill as d
     from triforce_rt.distill import corpus
 
-    root = tmp_path / "src"
-    root.mkdir()
-    text = stdlib_text("textwrap.py")
-    (root / "a.py").write_text(text)
-    monkeypatch.setattr(corpus, "ROOTS", {"stdlib": (str(root), "*.py")})
+    text = stdlib_text("textwrap.py").encode()
+    texts = {"stdlib/a.py": text, "stdlib/held.py": text[::-1]}
+    monkeypatch.setattr(corpus, "members", lambda: texts)
     monkeypatch.setattr(corpus.zlib, "crc32", lambda b: 0 if b.endswith(b"held.py") else 1)
-    (root / "held.py").write_text(text[::-1])
     model = load_model(tiny_folder, dtype=torch.float32)
     cfg = tiny_cfg(tiny_folder, tmp_path / "o", tokens=320, answer_frac=0)
     calls, real = [], d.label
@@ -295,8 +286,7 @@ def test_teacher_cache_follows_the_corpus_content(tiny_folder, tmp_path, monkeyp
     d.teacher_data(model, cfg, progress=False)
     d.teacher_data(model, cfg, progress=False)
     assert calls == ["train", "heldout"]
-    (root / "a.py").write_text(text.swapcase())
-    assert (root / "a.py").stat().st_size == len(text.encode())
+    texts["stdlib/a.py"] = text.swapcase()  # as many bytes
     d.teacher_data(model, cfg, progress=False)
     assert calls == ["train", "heldout", "train"]
 

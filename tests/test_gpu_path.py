@@ -3,7 +3,7 @@ eagerly and must equal the plain forward; on CUDA the replayed graphs must give 
 kernel switch: one choice for every cache, flash-attn against SDPA where flash-attn is installed."""
 import pytest
 import torch
-from conftest import stdlib_text
+from conftest import child_env, stdlib_text
 from test_caches import H_KV, ROPE, step, tokens
 from test_hierarchy import random_pair
 
@@ -125,7 +125,7 @@ def test_gpu_benchmark_script_runs(tmp_path):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, os.path.join(root, "benchmarks", "gpu.py"), "--smoke", "--tag", "t",
-                    "--out", str(tmp_path)], check=True, capture_output=True, text=True)
+                    "--out", str(tmp_path)], check=True, capture_output=True, text=True, env=child_env())
     rep = json.loads((tmp_path / "gpu-t.json").read_text())
     assert [r["graphs"] for r in rep["onchip"]] == [False, True]
     assert all(r["projected"]["speedup"] > 0 for r in rep["onchip"])

@@ -11,9 +11,10 @@ import pytest
 from conftest import tiny_with_smol_tokenizer
 
 from triforce_rt.cli import main
+from triforce_rt.distill.corpus import path
 from triforce_rt.jsonl import read_records
 
-LICENSE = "/usr/share/common-licenses/Apache-2.0"  # about 2,600 SmolLM2 tokens
+LICENSE = path("licenses/Apache-2.0")  # about 2,600 SmolLM2 tokens, from the shipped corpus
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,11 @@ decoding against the same sequences one at a time (run_batch).
 HF decode tokens/s = (N - 1) / (t(N new tokens) - t(1 new token)), the prefill cancelling out;
 ours comes from the engine's own prefill/decode split. Both are greedy fp32, so their tokens must agree.
 """
-import glob
 import json
 import math
 import os
 import platform
 import statistics
-import sysconfig
 import time
 
 import torch
@@ -42,11 +40,12 @@ def machine() -> dict:
 
 
 def real_text_ids(tokenizer, n: int) -> list:
-    """The first n tokens of the Python standard library's sources, in a fixed file order."""
+    """The first n tokens of the corpus's Python standard library sources (its top folder), in name order."""
+    from .distill.corpus import members, read
+
     ids = []
-    for path in sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py"))):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            ids += tokenizer(f.read()).input_ids
+    for name in sorted(m for m in members() if m.count("/") == 1 and m.startswith("stdlib/")):
+        ids += tokenizer(read("stdlib", name)).input_ids
         if len(ids) >= n:
             return ids[:n]
     raise RuntimeError(f"only {len(ids)} tokens of stdlib text found")
@@ -362,15 +361,15 @@ PROMPTS = {  # instruction, and the held-out corpus source (distill/corpus.py) o
 
 def heldout_ids(tokenizer, n: int, source: str) -> list:
     """n tokens of held-out corpus files of one source (never seen by `triforce distill`), in a fixed order."""
-    from .distill.corpus import files, install_hint, read
+    from .distill.corpus import files, read
 
     ids = []
-    for src, path in files("heldout"):
+    for src, name in files("heldout"):
         if src == source:
-            ids += tokenizer(read(src, path)).input_ids
+            ids += tokenizer(read(src, name)).input_ids
             if len(ids) >= n:
                 return ids[:n]
-    raise RuntimeError(f"only {len(ids)} tokens of held-out {source} text found{install_hint(source)}")
+    raise RuntimeError(f"only {len(ids)} tokens of held-out {source} text in the corpus")
 
 
 def chat_prompt(tokenizer, instruction: str, doc_ids: list, n: int) -> list:

@@ -10,7 +10,7 @@ from .distill import DistillConfig
 from .distill.corpus import DRAWS
 from .engine import DRAFTER_MODES, MODES, GenerationConfig, check_config, generate
 from .errors import UserError
-from .models.loader import load_drafter
+from .models.loader import drafter_folder
 from .textio import TextStream, encode, summary_line
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -91,8 +91,9 @@ def load_models(args):
     except ValueError as e:
         raise UserError(str(e)) from None
     load = dict(dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    drafter = drafter_folder(args.drafter, args.model) if args.mode in DRAFTER_MODES else None  # before the target
     model = load_model(args.model, **load, offload=args.offload, resident_layers=args.resident_layers)
-    drafter = load_drafter(args.drafter, args.model, load) if args.mode in DRAFTER_MODES else None
+    drafter = drafter and load_model(drafter, **load)
     blocker = ("--offload" if args.offload else "--tp" if getattr(args, "tp", 1) > 1 else
                "dynamic RoPE" if model.rope.dynamic else None)
     if args.cuda_graphs == "on" and blocker:

@@ -6,7 +6,6 @@ train.py (the student and its KL loss). distill() runs the three and writes a fo
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -14,7 +13,7 @@ import torch
 
 from ..errors import UserError
 from ..models.loader import cache_root, load_model, resolve, stamp, weight_files
-from .corpus import ROOTS, fingerprint, install_hint, missing
+from .corpus import fingerprint
 from .teacher import label
 from .train import copied_layers, evaluate, init_student, pick_vocab, student_config, train
 
@@ -141,11 +140,6 @@ def distill(cfg: DistillConfig, progress: bool = True) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = load_model(cfg.target, dtype="bfloat16", device=device)  # labels only: bf16 is 3x faster on CPU
     student = continued_student(cfg.init, teacher, cfg.seq_len) if cfg.init else None  # checked before labelling
-    absent = missing()  # the run still works, on other text than the shipped drafter was distilled on
-    if absent and progress:
-        print(f"triforce: note: no {', '.join(absent)} text under {', '.join(ROOTS[s][0] for s in absent)}"
-              + "".join(map(install_hint, absent))
-              + ": this corpus differs from the shipped drafter's", file=sys.stderr)
     tc = teacher.config
     copied = [] if cfg.init else copied_layers(cfg.copy_layers, cfg.layers, cfg.hidden, tc.num_hidden_layers,
                                                tc.hidden_size)
@@ -165,7 +159,7 @@ def distill(cfg: DistillConfig, progress: bool = True) -> dict:
     metrics = evaluate(student, held, device)
     metrics.update(teacher_seconds=round(label_s, 1), train_seconds=round(time.perf_counter() - t0, 1),
                    train_positions=int(data["mask"].sum()), parameters=sum(p.numel() for p in student.parameters()),
-                   train_loss_first=round(loss_first, 4), train_loss_last=round(loss_last, 4), corpus_missing=absent)
+                   train_loss_first=round(loss_first, 4), train_loss_last=round(loss_last, 4))
     if cfg.init:
         metrics["init_agreement"] = init_agreement
     save(student, teacher, cfg, metrics)

@@ -43,12 +43,16 @@ def quick(exp: Experiment) -> Experiment:
 
 def documents(exp: Experiment, tokenizer) -> list:
     """(name, token ids) of each prompt document, before the context cut."""
-    from ..distill.corpus import read
+    from ..distill.corpus import strip_html
 
     if exp.prompt.text is not None:
         return [("text", tokenizer(exp.prompt.text).input_ids)]
-    return [(os.path.basename(p), tokenizer(read("docs" if p.endswith(".html") else "file", p)).input_ids)
-            for p in exp.prompt.files]
+    docs = []
+    for p in exp.prompt.files:
+        with open(p, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        docs.append((os.path.basename(p), tokenizer(strip_html(text) if p.endswith(".html") else text).input_ids))
+    return docs
 
 
 def prompt_ids(exp: Experiment, tokenizer, doc: list, n: int | None) -> list:

@@ -1,8 +1,8 @@
 """The experiment file: YAML checked against a typed schema before any model loads.
 
 Every error is one line naming the key (e.g. "sweep.budget[1]: expected an integer, got 'big'").
-Paths may start with {stdlib}, {licenses} or {docs} (the corpus roots of distill/corpus.py) or be relative to the
-experiment file.
+Paths may start with {stdlib}, {licenses} or {docs} (a file of the shipped corpus, distill/corpus.py, the same on
+every machine) or be relative to the experiment file.
 """
 import os
 import reprlib
@@ -75,9 +75,11 @@ def _list(key: str, value, t) -> list:
 
 
 def expand(path: str, base: str) -> str:
-    from ..distill.corpus import ROOTS
+    from ..distill import corpus
 
-    path = path.format(**{name: root for name, (root, _) in ROOTS.items()})
+    for source in corpus.SOURCES:
+        if path.startswith(f"{{{source}}}/"):
+            return corpus.path(source + path[len(source) + 2 :])
     path = os.path.expanduser(path)
     return path if os.path.isabs(path) else os.path.join(base, path)
 

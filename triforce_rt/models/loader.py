@@ -69,26 +69,31 @@ def gguf_to_folder(path: str) -> str:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint  # one parse: config + tensors
 
-    meta = load_gguf_checkpoint(path, return_tensors=False)["config"]
-    hf_cfg = AutoConfig.for_model(**meta)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(hf_cfg)
-    tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=skeleton)["tensors"]
-    tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
-    os.makedirs(cache_root(), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=cache_root(), prefix=".convert-")
+    try:  # the cache must be writable before the conversion's 20 s are spent
+        os.makedirs(cache_root(), exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=cache_root(), prefix=".convert-")
+    except OSError as e:
+        raise UserError(f"cannot write the model cache {cache_root()} ({e.strerror}); set TRIFORCE_CACHE to a "
+                        "writable folder") from None
     try:
+        meta = load_gguf_checkpoint(path, return_tensors=False)["config"]
+        hf_cfg = AutoConfig.for_model(**meta)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(hf_cfg)
+        tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=skeleton)["tensors"]
+        tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
         hf_cfg.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(tmp, "model.safetensors"))
         with open(os.path.join(tmp, "done"), "w") as f:
             json.dump({"source": path}, f)
-        shutil.rmtree(out, ignore_errors=True)
+        # Atomic: out appears complete or not at all. A folder already there is another process's finished
+        # conversion of the same file (it is never removed: a process may be reading it).
         try:
             os.replace(tmp, out)
-        except OSError:  # another process finished the same conversion first
+        except OSError:
             if not os.path.isfile(os.path.join(out, "done")):
-                raise
+                raise UserError(f"cannot write the converted model to {out}: remove that folder") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -181,11 +186,16 @@ def load_model(spec: str = "default", dtype=None, device=None, allow_pickle: boo
     return model
 
 
-def load_drafter(spec: str, target: str, load: dict):
-    """The drafter named by spec for the target named by target ('default' pairs with the default model)."""
+def drafter_folder(spec: str, target: str) -> str:
+    """The folder of the drafter named by spec for the target named by target ('default' pairs with the default
+    model), checked before anything loads."""
     if spec == "default":
         if target != "default":
             raise UserError("no default drafter exists for this model; make one with `triforce distill --target "
                             f"{target} --out DIR` and pass --drafter DIR (or use --mode self-spec / ngram)")
         spec = default_drafter()
-    return load_model(resolve(spec, "drafter"), **load)
+    return resolve(spec, "drafter")
+
+
+def load_drafter(spec: str, target: str, load: dict):
+    return load_model(drafter_folder(spec, target), **load)
