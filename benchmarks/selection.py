@@ -14,7 +14,7 @@ import time
 import torch
 
 from retrieval_cache import RetrievalCache
-from triforce_rt.bench import PROMPTS, chat_prompt, heldout_ids, machine, prefilled
+from triforce_rt.bench import PROMPTS, chat_prompt, heldout_ids, machine, session
 from triforce_rt.models.loader import load_model
 
 
@@ -37,7 +37,7 @@ if __name__ == "__main__":
     model = load_model("default", dtype=torch.float32)
     instruction, source = PROMPTS["explain"]
     ids = chat_prompt(model.tokenizer, instruction, heldout_ids(model.tokenizer, args.context, source), args.context)
-    full, _, _ = prefilled(model, [ids], 128)
+    full = session(model, [ids], 128).full
     L, c = len(ids) - 9 * 8, 8
     rows = []
     for budget in args.budgets:

@@ -1,6 +1,7 @@
 """The CLI: JSON contract, plain streaming output, and one-line errors with exit code 2."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -51,7 +52,7 @@ def test_plain_output_streams_the_same_text_as_json(capsys, tiny_folder):
     (["--prompt", "hi", "--mode", "triforce", "--gamma1", "0"], "gamma1 must be at least 1"),
     (["--prompt", "hi", "--mode", "self-spec", "--gamma2", "-2"], "gamma2 must be at least 1"),
     (["--prompt", "hi", "--mode", "self-spec", "--chunk-size", "0"], "chunk_size must be at least 1"),
-    (["--prompt", "hi", "--mode", "streaming-spec", "--window", "0"], "window >= 1"),
+    (["--prompt", "hi", "--mode", "streaming-spec", "--window", "0"], "window must be at least 1"),
     (["--prompt", "hi", "--mode", "ngram", "--ngram", "1"], "ngram must be at least 2"),
     (["--prompt", "hi", "--mode", "draft", "--drafter", "/no/such/drafter"], "drafter not found"),
     (["--prompt", "hi", "--offload", "weights"], "need --device cuda"),
@@ -158,3 +159,12 @@ def test_console_entry_bad_dtype_and_real_model_path(tmp_path):
                         "--max-new-tokens", "8", "--ignore-eos", "--json"], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["new_tokens"] == 8
+
+
+def test_readme_mode_table_is_the_modes_table():
+    """The README's table of modes is settings.MODES, row for row."""
+    from triforce_rt.settings import MODES
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    rows = re.findall(r"^\| `([a-z][a-z-]*)` \| (.+) \|$", readme, flags=re.M)
+    assert rows == [(m, spec.help) for m, spec in MODES.items()]

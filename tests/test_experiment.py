@@ -95,3 +95,22 @@ def test_quick_run_writes_results_and_resumes(tmp_path, tiny_folder):
 def test_shipped_experiments_validate(name):
     exp = load(os.path.join(os.path.dirname(__file__), "..", "experiments", name))
     assert exp.name == name[:-5] and "ar" in exp.modes
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"sweep": {"budget": [8, 0]}}, "sweep.budget[1]: budget must be at least 1 (got 0)"),
+    ({"sweep": {"temperature": [-1.0]}}, "sweep.temperature[0]: temperature must be a finite number >= 0"),
+    ({"sweep": {"top_p": [5]}}, "sweep.top_p[0]: top_p must be a finite number in (0, 1]"),
+    ({"sweep": {"context": [-5]}}, "sweep.context[0]: context must be at least 1"),
+    ({"top_k": -3}, "top_k: top_k must be at least 0"),
+    ({"sweep": {"draft_dtype": ["int3"]}}, "unknown draft_dtype 'int3'"),
+    ({"modes": ["self-spec"], "sweep": {"budget": [4], "chunk_size": [8]}}, "must hold at least one chunk"),
+    ({"sweep": {"gamma1": list(range(1, 101)), "gamma2": list(range(1, 101)), "budget": list(range(8, 108))}},
+     "expands to 1,000,000 runs"),
+])
+def test_impossible_settings_are_the_flags_errors(tmp_path, capsys, change, needle):
+    """A YAML file is checked as the flags are (settings.check_setting), before any model loads."""
+    path = write(tmp_path, {**BASE, **change})
+    assert main(["run", path, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1, err

@@ -9,7 +9,7 @@ import torch
 from conftest import hf_model, ours, pooled_chisquare, stdlib_text
 
 from retrieval_cache import FullCache, RetrievalCache, StreamingCache, rotate
-from triforce_rt.engine import MODES, GenerationConfig, build_tiers, generate, generate_batch, prefill
+from triforce_rt.engine import MODES, GenerationConfig, Session, generate, generate_batch
 from triforce_rt.models import ModelConfig
 from triforce_rt.models.loader import from_state_dict
 from triforce_rt.sampling import SamplingParams, probs
@@ -35,9 +35,7 @@ def random_pair(seed, n_kv=2, vocab=64, sharpen=1.0):
 
 def start(target, drafter, ctx, cfg, batch=1):
     """Prefill ctx into `batch` rows of the target's cache and build cfg.mode's tiers, as generate does."""
-    full = target.new_cache(FullCache, 256, batch=batch)
-    prefill(target, full, [ctx] * batch, 16)
-    return build_tiers(target, full, drafter, [ctx] * batch, cfg)
+    return Session(target, [ctx] * batch, [cfg]).tiers(cfg, drafter)
 
 
 # ---- greedy: token-identical to ar -----------------------------------------------------------------------------
@@ -280,3 +278,19 @@ def test_triforce_ngram_drafter_drafts_where_the_lookup_finds_nothing():
     stats = {t["name"]: t for t in res[0].tiers}
     assert [t["name"] for t in res[0].tiers] == ["drafter", "ngram", "retrieval", "target"]
     assert stats["ngram"]["drafted"] > 0 and stats["drafter"]["drafted"] > 0
+
+
+def test_one_session_decodes_every_chunk_size_it_was_sized_for():
+    """Session: one prefill, sized for several configs (chunk sizes 12 and 8 need a capacity both divide), decodes
+    each as generate would, whatever was decoded before."""
+    target, drafter = random_pair(0, 2)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 64, (50,), generator=g).tolist()
+    cfgs = [GenerationConfig(mode=m, max_new_tokens=20, chunk_size=c, budget=24, gamma2=3)
+            for m, c in (("self-spec", 12), ("triforce", 8), ("ar", 8))]
+    session = Session(target, [ids], cfgs)
+    assert session.capacity % 24 == 0
+    for cfg in cfgs + cfgs[::-1]:
+        assert session.decode(cfg, drafter=drafter)[0].tokens == generate(target, ids, cfg, drafter=drafter).tokens
+    with pytest.raises(ValueError, match="not prefilled for these settings"):
+        session.decode(GenerationConfig(mode="self-spec", max_new_tokens=20, chunk_size=7))

@@ -171,3 +171,23 @@ def test_batch_killed_and_restarted_has_every_id_once(tiny512, tmp_path, batch_s
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ids = [r["id"] for r in read_records(str(out))]
     assert sorted(ids) == sorted(f"r{i}" for i in range(40))
+
+
+def test_a_bad_line_only_costs_its_own_record(capsys, tiny512, tmp_path):
+    """Settings a line gives are checked as the flags are; a bad one is that line's error record, and the job goes
+    on (NaN is valid JSON for Python's reader)."""
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    bad = {"nan": '"temperature": NaN', "neg": '"temperature": -1', "seed": '"seed": 1e400',
+           "big": '"seed": 18446744073709551616', "topp": '"top_p": 5', "empty": '"messages": []',
+           "content": '"messages": [{"role": "user", "content": 3}]', "type": '"max_new_tokens": "4"'}
+    lines = [f'{{"id": "{k}", "prompt": "hi", {v}}}' for k, v in bad.items()] + ['{"id": "ok", "prompt": "hi"}']
+    src.write_text("\n".join(lines) + "\n")
+    rc, _, err = run(capsys, "batch", str(src), "--out", str(out), "--model", tiny512, "--max-new-tokens", "3")
+    recs = {r["id"]: r for r in read_records(str(out))}
+    assert rc == 1 and "1 generated, 8 errors" in err, err
+    assert "temperature must be a finite number >= 0 (got nan)" in recs["nan"]["error"]
+    assert "temperature must be a finite number >= 0 (got -1.0)" in recs["neg"]["error"]
+    assert "seed must be an integer" in recs["seed"]["error"] and "seed must be at most" in recs["big"]["error"]
+    assert "top_p must be" in recs["topp"]["error"] and "max_new_tokens must be an integer" in recs["type"]["error"]
+    assert "non-empty list" in recs["empty"]["error"] and "string values" in recs["content"]["error"]
+    assert recs["ok"]["new_tokens"] == 3

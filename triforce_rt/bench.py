@@ -15,11 +15,9 @@ import time
 
 import torch
 
-from retrieval_cache import FullCache
-
 from .distill import DistillConfig, block_records, teacher_data
 from .distill.train import evaluate
-from .engine import GenerationConfig, decode, generate, generate_batch, prefill
+from .engine import GenerationConfig, Session, generate, generate_batch
 from .models import load_model
 from .models.loader import default_drafter
 from .textio import alpha, encode
@@ -309,14 +307,14 @@ def run_batch(spec="default", contexts=(4096, 8064), batch=4, new_tokens=64, thr
         cfg = lambda mode: GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True, mode=mode, refresh=refresh)
         alone = {m: [] for m in modes}
         for ids in prompts:
-            full, logits, state = prefilled(model, [ids], new_tokens)
+            one = session(model, [ids], new_tokens)
             for m in modes:
-                alone[m] += rerun(model, full, logits, state, [ids], cfg(m), draft)
-            del full
-        full, logits, state = prefilled(model, prompts, new_tokens)
+                alone[m] += one.decode(cfg(m), drafter=draft)
+            del one
+        together_s = session(model, prompts, new_tokens)
         base = sum(r.new_tokens - 1 for r in alone["ar"]) / sum(r.decode_seconds for r in alone["ar"])
         for m in modes:
-            together = rerun(model, full, logits, state, prompts, cfg(m), draft)
+            together = together_s.decode(cfg(m), drafter=draft)
             seq_tps = sum(r.new_tokens - 1 for r in alone[m]) / sum(r.decode_seconds for r in alone[m])
             tps = sum(r.new_tokens - 1 for r in together) / max(r.decode_seconds for r in together)
             row = {"context": n_ctx, "mode": m, "sequential_tok_s": round(seq_tps, 2), "batched_tok_s": round(tps, 2),
@@ -383,32 +381,22 @@ def chat_prompt(tokenizer, instruction: str, doc_ids: list, n: int) -> list:
     return list(ids)
 
 
-def prefilled(model, prompts: list, new_tokens: int):
-    """The target's cache after the prompts (one row each), the logits after them, and the state rerun() restores:
-    the cache's tensors and the last prompt tokens' query."""
-    full = model.new_cache(FullCache, math.ceil((max(map(len, prompts)) + new_tokens + 64) / 64) * 64, batch=len(prompts))
-    logits = prefill(model, full, prompts, 1024)
-    return full, logits, (full.k, full.v, full.last_q.clone())
-
-
-def rerun(model, full, logits, state, prompts: list, cfg, drafter) -> list:
-    """decode() from the same prefill. Slots past the prompts are invisible until rewritten (caches are addressed
-    by position), so restoring the last query suffices, plus the tensors themselves: a row that finishes first
-    leaves the batch (keep() gathers the others into new tensors)."""
-    full.k, full.v, q = state
-    full.last_q = q.clone()
-    return decode(model, full, logits, prompts, cfg, drafter=drafter)
+def session(model, prompts: list, new_tokens: int) -> Session:
+    """One prefill of the prompts for every run a benchmark decodes from it: room for new_tokens and a verification
+    block of up to 63 drafts, in 64-token chunks (every chunk size the benchmarks sweep divides 64)."""
+    return Session(model, prompts, [GenerationConfig(max_new_tokens=new_tokens, mode="self-spec", chunk_size=64,
+                                                     gamma2=63)])
 
 
 def one_prefill(model, ids: list, new_tokens: int, **fixed):
     """run(drafter=None, **kw): a greedy, ignore_eos decode of new_tokens from one prefill of ids, with the
     settings `fixed` and kw over them; and the target's cache."""
-    full, logits, state = prefilled(model, [ids], new_tokens)
+    s = session(model, [ids], new_tokens)
 
     def run(drafter=None, **kw):
         cfg = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True, **{**fixed, **kw})
-        return rerun(model, full, logits, state, [ids], cfg, drafter)[0]
-    return run, full
+        return s.decode(cfg, drafter=drafter)[0]
+    return run, s.full
 
 
 def document_rows(model, contexts, docs: int, prompts, new_tokens: int, variants: list) -> list:

@@ -3,22 +3,22 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import fields
 
 from retrieval_cache import KERNELS
 
 from .distill import DistillConfig
 from .distill.corpus import DRAWS
-from .engine import DRAFTER_MODES, MODES, GenerationConfig, check_config, generate
+from .engine import generate
 from .errors import UserError
 from .models.loader import drafter_folder
+from .settings import DRAFTER_MODES, DTYPES, GenerationConfig, check_config
 from .textio import TextStream, encode, summary_line
-
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 def add_model_args(p):
     p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a .gguf file or an HF folder")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: float32 on cpu, bfloat16 on cuda")
+    p.add_argument("--dtype", choices=DTYPES, help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt checkpoints (weights_only load)")
@@ -40,30 +40,26 @@ def add_model_args(p):
 
 
 def add_generation_args(p, mode: str, max_new_tokens: int = 128):
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
-    p.add_argument("--mode", default=mode, choices=MODES,
-                   help="ar: target only; triforce: drafter -> target+retrieval -> target; self-spec: "
-                        "target+retrieval -> target; streaming-spec: target+StreamingLLM -> target; draft: drafter -> "
-                        "target; ngram: prompt lookup -> target; triforce-ngram: prompt lookup (else the drafter) -> "
-                        "target+retrieval -> target")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prefill-chunk", type=int, default=1024, help="prompt tokens per prefill forward")
-    add_spec_args(p)
+    """A flag per GenerationConfig field (settings.py: its type, default and help); mode and max_new_tokens take
+    the verb's defaults. Values are checked by check_config, before any model loads."""
+    spec = p.add_argument_group("speculation (modes other than ar)")
+    spec.add_argument("--drafter", default="default", help="tiny drafter of triforce/draft/triforce-ngram: 'default' "
+                      "(the distilled drafter shipped for the default model) or a model path sharing the target's "
+                      "tokenizer")
+    defaults = {"mode": mode, "max_new_tokens": max_new_tokens}
+    for f in fields(GenerationConfig):
+        m, flag = f.metadata, "--" + f.name.replace("_", "-")
+        group = spec if m["spec"] else p
+        default = defaults.get(f.name, f.default)
+        if m["kind"] is bool:
+            group.add_argument(flag, action="store_true", help=m["help"])
+        else:
+            group.add_argument(flag, type=m["kind"], default=default, choices=m["choices"], help=m["help"])
 
 
 def generation_config(args) -> GenerationConfig:
     """The GenerationConfig of parsed generation args, checked before any model loads."""
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-        raise UserError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
-    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                           top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos, mode=args.mode,
-                           prefill_chunk=args.prefill_chunk, budget=args.budget, chunk_size=args.chunk_size,
-                           gamma1=args.gamma1, gamma2=args.gamma2, sinks=args.sinks, window=args.window,
-                           refresh=args.refresh, draft_dtype=args.draft_dtype, ngram=args.ngram)
+    cfg = GenerationConfig(**{f.name: getattr(args, f.name) for f in fields(GenerationConfig)})
     check_config(cfg)
     return cfg
 
@@ -103,30 +99,6 @@ def load_models(args):
         if m is not None:
             m.cuda_graphs = graphs
     return model, drafter
-
-
-def add_spec_args(p):
-    d = GenerationConfig()
-    s = p.add_argument_group("speculation (modes other than ar)")
-    s.add_argument("--drafter", default="default", help="tiny drafter of triforce/draft/triforce-ngram: 'default' "
-                                                         "(the distilled drafter shipped for the default model) or a "
-                                                         "model path sharing the target's tokenizer")
-    s.add_argument("--budget", type=int, help="retrieval cache tokens (default: 4096, at most 1/8 of the prompt; "
-                                               "an explicit value is capped at the prompt)")
-    s.add_argument("--chunk-size", type=int, default=d.chunk_size, help="retrieval chunk size")
-    s.add_argument("--gamma1", type=int, default=d.gamma1, help="drafter (or n-gram, triforce-ngram) tokens per "
-                                                                "tier-2 verification")
-    s.add_argument("--gamma2", type=int, default=d.gamma2, help="tokens per target verification")
-    s.add_argument("--sinks", type=int, default=d.sinks, help="StreamingLLM attention sinks")
-    s.add_argument("--window", type=int, help="StreamingLLM window (default: the drafter's trained context - "
-                                              "sinks; budget - sinks for streaming-spec)")
-    s.add_argument("--refresh", type=int, default=d.refresh, help="re-select the retrieval cache after each round "
-                                                                  "that ends N or more new tokens after the last "
-                                                                  "selection (default 1: every round; 0 = never, "
-                                                                  "as TriForce)")
-    s.add_argument("--ngram", type=int, default=d.ngram, help="longest n-gram the lookup tier matches (down to 2)")
-    s.add_argument("--draft-dtype", choices=DTYPE_NAMES, help="dtype of the drafting tiers (default: the target's); "
-                                                              "verification keeps the output exact")
 
 
 class Parser(argparse.ArgumentParser):

@@ -1,16 +1,9 @@
 """Prefill, the tier stack of each mode, and the generate loop. The autoregressive mode is one tier.
 
-generate() returns tokens, text and per-tier stats; on_token(id) streams each token as it is chosen.
-generate_batch() decodes several prompts together: every tier runs one forward per step for the whole batch.
-Modes (tiers in hierarchy order, each drafting for the next; "target" is the target model with its FullCache):
-  ar              target
-  triforce        drafter + StreamingCache -> target + RetrievalCache -> target
-  self-spec       target + RetrievalCache -> target
-  streaming-spec  target + StreamingCache -> target      (MagicDec's self-speculation)
-  draft           drafter + StreamingCache -> target     (classic speculative decoding)
-  ngram           n-gram lookup -> target                 (prompt-lookup decoding)
-  triforce-ngram  n-gram lookup, else drafter -> target + RetrievalCache -> target
-                  (tiers [drafter, ngram, retrieval, target]: the drafter drafts for the rows with no match)
+Session prefills the prompts once into the target's cache; Session.decode(cfg) runs the generate loop from there,
+as often as asked (each decode starts from the prefill's state). generate() and generate_batch() are one session
+decoded once. The modes and their tiers are the table settings.MODES; build_tiers() makes them with one builder
+per tier kind. A result holds tokens, text and per-tier stats; on_token(row, id) streams each token as it is chosen.
 """
 import math
 import time
@@ -23,38 +16,14 @@ from offload import KVStream
 from retrieval_cache import FullCache, RetrievalCache, StreamingCache
 
 from .errors import UserError
-from .sampling import SamplingParams, sample
+from .sampling import sample
+from .settings import DRAFTER_MODES, MODES, GenerationConfig, check_config, gamma_name, uses_retrieval
 from .speculation import Hierarchy, NgramTier, Tier
 from .speculation.tier import ragged
 
-MODES = ("ar", "triforce", "self-spec", "streaming-spec", "draft", "ngram", "triforce-ngram")
-DRAFTER_MODES = ("triforce", "draft", "triforce-ngram")
+__all__ = ["DRAFTER_MODES", "MODES", "GenerationConfig", "GenerationResult", "Session", "check_config", "generate",
+           "generate_batch"]
 DEFAULT_BUDGET = 4096  # retrieval tokens when the prompt is long enough (TriForce's setting)
-
-
-@dataclass
-class GenerationConfig:
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-    ignore_eos: bool = False
-    mode: str = "ar"
-    prefill_chunk: int = 1024  # tokens per prefill forward: bounds the score matrix to chunk x context
-    budget: int | None = None  # retrieval cache tokens, chunk 0 included; None: retrieval_budget()
-    chunk_size: int = 8  # retrieval chunk c
-    gamma1: int = 4  # drafter (or n-gram, triforce-ngram) tokens per tier-2 verification
-    gamma2: int = 6  # tokens per target verification (every speculative mode)
-    ngram: int = 3  # longest n-gram the lookup tier matches (down to 2)
-    sinks: int = 16  # StreamingLLM attention sinks
-    window: int | None = None  # StreamingLLM window; None: drafter context - sinks, budget - sinks for streaming-spec
-    refresh: int = 1  # re-select the retrieval cache once N tokens followed the last selection; 0 = never (TriForce)
-    draft_dtype: str | None = None  # dtype of the drafting tiers ("bfloat16", ...); None: the target's
-
-    @property
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_p, self.top_k)
 
 
 @dataclass
@@ -90,33 +59,17 @@ class GenerationResult:
         return d
 
 
-def check_fits(model, prompt_len: int, max_new_tokens: int) -> None:
+def check_fits(model, prompt_len: int, cfg: GenerationConfig) -> None:
+    """A prompt of prompt_len tokens and cfg's new tokens fit the model, and so does a retrieval chunk."""
     limit = model.config.context_limit
     if prompt_len == 0:
         raise UserError("the prompt is empty")
-    if prompt_len + max_new_tokens > limit:
+    if prompt_len + cfg.max_new_tokens > limit:
         why = " (its sliding window, which this runtime does not apply)" if limit < model.config.max_position_embeddings else ""
-        raise UserError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+        raise UserError(f"prompt ({prompt_len} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the model's "
                         f"context of {limit} tokens{why}")
-
-
-def check_config(cfg: GenerationConfig) -> None:
-    """Impossible settings, whatever the mode, as one-line errors."""
-    if cfg.mode not in MODES:
-        raise UserError(f"unknown mode '{cfg.mode}' (available: {', '.join(MODES)})")
-    if cfg.max_new_tokens < 1:
-        raise UserError("max_new_tokens must be at least 1")
-    for name in ("gamma1", "gamma2", "chunk_size", "prefill_chunk"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"{name} must be at least 1 (got {getattr(cfg, name)})")
-    if cfg.budget is not None and cfg.budget < cfg.chunk_size:
-        raise UserError(f"budget ({cfg.budget} tokens) must hold at least one chunk of chunk_size={cfg.chunk_size}")
-    if cfg.draft_dtype not in (None, "float32", "bfloat16", "float16"):
-        raise UserError(f"unknown draft dtype '{cfg.draft_dtype}' (float32, bfloat16 or float16)")
-    if cfg.sinks < 0 or (cfg.window is not None and cfg.window < 1) or cfg.refresh < 0:
-        raise UserError("need sinks >= 0, window >= 1 and refresh >= 0")
-    if cfg.ngram < 2:
-        raise UserError(f"ngram must be at least 2 (got {cfg.ngram})")
+    if uses_retrieval(cfg.mode) and cfg.chunk_size > limit:  # the cache holds whole chunks
+        raise UserError(f"chunk_size ({cfg.chunk_size}) exceeds the model's context of {limit} tokens")
 
 
 def prefill(model, cache, prompts: list, chunk: int, progress: bool = False, positions: list | None = None) -> torch.Tensor:
@@ -135,16 +88,18 @@ def prefill(model, cache, prompts: list, chunk: int, progress: bool = False, pos
     return logits[:, -1]
 
 
-def drafter_tier(drafter, target, prompts: list, cfg: GenerationConfig, max_step: int, gamma: int) -> Tier:
+def drafter_tier(b: "Build", gamma: int) -> Tier:
     """The tiny drafter with a StreamingCache. Its prefill feeds the sinks and the last layers x W prompt
     tokens: with windowed attention nothing earlier reaches the window's keys, so the cache is the same as
     after streaming the whole prompt, and every query sees relative distances < S + W (its trained range)."""
+    cfg, prompts, drafter, target = b.cfg, b.prompts, b.drafter, b.model
     if drafter is None:
         raise UserError(f"mode '{cfg.mode}' needs a drafter model")
     if drafter.config.vocab_size != target.config.vocab_size:
         raise UserError(f"the drafter's vocabulary ({drafter.config.vocab_size}) differs from the target's "
                         f"({target.config.vocab_size}); it must share the target's tokenizer")
-    S = cfg.sinks
+    drafter = drafter.with_dtype(b.dtype)
+    S, max_step = cfg.sinks, max(b.depth, 64)
     W = cfg.window or max(1, drafter.config.max_position_embeddings - S)  # the window its training records had
     if S + W > drafter.config.max_position_embeddings:
         raise UserError(f"sinks + window ({S + W}) exceed the drafter's context ({drafter.config.max_position_embeddings})")
@@ -159,6 +114,31 @@ def drafter_tier(drafter, target, prompts: list, cfg: GenerationConfig, max_step
     return Tier("drafter", drafter, cache, gamma, pos=[len(p) for p in prompts])
 
 
+def ngram_tier(b: "Build", gamma: int) -> NgramTier:
+    return NgramTier(b.model.config.vocab_size, gamma, b.full.max_len, max_n=b.cfg.ngram, batch=len(b.prompts))
+
+
+def retrieval_tier(b: "Build", gamma: int) -> Tier:
+    """Selected from the full cache, scored with the last prompt token's query; the tail holds what follows."""
+    tail = (b.cfg.refresh or b.cfg.max_new_tokens) + 2 * b.depth
+    rc = b.model_d.new_cache(RetrievalCache, b.budget, b.cfg.chunk_size, tail, batch=len(b.prompts))
+    rc.select(b.full, b.lengths)
+    return Tier("retrieval", b.model_d, rc, gamma, pos=b.lengths)
+
+
+def streaming_tier(b: "Build", gamma: int) -> Tier:
+    window = b.cfg.window or max(1, b.budget - b.cfg.sinks)
+    if b.cfg.sinks + window > b.model.config.context_limit:
+        raise UserError(f"sinks + window ({b.cfg.sinks + window}) exceed the model's context "
+                        f"({b.model.config.context_limit})")
+    sc = b.model_d.new_cache(StreamingCache, b.cfg.sinks, window, b.depth, batch=len(b.prompts))
+    sc.fill_from(b.full, b.lengths, b.model.rope)
+    return Tier("streaming", b.model_d, sc, gamma, pos=b.lengths)
+
+
+BUILDERS = {"drafter": drafter_tier, "ngram": ngram_tier, "retrieval": retrieval_tier, "streaming": streaming_tier}
+
+
 def retrieval_budget(cfg: GenerationConfig, prompt_len: int) -> int:
     """cfg.budget capped at the prompt; by default 4096 (TriForce's) but at most 1/8 of the prompt: past that a
     tier-2 step reads nearly as much KV as the target's (measured in benchmarks/results/hierarchy-cpu.md)."""
@@ -168,35 +148,32 @@ def retrieval_budget(cfg: GenerationConfig, prompt_len: int) -> int:
     return min(cfg.budget, math.ceil(prompt_len / c) * c)
 
 
+@dataclass
+class Build:
+    """What the tier builders share: the target, its prefilled cache and the settings."""
+    model: object
+    full: FullCache
+    drafter: object
+    prompts: list
+    cfg: GenerationConfig
+
+    def __post_init__(self):
+        self.lengths = [len(p) for p in self.prompts]
+        self.dtype = getattr(torch, self.cfg.draft_dtype) if self.cfg.draft_dtype else None
+        self.model_d = self.model.with_dtype(self.dtype)  # the target's weights for its own drafting tiers
+        self.depth = self.cfg.gamma1 + self.cfg.gamma2 + 2  # most tokens a tier may hold past the committed sequence
+        self.budget = retrieval_budget(self.cfg, max(self.lengths))  # one cache shape: sized by the longest prompt
+
+
 def build_tiers(model, full, drafter, prompts: list, cfg: GenerationConfig) -> list:
     """The tiers of cfg.mode in hierarchy order (the target last), built after the target's prefill of prompts
     into `full`."""
-    L, B, c = [len(p) for p in prompts], len(prompts), cfg.chunk_size
-    dtype = getattr(torch, cfg.draft_dtype) if cfg.draft_dtype else None
-    if dtype and model.weight_stream:
+    if cfg.draft_dtype and model.weight_stream:
         raise UserError("--draft-dtype cannot be combined with --offload weights: the target's drafting tiers "
                         "share its streamed weights")
-    model_d = model.with_dtype(dtype)  # the target's weights for its own drafting tiers
-    depth = cfg.gamma1 + cfg.gamma2 + 2  # most tokens a tier may hold past the committed sequence
-    budget = retrieval_budget(cfg, max(L))  # one cache shape for the batch: sized by the longest prompt
-    tiers = []
-    if cfg.mode in DRAFTER_MODES:
-        gamma = cfg.gamma2 if cfg.mode == "draft" else cfg.gamma1
-        tiers.append(drafter_tier(drafter and drafter.with_dtype(dtype), model, prompts, cfg, max(depth, 64), gamma))
-    if cfg.mode in ("ngram", "triforce-ngram"):  # in triforce-ngram the drafter below it drafts when it has no match
-        gamma = cfg.gamma2 if cfg.mode == "ngram" else cfg.gamma1
-        tiers.append(NgramTier(model.config.vocab_size, gamma, full.max_len, max_n=cfg.ngram, batch=B))
-    if cfg.mode in ("triforce", "triforce-ngram", "self-spec"):
-        # Selected from the full cache, scored with the last prompt token's query; the tail holds what follows.
-        tail = (cfg.refresh or cfg.max_new_tokens) + 2 * depth
-        rc = model_d.new_cache(RetrievalCache, budget, c, tail, batch=B)
-        rc.select(full, L)
-        tiers.append(Tier("retrieval", model_d, rc, cfg.gamma2, pos=L))
-    if cfg.mode == "streaming-spec":
-        sc = model_d.new_cache(StreamingCache, cfg.sinks, cfg.window or max(1, budget - cfg.sinks), depth, batch=B)
-        sc.fill_from(full, L, model.rope)
-        tiers.append(Tier("streaming", model_d, sc, cfg.gamma2, pos=L))
-    return tiers + [Tier("target", model, full, pos=L)]
+    b, kinds = Build(model, full, drafter, prompts, cfg), MODES[cfg.mode].tiers
+    tiers = [BUILDERS[kind](b, getattr(cfg, gamma_name(kinds, i))) for i, kind in enumerate(kinds)]
+    return tiers + [Tier("target", model, full, pos=b.lengths)]
 
 
 def eos_ids(model) -> set:
@@ -204,6 +181,53 @@ def eos_ids(model) -> set:
     if model.tokenizer is not None and model.tokenizer.eos_token_id is not None:
         ids.add(model.tokenizer.eos_token_id)
     return ids
+
+
+def capacity(prompts: list, cfgs: list) -> int:
+    """Slots of the target's cache: the longest prompt, the new tokens and one verification block, in whole
+    retrieval chunks where a mode reads its chunks (for every chunk size of cfgs)."""
+    need = max(map(len, prompts)) + max(c.max_new_tokens + c.gamma2 + 1 for c in cfgs)
+    unit = math.lcm(*[c.chunk_size for c in cfgs if uses_retrieval(c.mode)], 1)
+    return math.ceil(need / unit) * unit
+
+
+class Session:
+    """One prefill of the prompts (row b of the target's cache holds prompts[b]), sized for every config in cfgs;
+    decode(cfg) runs the generate loop from it, as often as asked, each time from the prefill's state."""
+
+    def __init__(self, model, prompts: list, cfgs: list, progress: bool = False):
+        for cfg in cfgs:
+            check_config(cfg)
+            for ids in prompts:
+                check_fits(model, len(ids), cfg)
+        if model.kv_offload and len(prompts) > 1:
+            raise UserError("a KV cache offloaded to host memory decodes one sequence at a time (use --batch-size 1)")
+        self.model, self.prompts, self.capacity = model, prompts, capacity(prompts, cfgs)
+        t0 = time.perf_counter()
+        store = KVStream if model.kv_offload else None
+        self.full = model.new_cache(FullCache, self.capacity, batch=len(prompts), store=store)
+        self.logits = prefill(model, self.full, prompts, cfgs[0].prefill_chunk, progress)
+        self.prefill_s = time.perf_counter() - t0
+        # Slots past the prompts are invisible until rewritten (caches are addressed by position), so the prefill's
+        # state is the cache's tensors (a row that finishes early leaves the batch: keep() replaces them) and the
+        # last prompt tokens' query.
+        self.state = (self.full.k, self.full.v, self.full.last_q.clone())
+
+    def restore(self, cfg: GenerationConfig) -> None:
+        if capacity(self.prompts, [cfg]) > self.capacity or (uses_retrieval(cfg.mode) and self.capacity % cfg.chunk_size):
+            raise ValueError("this session was not prefilled for these settings (pass them to Session)")
+        self.full.k, self.full.v, q = self.state
+        self.full.last_q = q.clone()
+
+    def tiers(self, cfg: GenerationConfig, drafter=None) -> list:
+        """cfg.mode's tiers over the prefill (for tests that step the hierarchy themselves)."""
+        self.restore(cfg)
+        return build_tiers(self.model, self.full, drafter, self.prompts, cfg)
+
+    def decode(self, cfg: GenerationConfig, on_token=None, drafter=None) -> list:
+        """Each prompt's GenerationResult; on_token(row, id) streams."""
+        self.restore(cfg)
+        return decode(self.model, self.full, self.logits, self.prompts, cfg, on_token, drafter, self.prefill_s)
 
 
 def generate(model, prompt_ids: list, cfg: GenerationConfig, on_token=None, progress: bool = False,
@@ -219,18 +243,7 @@ def generate_batch(model, prompts: list, cfg: GenerationConfig, on_token=None, p
     """Decode the prompts together, one batched forward per tier step (prompts may differ in length);
     on_token(row, id). Each result is what generate() would return for its prompt alone, up to sampling
     randomness: greedy tokens are identical."""
-    check_config(cfg)
-    for ids in prompts:
-        check_fits(model, len(ids), cfg.max_new_tokens)
-    # Room for the longest prompt, the new tokens and one verification block, in whole retrieval chunks.
-    longest = max(len(p) for p in prompts)
-    capacity = math.ceil((longest + cfg.max_new_tokens + cfg.gamma2 + 1) / cfg.chunk_size) * cfg.chunk_size
-    if model.kv_offload and len(prompts) > 1:
-        raise UserError("a KV cache offloaded to host memory decodes one sequence at a time (use --batch-size 1)")
-    t0 = time.perf_counter()
-    full = model.new_cache(FullCache, capacity, batch=len(prompts), store=KVStream if model.kv_offload else None)
-    logits = prefill(model, full, prompts, cfg.prefill_chunk, progress)
-    return decode(model, full, logits, prompts, cfg, on_token, drafter, time.perf_counter() - t0)
+    return Session(model, prompts, [cfg], progress).decode(cfg, on_token, drafter)
 
 
 def decode(model, full, logits, prompts: list, cfg: GenerationConfig, on_token=None, drafter=None,

@@ -5,9 +5,9 @@ import os
 
 from ..jsonl import read_records
 from ..textio import alpha
+from .schema import SWEEP
 
-SWEPT_ORDER = ("context", "budget", "chunk_size", "gamma1", "gamma2", "window", "sinks", "refresh", "ngram",
-               "draft_dtype", "temperature", "top_p", "top_k")
+SWEPT_ORDER = tuple(SWEEP)
 
 
 def acceptance(row: dict) -> dict:

@@ -1,7 +1,7 @@
 """`triforce run`: every row of an experiment, appended to results.jsonl as it finishes, then the report.
 
 Rows: each prompt document x each context x each mode x each sweep point that matters to the mode x repeats,
-plus the baselines. The modes of one (document, context) decode from one shared prefill (bench.rerun), so their
+plus the baselines. The modes of one (document, context) decode from one shared prefill (engine.Session), so their
 timings and outputs are comparable. A row is keyed by what defines it; a re-run skips the keys already written.
 """
 import itertools
@@ -12,8 +12,9 @@ from dataclasses import replace
 
 import torch
 
-from ..bench import chat_prompt, hf_decode, machine, prefilled, rerun
-from ..engine import DRAFTER_MODES, GenerationConfig, check_config, check_fits, generate
+from ..bench import chat_prompt, hf_decode, machine
+from ..engine import GenerationConfig, Session, generate
+from ..settings import DRAFTER_MODES, MODES, check_config, relevant
 from ..errors import UserError
 from ..jsonl import append_record, read_records
 from ..textio import LogBar
@@ -21,13 +22,6 @@ from .report import write_report
 from .schema import Experiment
 
 SAMPLING = ("temperature", "top_p", "top_k")
-_TRIFORCE = ("budget", "chunk_size", "gamma1", "gamma2", "sinks", "window", "refresh", "draft_dtype")
-RELEVANT = {  # the sweep keys that change what a mode computes; other keys would repeat the same run
-    "ar": (), "ngram": ("gamma2", "ngram"), "draft": ("sinks", "window", "gamma2", "draft_dtype"),
-    "self-spec": ("budget", "chunk_size", "gamma2", "refresh", "draft_dtype"),
-    "streaming-spec": ("budget", "chunk_size", "sinks", "window", "gamma2", "draft_dtype"),
-    "triforce": _TRIFORCE, "triforce-ngram": _TRIFORCE + ("ngram",),
-}
 DEFAULT_INSTRUCTION = "Summarize the following document.\n\n"
 QUICK = dict(max_new_tokens=16, context=512, sweep_values=2)
 
@@ -73,7 +67,8 @@ def plan(exp: Experiment, docs: list) -> list:
                                                       range(exp.repeats)):
         point = dict(zip(keys, values))
         for mode in list(exp.modes) + list(exp.baselines):
-            params = {k: v for k, v in point.items() if k in RELEVANT.get(mode, ()) or k in SAMPLING}
+            # the sweep keys that change what the mode computes; other keys would repeat the same run
+            params = {k: v for k, v in point.items() if k in SAMPLING or (mode in MODES and k in relevant(mode))}
             row = {"document": name, "context": ctx, "mode": mode, "params": params, "repeat": r}
             key = json.dumps(row, sort_keys=True)
             if key not in seen:
@@ -97,6 +92,8 @@ def run_experiment(exp: Experiment, out: str | None = None, is_quick: bool = Fal
     for mode in exp.modes:  # impossible settings fail before any model loads
         for point in itertools.product(*([(k, v) for v in vs] for k, vs in exp.sweep.items() if k != "context")):
             check_config(replace(base, mode=mode, **dict(point)))
+    if not os.access(out, os.W_OK):
+        raise UserError(f"cannot write to {out}")
     path = os.path.join(out, "results.jsonl")
     try:
         done = {json.dumps(r["key"], sort_keys=True) for r in read_records(path)}
@@ -117,13 +114,13 @@ def run_experiment(exp: Experiment, out: str | None = None, is_quick: bool = Fal
     with open(path, "a") as f, LogBar(total=len(rows), desc=exp.name, unit="run", disable=not progress) as bar:
         for (name, ctx), group in by_prompt:
             ids = prompt_ids(exp, model.tokenizer, dict(docs)[name], ctx)
-            check_fits(model, len(ids), exp.max_new_tokens)
-            full, logits, state = prefilled(model, [ids], exp.max_new_tokens)
+            group = list(group)
+            cfgs = {id(row): replace(base, mode=row["mode"], **row["params"]) for row in group if row["mode"] in MODES}
+            session = Session(model, [ids], [base, *cfgs.values()])  # one prefill, sized for every row's settings
             for row in group:
                 t0 = time.perf_counter()
-                if row["mode"] in exp.modes:
-                    cfg = replace(base, mode=row["mode"], **row["params"])
-                    result = rerun(model, full, logits, state, [ids], cfg, drafter)[0].to_json()
+                if row["mode"] in MODES:
+                    result = session.decode(cfgs[id(row)], drafter=drafter)[0].to_json()
                 else:
                     hf = hf or hf_model(model)
                     result = baseline(hf, row["mode"], ids, replace(base, **row["params"]))

@@ -8,14 +8,14 @@ import os
 import reprlib
 from dataclasses import dataclass, field, fields
 
-from ..engine import MODES
 from ..errors import UserError
+from ..settings import MODES, SETTINGS, check_setting
 
-# Sweepable keys and their types: GenerationConfig fields, plus `context` (prompt tokens, cut from the document).
-SWEEP = {"context": int, "budget": int, "chunk_size": int, "gamma1": int, "gamma2": int, "sinks": int,
-         "window": int, "refresh": int, "ngram": int, "draft_dtype": str, "temperature": float, "top_p": float,
-         "top_k": int}
+# Sweepable keys and their types: `context` (prompt tokens, cut from the document), then the GenerationConfig fields
+# that settings.py marks sweepable, in their declared order (the report's column order).
+SWEEP = {"context": int, **{name: m["kind"] for name, m in SETTINGS.items() if m["sweep"]}}
 BASELINES = ("hf-generate", "hf-assisted")
+MAX_RUNS = 10_000  # rows an experiment may expand to, counted before expansion
 
 
 @dataclass
@@ -70,8 +70,20 @@ def _mapping(key: str, value, allowed) -> dict:
 
 def _list(key: str, value, t) -> list:
     if not isinstance(value, list) or not value:
-        raise UserError(f"{key}: expected a non-empty list, got {value!r}")
+        raise UserError(f"{key}: expected a non-empty list, got {reprlib.repr(value)}")
     return [_check(f"{key}[{i}]", v, t) for i, v in enumerate(value)]
+
+
+def _setting(key: str, name: str, value):
+    """value checked as the flag --name would be (settings.check_setting), the error prefixed with key."""
+    if name == "context":
+        if value < 1:
+            raise UserError(f"{key}: context must be at least 1 (got {value})")
+        return value
+    try:
+        return check_setting(name, value)
+    except UserError as e:
+        raise UserError(f"{key}: {e}") from None
 
 
 def expand(path: str, base: str) -> str:
@@ -102,9 +114,12 @@ def parse(raw, source: str = "") -> Experiment:
                  ("top_p", float), ("top_k", int), ("seed", int), ("repeats", int), ("threads", int)):
         if k in raw:
             kw[k] = _check(k, raw[k], t)
-    for k in ("max_new_tokens", "repeats", "threads"):
+    for k in ("repeats", "threads"):
         if kw.get(k) is not None and kw[k] < 1:
             raise UserError(f"{k}: must be at least 1, got {kw[k]}")
+    for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed"):
+        if k in kw:
+            kw[k] = _setting(k, k, kw[k])
     if "modes" in raw:
         kw["modes"] = _list("modes", raw["modes"], str)
         for i, m in enumerate(kw["modes"]):
@@ -117,9 +132,16 @@ def parse(raw, source: str = "") -> Experiment:
                 raise UserError(f"baselines[{i}]: unknown baseline '{b}' (available: {', '.join(BASELINES)})")
     if "sweep" in raw:
         sweep = _mapping("sweep", raw["sweep"], list(SWEEP))
-        kw["sweep"] = {k: _list(f"sweep.{k}", v, SWEEP[k]) for k, v in sweep.items()}
+        kw["sweep"] = {k: [_setting(f"sweep.{k}[{i}]", k, x) for i, x in enumerate(_list(f"sweep.{k}", v, SWEEP[k]))]
+                       for k, v in sweep.items()}
     kw["prompt"] = parse_prompt(raw["prompt"], os.path.dirname(os.path.abspath(source)) if source else os.getcwd())
-    return Experiment(source=source, **kw)
+    exp = Experiment(source=source, **kw)
+    runs = len(exp.prompt.files or [0]) * (len(exp.modes) + len(exp.baselines)) * exp.repeats
+    for values in exp.sweep.values():
+        runs *= len(values)
+    if runs > MAX_RUNS:
+        raise UserError(f"the experiment expands to {runs:,} runs (at most {MAX_RUNS:,}); sweep fewer values")
+    return exp
 
 
 def parse_prompt(raw, base: str) -> Prompt:

@@ -1,7 +1,8 @@
 """`triforce batch`: one generation per JSONL input line, appended durably to the output (jsonl.py).
 
-Input line: {"id": str, "prompt": str | "messages": [{"role", "content"}...], optional "max_new_tokens",
-"temperature", "top_p", "top_k", "seed", "ignore_eos"}. Output line: {"id", "text", "tokens", "prompt_tokens",
+Input line: {"id": str, "prompt": str | "messages": [{"role", "content"}...], and optionally the settings that
+settings.py marks for lines: "max_new_tokens", "ignore_eos", "seed", "temperature", "top_p", "top_k"}, each checked
+as the flags are. Output line: {"id", "text", "tokens", "prompt_tokens",
 "new_tokens", "tiers", ...} (the generate --json fields), or {"id", "error"} for a line that cannot run; a line
 that is not JSON, has no usable id or repeats an id gets the id "line:N". Ids already in the output are skipped,
 so a killed job restarted with the same --out ends with every input id exactly once. `triforce batch` exits 1 when
@@ -14,13 +15,13 @@ import sys
 import time
 from dataclasses import replace
 
-from ..engine import check_config, check_fits, generate_batch
+from ..engine import check_fits, generate_batch
 from ..errors import UserError
 from ..jsonl import append_record, read_records
+from ..settings import SETTINGS, check_config, check_setting
 from ..textio import LogBar, chat_ids, encode
 
-OVERRIDES = {"max_new_tokens": int, "temperature": (int, float), "top_p": (int, float), "top_k": int, "seed": int,
-             "ignore_eos": bool}
+LINE_SETTINGS = [name for name, m in SETTINGS.items() if m["line"]]  # the settings an input line may give
 
 
 def parse_line(n: int, line: str, seen: set) -> tuple:
@@ -44,8 +45,10 @@ def parse_line(n: int, line: str, seen: set) -> tuple:
 def request_ids(model, req: dict, chat: bool) -> list:
     if "messages" in req:
         msgs = req["messages"]
-        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
-            raise UserError("'messages' must be a list of {role, content} objects")
+        if not isinstance(msgs, list) or not msgs or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in msgs):
+            raise UserError("'messages' must be a non-empty list of {role, content} objects with string values")
         return chat_ids(model.tokenizer, msgs)
     if not isinstance(req.get("prompt"), str):
         raise UserError("missing 'prompt' (a string) or 'messages'")
@@ -53,13 +56,7 @@ def request_ids(model, req: dict, chat: bool) -> list:
 
 
 def request_config(cfg, req: dict):
-    kw = {}
-    for k, t in OVERRIDES.items():
-        if k in req:
-            if not isinstance(req[k], t) or (t is int and isinstance(req[k], bool)):
-                raise UserError(f"'{k}' has the wrong type ({type(req[k]).__name__})")
-            kw[k] = req[k]
-    out = replace(cfg, **kw)
+    out = replace(cfg, **{k: check_setting(k, req[k]) for k in LINE_SETTINGS if k in req})
     check_config(out)
     return out
 
@@ -71,7 +68,7 @@ def prepare(model, cfg, chat: bool, rid: str, req, err) -> tuple:
             raise UserError(err)
         rcfg = request_config(cfg, req)
         ids = request_ids(model, req, chat)
-        check_fits(model, len(ids), rcfg.max_new_tokens)
+        check_fits(model, len(ids), rcfg)
         return rid, ids, rcfg, None
     except UserError as e:
         return rid, None, None, str(e)
