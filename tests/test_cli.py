@@ -58,6 +58,12 @@ def test_plain_output_streams_the_same_text_as_json(capsys, tiny_folder):
     (["--prompt", "hi", "--offload", "weights"], "need --device cuda"),
     (["--prompt", "hi", "--gpu-memory", "24"], "need --device cuda"),
     (["--prompt", "hi", "--attn", "flash"], "flash-attn"),
+    (["--prompt", "hi", "--threads", "0"], "--threads must be at least 1"),
+    (["--prompt", "hi", "--temperature", "nan"], "temperature must be a finite number >= 0 (got nan)"),
+    (["--prompt", "hi", "--temperature", "inf"], "temperature must be a finite number"),
+    (["--prompt", "hi", "--seed", str(2**64)], "seed must be at most"),
+    (["--prompt", "hi", "--mode", "self-spec", "--chunk-size", "1000000"], "exceeds the model's context"),
+    (["--prompt-file", "/"], "prompt file is not a file"),
 ])
 def test_bad_input_one_line_exit_2(capsys, argv, needle):
     rc, out, err = run_cli(capsys, "generate", *argv)

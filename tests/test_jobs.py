@@ -191,3 +191,31 @@ def test_a_bad_line_only_costs_its_own_record(capsys, tiny512, tmp_path):
     assert "top_p must be" in recs["topp"]["error"] and "max_new_tokens must be an integer" in recs["type"]["error"]
     assert "non-empty list" in recs["empty"]["error"] and "string values" in recs["content"]["error"]
     assert recs["ok"]["new_tokens"] == 3
+
+
+@pytest.mark.parametrize("verb", ["summarize", "batch"])
+def test_no_output_mistake_destroys_a_file(capsys, tmp_path, verb):
+    """--out naming an input, a file this tool did not write, a folder or a missing folder: one line, exit 2,
+    before any model loads, and every file as it was."""
+    doc = tmp_path / "in.jsonl"
+    doc.write_text('{"id": "a", "prompt": "hi"}\n{"id": "b", "prompt": "there"}')
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\nlast line without a newline")
+    cases = [(doc, "is also an input"), (tmp_path / "." / "in.jsonl", "is also an input"),
+             (tmp_path, "is a directory"), (tmp_path / "no" / "out.jsonl", "does not exist")]
+    if verb == "batch":
+        cases.append((notes, "not this tool's output"))
+    before = {p: p.read_bytes() for p in (doc, notes)}
+    for out, needle in cases:
+        rc, _, err = run(capsys, verb, str(doc), "--out", str(out), "--model", "/no/such/model")
+        assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, (out, err)
+        assert {p: p.read_bytes() for p in (doc, notes)} == before
+
+
+def test_ids_stay_unique_whatever_the_input_spells(capsys, tiny512, tmp_path):
+    """A line without a usable id is named line:N, and line:N.K where an input id already spells line:N."""
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"id": "line:2", "prompt": "hi"}\n{"id": \n{"prompt": "no id"}\n')
+    rc, _, err = run(capsys, "batch", str(src), "--out", str(out), "--model", tiny512, "--max-new-tokens", "2")
+    ids = [r["id"] for r in read_records(str(out))]
+    assert rc == 1 and sorted(ids) == ["line:2", "line:2.1", "line:3"], ids

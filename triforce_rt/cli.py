@@ -11,6 +11,7 @@ from .distill import DistillConfig
 from .distill.corpus import DRAWS
 from .engine import generate
 from .errors import UserError
+from .jsonl import check_output
 from .models.loader import drafter_folder
 from .settings import DRAFTER_MODES, DTYPES, GenerationConfig, check_config
 from .textio import TextStream, encode, summary_line
@@ -64,6 +65,16 @@ def generation_config(args) -> GenerationConfig:
     return cfg
 
 
+def set_threads(n: int | None) -> None:
+    """torch's CPU threads: n >= 1, or None for torch's own choice."""
+    import torch
+
+    if n is not None:
+        if n < 1:
+            raise UserError(f"--threads must be at least 1 (got {n})")
+        torch.set_num_threads(n)
+
+
 def load_models(args):
     """The target and, for the modes that use one, the drafter."""
     import torch
@@ -74,8 +85,7 @@ def load_models(args):
     from .models import load_model
     from .models.loader import check_device
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     cuda = args.device == "cuda"
     if not cuda and (args.offload or args.gpu_memory or args.cuda_graphs == "on"):
         raise UserError("--offload, --gpu-memory and --cuda-graphs on need --device cuda")
@@ -192,7 +202,8 @@ def build_parser():
 def read_prompt(args) -> str:
     if args.prompt_file is not None:
         if not os.path.isfile(args.prompt_file):
-            raise UserError(f"prompt file not found: {args.prompt_file}")
+            what = "is not a file" if os.path.exists(args.prompt_file) else "not found"
+            raise UserError(f"prompt file {what}: {args.prompt_file}")
         with open(args.prompt_file, encoding="utf-8", errors="replace") as f:
             text = f.read()
     else:
@@ -234,21 +245,28 @@ def cmd_summarize(args):
     from .jobs.summarize import summarize_files
 
     cfg = generation_config(args)
+    for path in args.files:  # every path, before any model loads
+        if not os.path.isfile(path):
+            raise UserError(f"{'not a file' if os.path.exists(path) else 'file not found'}: {path}")
+    if args.out:
+        check_output(args.out, args.files)
     model, drafter = load_models(args)
     summarize_files(model, drafter, args.files, cfg, args.fit, args.out, progress=not args.quiet and sys.stderr.isatty())
 
 
 def cmd_batch(args):
-    from .jobs.batch import run_batch
+    from .jobs.batch import finished, run_batch
 
     cfg = generation_config(args)
     if not os.path.isfile(args.input):
         raise UserError(f"input file not found: {args.input}")
+    check_output(args.out, [args.input])
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1 (got {args.batch_size})")
+    done = finished(args.out)
     model, drafter = load_models(args)
     counts = run_batch(model, drafter, args.input, args.out, cfg, args.chat, progress=not args.quiet,
-                       batch_size=args.batch_size)
+                       batch_size=args.batch_size, done=done)
     return 1 if counts["errors"] or counts["skipped_errors"] else 0
 
 
@@ -268,8 +286,7 @@ def cmd_distill(args):
         raise UserError("--hidden must be even (RoPE rotates pairs of dimensions)")
     if cfg.seq_len <= cfg.sinks or cfg.epochs <= 0 or not 0 <= cfg.answer_frac <= 1:
         raise UserError(f"need --seq-len > {cfg.sinks} (the sinks), --epochs > 0 and 0 <= --answer-frac <= 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     metrics = distill(cfg, progress=not args.quiet)
     print(json.dumps({"out": cfg.out, **metrics}))
 

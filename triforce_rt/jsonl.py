@@ -6,25 +6,51 @@ resumed job rewrites that record and never duplicates or loses a finished one.
 import json
 import os
 
+from .errors import UserError
 
-def read_records(path: str) -> list:
-    """The complete records of path ([] if it does not exist), after truncating a torn last line."""
+
+def read_records(path: str, key: str | None = None) -> list:
+    """The complete records of path ([] if it does not exist), after truncating a torn last line. key: a field every
+    record of this tool's output has ("id" for batch). Nothing is truncated unless every complete line is such a
+    record and the torn tail starts as one: a file this tool did not write is refused, never cut."""
     if not os.path.exists(path):
         return []
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is not a file")
     with open(path, "rb") as f:
         data = f.read()
     end = data.rfind(b"\n") + 1  # everything after the last newline is a torn write
-    if end < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(end)
     records = []
     for i, line in enumerate(data[:end].splitlines()):
         if line.strip():
             try:
                 records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {i + 1} is not JSON ({e.msg})") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{path}: line {i + 1} is not JSON ({getattr(e, 'msg', e)}); not this tool's output"
+                                 ) from None
+            if not isinstance(records[-1], dict) or (key and key not in records[-1]):
+                raise ValueError(f"{path}: line {i + 1} is not a record of this tool (no '{key}')")
+    if end < len(data):
+        if not data[end:].startswith(b'{"'):
+            raise ValueError(f"{path}: its last line is not a record of this tool")
+        with open(path, "r+b") as f:
+            f.truncate(end)
     return records
+
+
+def check_output(path: str, inputs: list) -> None:
+    """An output path that can be written and is none of the inputs (compared by resolved path), checked before
+    anything loads or is written."""
+    real = os.path.realpath(path)
+    if any(os.path.realpath(p) == real for p in inputs):
+        raise UserError(f"--out {path} is also an input: choose another file")
+    if os.path.isdir(path):
+        raise UserError(f"--out {path} is a directory")
+    folder = os.path.dirname(real)
+    if not os.path.isdir(folder):
+        raise UserError(f"--out {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UserError(f"--out {path} cannot be written")
 
 
 def append_record(f, record: dict) -> None:

@@ -96,8 +96,8 @@ def run_experiment(exp: Experiment, out: str | None = None, is_quick: bool = Fal
         raise UserError(f"cannot write to {out}")
     path = os.path.join(out, "results.jsonl")
     try:
-        done = {json.dumps(r["key"], sort_keys=True) for r in read_records(path)}
-    except (ValueError, KeyError) as e:
+        done = {json.dumps(r["key"], sort_keys=True) for r in read_records(path, "key")}
+    except ValueError as e:
         raise UserError(f"cannot resume from {path}: {e}") from None
     with open(os.path.join(out, "machine.json"), "w") as f:
         json.dump({**machine(), "experiment": exp.source, "quick": is_quick}, f, indent=1)

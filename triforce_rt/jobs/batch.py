@@ -25,21 +25,36 @@ LINE_SETTINGS = [name for name, m in SETTINGS.items() if m["line"]]  # the setti
 
 
 def parse_line(n: int, line: str, seen: set) -> tuple:
-    """(id, request dict or None, error or None) of input line n (1-based)."""
+    """(id, request dict or None, error or None) of input line n (1-based); the id is None where the line has no
+    usable one of its own (line_ids() names it)."""
     try:
         req = json.loads(line)
     except json.JSONDecodeError as e:
-        return f"line:{n}", None, f"not JSON ({e.msg} at column {e.colno})"
+        return None, None, f"not JSON ({e.msg} at column {e.colno})"
     if not isinstance(req, dict):
-        return f"line:{n}", None, "expected a JSON object"
+        return None, None, "expected a JSON object"
     rid = req.get("id")
     if not isinstance(rid, (str, int)) or isinstance(rid, bool) or str(rid) == "":
-        return f"line:{n}", None, "missing or invalid 'id' (a string)"
+        return None, None, "missing or invalid 'id' (a string)"
     rid = str(rid)
     if rid in seen:
-        return f"line:{n}", None, f"duplicate id '{rid}'"
+        return None, None, f"duplicate id '{rid}'"
     seen.add(rid)
     return rid, req, None
+
+
+def line_ids(parsed: list, seen: set) -> list:
+    """parsed [(n, id or None, ...)]: each line without an id of its own gets 'line:N', or 'line:N.K' where an input
+    id already spells that, so the ids of the records stay unique."""
+    out = []
+    for n, rid, *rest in parsed:
+        if rid is None:
+            rid, k = f"line:{n}", 1
+            while rid in seen:
+                rid, k = f"line:{n}.{k}", k + 1
+            seen.add(rid)
+        out.append((n, rid, *rest))
+    return out
 
 
 def request_ids(model, req: dict, chat: bool) -> list:
@@ -74,20 +89,27 @@ def prepare(model, cfg, chat: bool, rid: str, req, err) -> tuple:
         return rid, None, None, str(e)
 
 
-def run_batch(model, drafter, input_path: str, out_path: str, cfg, chat: bool, progress: bool,
-              batch_size: int = 1) -> dict:
-    """Process every input line not yet in out_path, up to batch_size sequences at a time; returns counts
-    {done, skipped, errors, skipped_errors}: generated and error records written now, lines already in out_path
-    and, of those, the ones whose record there is an error."""
+def finished(out_path: str) -> dict:
+    """{id: whether its record is an error} of the records already in out_path (checked before the model loads:
+    a file this tool did not write is refused, untouched)."""
     try:
-        done = {str(r["id"]): "error" in r for r in read_records(out_path)}  # id -> its record is an error
-    except (ValueError, KeyError) as e:
+        return {str(r["id"]): "error" in r for r in read_records(out_path, "id")}
+    except ValueError as e:
         raise UserError(f"cannot resume from {out_path}: {e}") from None
+
+
+def run_batch(model, drafter, input_path: str, out_path: str, cfg, chat: bool, progress: bool,
+              batch_size: int = 1, done: dict | None = None) -> dict:
+    """Process every input line not yet in out_path (done: finished(out_path), if already read), up to batch_size
+    sequences at a time; returns counts {done, skipped, errors, skipped_errors}: generated and error records
+    written now, lines already in out_path and, of those, the ones whose record there is an error."""
+    done = finished(out_path) if done is None else done
     with open(input_path, encoding="utf-8", errors="replace") as f:
         lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
-    seen, todo, skipped_errors = set(), [], 0
-    for n, line in lines:
-        rid, req, err = parse_line(n, line, seen)
+    seen = set()
+    parsed = line_ids([(n, *parse_line(n, line, seen)) for n, line in lines], seen)
+    todo, skipped_errors = [], 0
+    for n, rid, req, err in parsed:
         if rid in done:
             skipped_errors += done[rid]
         else:

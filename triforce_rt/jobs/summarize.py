@@ -90,9 +90,6 @@ def run(model, drafter, ids: list, cfg, out, progress: bool):
 
 
 def summarize_files(model, drafter, files: list, cfg, fit: str, out_path: str | None, progress: bool) -> None:
-    for path in files:
-        if not os.path.isfile(path):
-            raise UserError(f"file not found: {path}")
     out = open(out_path, "w", encoding="utf-8") if out_path else sys.stdout
     try:
         for i, path in enumerate(files):
