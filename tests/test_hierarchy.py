@@ -13,7 +13,7 @@ from triforce_rt.engine import MODES, GenerationConfig, Session, generate, gener
 from triforce_rt.models import ModelConfig
 from triforce_rt.models.loader import from_state_dict
 from triforce_rt.sampling import SamplingParams, probs
-from triforce_rt.speculation import Hierarchy, NgramTier, verify_sample
+from triforce_rt.speculation import Hierarchy, NgramTier, Tokens, verify_sample
 
 SPEC_MODES = [m for m in MODES if m != "ar"]
 
@@ -113,12 +113,9 @@ def two_token_law(target, sp):
     return (p[0, -2][:, None] * p[:, -1]).flatten()
 
 
-def resample_from_p(draft, q, p, generator):
+def resample_from_p(drafts, q, p, generator):
     """TriForce's middle tier: on a rejection it draws from p instead of the residual max(p - q, 0)."""
-    n, x = verify_sample(draft, q, p, generator)
-    if n < len(draft):
-        x = int(torch.multinomial(p[n], 1, generator=generator))
-    return n, x
+    return verify_sample(drafts, q, p, generator, resample=lambda p, q: p)
 
 
 def reduced_vocabulary(drafter, keep: list):
@@ -144,19 +141,18 @@ def sampled_pairs(mode, sp, flawed=False, keep=None, rows=50):
     tiers = start(target, drafter, ctx, cfg, batch=rows)
     if flawed:
         tiers[1].verify = resample_from_p
-    hierarchy = Hierarchy(tiers, sp, torch.Generator().manual_seed(0))
+    hierarchy = Hierarchy(tiers, sp, torch.Generator().manual_seed(0), Tokens([PROMPT] * rows, 64))
     counts = torch.zeros(V * V)
     for _ in range(DRAWS // rows):
         toks = [[] for _ in range(rows)]
         while min(map(len, toks)) < 2:  # whole rounds (every tier drafts its full γ); a row ahead runs on
-            news, _ = hierarchy.round(len(tiers) - 1, [PROMPT + t for t in toks], [cfg.max_new_tokens] * rows)
+            news, _ = hierarchy.round(len(tiers) - 1, [cfg.max_new_tokens] * rows)
             for t, new in zip(toks, news):
                 t += new
         for t in toks:
             counts[t[0] * V + t[1]] += 1
-        for t in tiers:
-            for b in range(rows):
-                t.truncate(b, len(ctx))
+        for b in range(rows):
+            hierarchy.rollback(b, len(PROMPT))
     return counts, two_token_law(target, sp), [t.stats for t in tiers[:-1]]
 
 
@@ -208,10 +204,10 @@ def layer0_keys(model, tokens, positions):
 
 def assert_holds_prefix(tier, seq, row=0):
     """Row `row` of tier.cache holds seq[:tier.pos[row]], at the right positions, in every slot a query can see."""
-    n = tier.pos[row]
-    if isinstance(tier, NgramTier):
-        assert tier.arr[row, :n].tolist() == seq[:n]
+    if isinstance(tier, NgramTier):  # it holds nothing: it reads the hierarchy's buffer
         return
+    n = tier.pos[row]
+    assert n <= len(seq) - 1  # the last token is pending
     c = tier.cache
     if isinstance(c, FullCache):
         torch.testing.assert_close(c.k[0, row, :, :n], layer0_keys(tier.model, seq[:n], list(range(n)))[1])
@@ -239,17 +235,17 @@ def test_rollback_leaves_exactly_the_accepted_prefix(mode):
                            gamma2=5, temperature=1.0, refresh=0)
     B = 3
     tiers = start(target, drafter, prompt[:-1], cfg, batch=B)
-    hierarchy = Hierarchy(tiers, cfg.sampling, torch.Generator().manual_seed(2))
+    hierarchy = Hierarchy(tiers, cfg.sampling, torch.Generator().manual_seed(2), Tokens([prompt] * B, 256))
     seqs, rejected = [list(prompt) for _ in range(B)], 0
     for i in range(12):
         if i % 4 == 3:
             hierarchy.refresh()
-        news, _ = hierarchy.round(len(tiers) - 1, seqs, [60 - i] * B)
+        news, _ = hierarchy.round(len(tiers) - 1, [60 - i] * B)
         for b, new in enumerate(news):
             rejected += len(new) <= cfg.gamma2
             seqs[b] += new
+            assert hierarchy.tok.row(b).tolist() == seqs[b]
             for tier in tiers:
-                assert tier.pos[b] <= len(seqs[b]) - 1  # the last token is pending
                 assert_holds_prefix(tier, seqs[b], b)
     assert len({tuple(s) for s in seqs}) == B  # the rows went their own ways
     assert rejected >= 3

@@ -28,7 +28,7 @@ def speculate_two(p1, p2_given, q1, q2_given, g, flawed=False):
     draft = torch.tensor([x1, x2])
     q = torch.stack([q1, q2_given[x1]])
     p = torch.stack([p1, p2_given[x1], p2_given[x1]])  # the bonus row is never reached for 2 tokens' law
-    n, nxt = verify_sample(draft, q, p, g)
+    [(n, nxt)] = verify_sample([draft.tolist()], q, p, g)
     if flawed and n < 2:  # TriForce's middle tier: on rejection, draw from p instead of the residual
         nxt = int(torch.multinomial(p[n], 1, generator=g))
     out = draft[:n].tolist() + [nxt]
@@ -64,7 +64,7 @@ def test_point_mass_draft_is_exact():
     counts = torch.zeros(V)
     for _ in range(DRAWS):
         q = torch.nn.functional.one_hot(torch.tensor([3]), V).float()
-        n, nxt = verify_sample(torch.tensor([3]), q, p, g)
+        [(n, nxt)] = verify_sample([[3]], q, p, g)
         counts[3 if n == 1 else nxt] += 1
     assert chisquare(counts.numpy(), (p[0] * DRAWS).numpy()).pvalue > ALPHA
 
@@ -74,4 +74,22 @@ def test_greedy_accepts_the_matching_prefix(draft, expect):
     logits = torch.full((4, V), -1.0)
     for i, t in enumerate([4, 1, 7, 2]):
         logits[i, t] = 1.0
-    assert verify_greedy(torch.tensor(draft), logits) == expect
+    assert verify_greedy([draft], logits) == [expect]
+
+
+def test_rows_of_a_batch_are_verified_together():
+    """Three rows of different lengths (one with no draft) in one call: greedy gives each row its own verdict, and
+    sampling keeps each row's first token on its own verifier's law."""
+    logits = torch.full((7, V), -1.0)
+    for i, t in enumerate([4, 1, 7, 2, 5, 6, 3]):  # rows: drafts [4, 1, 0] -> 4 rows, [] -> 1 row, [6] -> 2 rows
+        logits[i, t] = 1.0
+    assert verify_greedy([[4, 1, 0], [], [6]], logits) == [(2, 7), (0, 5), (1, 3)]
+    p = dists(6, 7)
+    q = torch.nn.functional.one_hot(torch.tensor([4, 1, 0, 6]), V).float()
+    g = torch.Generator().manual_seed(2)
+    counts = torch.zeros(3, V)
+    for _ in range(DRAWS // 4):
+        for b, (n, x) in enumerate(verify_sample([[4, 1, 0], [], [6]], q, p, g)):
+            counts[b, ([4, 5, 6][b] if n else x)] += 1  # row b's first token: its draft if accepted, else x
+    for b, first in enumerate([0, 4, 5]):  # the p row of each row's first token
+        assert pooled_chisquare(counts[b], p[first]) > ALPHA

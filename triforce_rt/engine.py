@@ -18,7 +18,7 @@ from retrieval_cache import FullCache, RetrievalCache, StreamingCache
 from .errors import UserError
 from .sampling import sample
 from .settings import DRAFTER_MODES, MODES, GenerationConfig, check_config, gamma_name, uses_retrieval
-from .speculation import Hierarchy, NgramTier, Tier
+from .speculation import Hierarchy, NgramTier, Tier, Tokens
 from .speculation.tier import ragged
 
 __all__ = ["DRAFTER_MODES", "MODES", "GenerationConfig", "GenerationResult", "Session", "check_config", "generate",
@@ -115,7 +115,7 @@ def drafter_tier(b: "Build", gamma: int) -> Tier:
 
 
 def ngram_tier(b: "Build", gamma: int) -> NgramTier:
-    return NgramTier(b.model.config.vocab_size, gamma, b.full.max_len, max_n=b.cfg.ngram, batch=len(b.prompts))
+    return NgramTier(b.model.config.vocab_size, gamma, max_n=b.cfg.ngram)
 
 
 def retrieval_tier(b: "Build", gamma: int) -> Tier:
@@ -257,13 +257,13 @@ def decode(model, full, logits, prompts: list, cfg: GenerationConfig, on_token=N
     tiers = build_tiers(model, full, drafter, prompts, cfg)
     prefill_s += time.perf_counter() - t0
 
-    hierarchy, top = Hierarchy(tiers, sp, gen), len(tiers) - 1
-    seqs, outs = [list(p) for p in prompts], [[] for _ in prompts]
-    decode_s = [0.0] * len(prompts)
+    # Each row's sequence: its prompt and the first token; room for the new tokens and the deepest drafts.
+    tokens = Tokens([p + [t] for p, t in zip(prompts, first)], full.max_len + cfg.gamma1 + cfg.gamma2 + 2)
+    hierarchy, top = Hierarchy(tiers, sp, gen, tokens), len(tiers) - 1
+    outs, decode_s = [[] for _ in prompts], [0.0] * len(prompts)
 
     def emit(row: int, new: list) -> bool:  # True once the row's generation is over
         for t in new:
-            seqs[row].append(t)
             outs[row].append(t)
             if on_token:
                 on_token(row, t)
@@ -285,7 +285,7 @@ def decode(model, full, logits, prompts: list, cfg: GenerationConfig, on_token=N
     advance([[t] for t in first])
     since_select = 0
     while live:
-        news, _ = hierarchy.round(top, [seqs[r] for r in live], [cfg.max_new_tokens - len(outs[r]) for r in live])
+        news, _ = hierarchy.round(top, [cfg.max_new_tokens - len(outs[r]) for r in live])
         advance(news)
         since_select += max(map(len, news))
         if live and cfg.refresh and since_select >= cfg.refresh:

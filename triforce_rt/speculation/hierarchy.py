@@ -1,7 +1,7 @@
 """Hierarchical speculative decoding over a stack of tiers, each drafting for the next; the last tier is the target.
 
-Everything runs on a batch of sequences, row b of every tier's cache holding seqs[b]; one forward per tier step.
-round(k, seqs, limits) gives each row 1..limits[b] of tier k's next tokens:
+Everything runs on a batch of sequences, row b of every tier's cache holding row b of the token buffer; one forward
+per tier step, one host sync per verification. round(k, limits) gives each row 1..limits[b] of tier k's next tokens:
   tier 0 runs one forward and draws one token per row from its own distribution p_k;
   tier k > 0 asks tier k-1 for g = γ_{k-1} drafts per row (propose), scores them in one forward over g+1
   tokens, and keeps each row's accepted drafts plus one token (verify.py).
@@ -14,6 +14,7 @@ An n-gram tier (ngram.py) proposes up to γ tokens per row, or none. A row with 
 the n-gram tier instead (the drafter in triforce-ngram), or, at the bottom, takes a plain step of the tier above.
 Either way a row's proposal comes from one drafter with its own q, so the rule above stays exact.
 """
+import numpy as np
 import torch
 
 from retrieval_cache import RetrievalCache
@@ -21,76 +22,112 @@ from retrieval_cache import RetrievalCache
 from ..sampling import SamplingParams, probs
 from .ngram import NgramTier
 from .tier import Tier
-from .verify import verify_greedy
+from .verify import offsets, verify_greedy
+
+
+class Tokens:
+    """Per-row token buffers: row b's sequence is buf[b, :n[b]], its committed tokens then the drafts the recursion
+    is weighing. Appending and rolling back move n[b]; nothing is copied per step."""
+
+    def __init__(self, prompts: list, capacity: int):
+        self.buf = np.zeros((len(prompts), capacity), dtype=np.int64)
+        self.n = np.array([len(p) for p in prompts])
+        for b, p in enumerate(prompts):
+            self.buf[b, : len(p)] = p
+
+    def row(self, b: int) -> np.ndarray:
+        return self.buf[b, : self.n[b]]
+
+    def put(self, b: int, at: int, toks: list) -> None:
+        """Row b's sequence becomes its first `at` tokens, then toks."""
+        self.buf[b, at : at + len(toks)] = toks
+        self.n[b] = at + len(toks)
+
+    def keep(self, rows: list) -> None:
+        self.buf, self.n = self.buf[rows], self.n[rows]
 
 
 class Hierarchy:
-    def __init__(self, tiers: list[Tier], sp: SamplingParams, generator: torch.Generator):
-        self.tiers, self.sp, self.gen = tiers, sp, generator
+    def __init__(self, tiers: list[Tier], sp: SamplingParams, generator: torch.Generator, tokens: Tokens):
+        self.tiers, self.sp, self.gen, self.tok = tiers, sp, generator, tokens
 
-    def round(self, k: int, seqs: list, limits: list) -> tuple[list, list]:
-        """Per row: 1..limits[b] tokens of tier k after seqs[b], and the distributions p_k [n_b, V] they follow
-        (None when greedy)."""
-        tier = self.tiers[k]
+    def round(self, k: int, limits: list) -> tuple[list, list]:
+        """Per row: 1..limits[b] tokens of tier k after its sequence (appended to it), and the distributions p_k
+        [n_b, V] they follow (None when greedy)."""
+        tier, base = self.tiers[k], self.tok.n.copy()
         g = min(self.tiers[k - 1].gamma, max(limits) - 1) if k else 0
-        drafts, qs, src = self.propose(k - 1, seqs, g) if g else ([[]] * len(seqs), [None] * len(seqs), None)
-        logits = tier.feed([s + d for s, d in zip(seqs, drafts)], [len(d) + 1 for d in drafts])
+        B = len(base)
+        drafts, qs, src = self.propose(k - 1, g) if g else ([[]] * B, [None] * B, None)
+        need = [len(d) + 1 for d in drafts]
+        logits = tier.feed(self.tok, need)  # [Σ need, V], row b's need[b] rows in order
+        if self.sp.greedy:
+            p, verdicts = None, verify_greedy(drafts, logits)
+        else:
+            p = probs(logits, self.sp)
+            q = [x for x in qs if x is not None]
+            verdicts = tier.verify(drafts, torch.cat(q) if q else None, p, self.gen)
         news, ps = [], []
-        for b, (seq, d, q, lg, limit) in enumerate(zip(seqs, drafts, qs, logits, limits)):
-            # lg [len(d)+1, V], row i: p_k of the token after d[:i]
-            dt = torch.tensor(d, dtype=torch.long, device=lg.device)
-            if self.sp.greedy:
-                (n, x), p = verify_greedy(dt, lg), None
-            else:
-                p = probs(lg, self.sp)
-                n, x = tier.verify(dt, q, p, self.gen) if d else (0, int(torch.multinomial(p[0], 1, generator=self.gen)))
+        for b, (d, (n, x), at, limit) in enumerate(zip(drafts, verdicts, offsets(drafts), limits)):
             if d:
                 below = self.tiers[src[b]].stats
                 below.drafted += len(d)
                 below.accepted += n
                 below.rejected += n < len(d)
             out = (d[:n] + [x])[:limit]  # x's marginal is p_k[n] (a residual draw after a rejection, else a bonus)
+            self.tok.put(b, int(base[b]), out)
             for t in self.tiers[: k + 1]:
-                t.truncate(b, len(seq) + len(out) - 1)  # drop the rejected drafts and anything drafted past them
+                t.truncate(b, int(base[b]) + len(out) - 1)  # drop the rejected drafts and anything drafted past them
             news.append(out)
-            ps.append(None if p is None else p[: len(out)])
+            ps.append(None if p is None else p[at : at + len(out)])
         return news, ps
 
-    def propose(self, k: int, seqs: list, n: int) -> tuple[list, list, list]:
-        """Per row, n tokens of tier k after seqs[b], their distributions [n, V] (None when greedy) and the index of
-        the tier that drafted them. Rounds run in lockstep until every row has n; a row that is ahead takes
-        one-token rounds, and is cut back to n at the end. An n-gram tier returns its lookups: up to n tokens per
-        row, point masses; rows with no match take the tier below's n tokens (where there is one)."""
-        tier = self.tiers[k]
+    def propose(self, k: int, n: int) -> tuple[list, list, list]:
+        """Per row, n tokens of tier k appended to its sequence, their distributions [n, V] (None when greedy) and
+        the index of the tier that drafted them. Rounds run in lockstep until every row has n; a row that is ahead
+        takes one-token rounds, and is cut back to n at the end. An n-gram tier returns its lookups: up to n tokens
+        per row, point masses; rows with no match take the tier below's n tokens (where there is one)."""
+        tier, start = self.tiers[k], self.tok.n.copy()
         if isinstance(tier, NgramTier):
-            toks = tier.draft(seqs, n)
-            device = self.tiers[-1].model.embed_tokens.weight.device
-            qs = [None if self.sp.greedy or not t else tier.one_hot(t, device) for t in toks]
-            src = [k] * len(seqs)
+            toks = tier.draft([self.tok.row(b) for b in range(len(start))], n)
+            src = [k] * len(start)
+            qs = [None] * len(start)
             if k and not all(toks):  # the tier below drafts for every row; rows with a match drop its drafts
-                low, low_qs, low_src = self.propose(k - 1, seqs, n)
-                for b, seq in enumerate(seqs):
+                low, low_qs, low_src = self.propose(k - 1, n)
+                for b in range(len(start)):
                     if toks[b]:
                         for t in self.tiers[:k]:
-                            t.truncate(b, len(seq) - 1)
+                            t.truncate(b, int(start[b]) - 1)
                     else:
                         toks[b], qs[b], src[b] = low[b], low_qs[b], low_src[b]
+            device = self.tiers[-1].model.embed_tokens.weight.device
+            for b, t in enumerate(toks):
+                if src[b] == k:
+                    self.tok.put(b, int(start[b]), t)
+                    qs[b] = None if self.sp.greedy or not t else tier.one_hot(t, device)
             return toks, qs, src
-        toks, ps = [[] for _ in seqs], [[] for _ in seqs]
+        toks, ps = [[] for _ in start], [[] for _ in start]
         while min(len(t) for t in toks) < n:
-            news, p = self.round(k, [s + t for s, t in zip(seqs, toks)], [max(1, n - len(t)) for t in toks])
-            for b in range(len(seqs)):
+            news, p = self.round(k, [max(1, n - len(t)) for t in toks])
+            for b in range(len(start)):
                 toks[b] += news[b]
                 ps[b].append(p[b])
-        for b, seq in enumerate(seqs):
+        for b in range(len(start)):
             if len(toks[b]) > n:
                 toks[b] = toks[b][:n]
+                self.tok.n[b] = start[b] + n
                 for t in self.tiers[: k + 1]:
-                    t.truncate(b, len(seq) + n - 1)
-        return toks, [None if self.sp.greedy else torch.cat(p)[:n] for p in ps], [k] * len(seqs)
+                    t.truncate(b, int(start[b]) + n - 1)
+        return toks, [None if self.sp.greedy else torch.cat(p)[:n] for p in ps], [k] * len(start)
+
+    def rollback(self, row: int, n: int) -> None:
+        """Row's sequence back to its first n tokens, in the buffer and every tier (the last one pending)."""
+        self.tok.n[row] = n
+        for t in self.tiers:
+            t.truncate(row, n - 1)
 
     def keep(self, rows: list) -> None:
         """Continue with these batch rows only (the others finished)."""
+        self.tok.keep(rows)
         for t in self.tiers:
             t.keep(rows)
 

@@ -3,7 +3,7 @@
 No model forward. The proposal is a point mass, q_i = one_hot(x_i), which verify_sample handles exactly: x_i is
 accepted with probability p_i(x_i), and after a rejection the residual is p_i with x_i removed.
 A lookup is one vectorised numpy scan per n over the token array (longest n first): well under a millisecond at
-128K tokens. Each batch row's array mirrors its sequence the way a tier's cache does (pos, truncate).
+128K tokens. The tier holds no state: it reads each row's sequence from the hierarchy's token buffer.
 """
 import time
 
@@ -26,21 +26,18 @@ def find(arr: np.ndarray, n: int) -> int:
 
 
 class NgramTier:
-    def __init__(self, vocab_size: int, gamma: int, capacity: int, max_n: int = 3, min_n: int = 2, batch: int = 1):
+    def __init__(self, vocab_size: int, gamma: int, max_n: int = 3, min_n: int = 2):
         self.vocab_size, self.gamma = vocab_size, gamma
         self.max_n, self.min_n = max_n, min_n
-        self.arr = np.zeros((batch, capacity), dtype=np.int32)
-        self.pos = [0] * batch
         self.stats = TierStats("ngram")
 
     def draft(self, seqs: list, n: int) -> list:
-        """Per row, up to n tokens continuing seqs[b] (none when no n-gram of length >= min_n recurs)."""
+        """Per row, up to n tokens continuing seqs[b] (an int array; none when no n-gram of length >= min_n
+        recurs)."""
         t0 = time.perf_counter()
         out = []
-        for b, seq in enumerate(seqs):
-            self.arr[b, self.pos[b] : len(seq)] = seq[self.pos[b] :]
-            self.pos[b] = len(seq)
-            arr, toks = self.arr[b, : len(seq)], []
+        for seq in seqs:
+            arr, toks = np.asarray(seq), []
             for size in range(self.max_n, self.min_n - 1, -1):
                 start = find(arr, size)
                 if start >= 0:
@@ -57,8 +54,7 @@ class NgramTier:
         return q.scatter_(1, torch.tensor(draft, device=device)[:, None], 1.0)
 
     def truncate(self, row: int, n: int) -> None:
-        self.pos[row] = min(self.pos[row], n)
+        """Nothing to roll back: the lookup reads the hierarchy's buffer."""
 
     def keep(self, rows: list) -> None:
-        self.arr = self.arr[rows]
-        self.pos = [self.pos[r] for r in rows]
+        """Nothing to gather: the lookup reads the hierarchy's buffer."""

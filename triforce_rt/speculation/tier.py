@@ -45,11 +45,12 @@ class Tier:
         self.step = StepGraphs(lambda ids, positions: model.hidden(ids, positions, cache), graphs)
         cache.static = graphs
 
-    def feed(self, seqs: list, need: list) -> list:
-        """Run seqs[b][pos[b]:] through the model, all rows in one forward. Returns per row the logits [need[b], V]
-        of its last need[b] tokens: row i predicts the token after seqs[b][:len - need[b] + i + 1]."""
+    def feed(self, tokens, need: list) -> torch.Tensor:
+        """Run each row's tokens past pos[b] (tokens: the hierarchy's buffers) through the model, all rows in one
+        forward. Returns the logits [Σ need, V] of each row's last need[b] tokens, row after row: row i of a row's
+        block predicts the token after its sequence's first len - need[b] + i + 1 tokens."""
         device = self.model.embed_tokens.weight.device
-        new = [s[p:] for s, p in zip(seqs, self.pos)]
+        new = [tokens.buf[b, p : tokens.n[b]].tolist() for b, p in enumerate(self.pos)]
         ids, positions = ragged(new, [list(range(p, p + len(n))) for p, n in zip(self.pos, new)], device)
         b = torch.tensor([r for r, n in enumerate(need) for _ in range(n)], device=device)
         t = torch.tensor([len(toks) - n + i for toks, n in zip(new, need) for i in range(n)], device=device)
@@ -59,8 +60,8 @@ class Tier:
             logits = self.model.score(x[b, t])  # [Σ need, V]: only the rows asked for reach the head
         self.stats.seconds += time.perf_counter() - t0
         self.stats.calls += 1
-        self.pos = [len(s) for s in seqs]
-        return list(logits.split(need))
+        self.pos = tokens.n.tolist()
+        return logits
 
     def truncate(self, row: int, n: int) -> None:
         """Keep only the first n tokens of row's sequence: a rollback, which moves a count and copies nothing."""
@@ -71,6 +72,6 @@ class Tier:
         self.cache.keep(rows)
         self.step.reset()  # the cache's tensors were replaced
 
-    def verify(self, draft, q, p, generator):
+    def verify(self, drafts, q, p, generator):
         """The sampling rule this tier applies to the drafts of the tier below (a test swaps it for a flawed one)."""
-        return verify_sample(draft, q, p, generator)
+        return verify_sample(drafts, q, p, generator)

@@ -1,35 +1,65 @@
-"""Verification of a drafted block, the rule that makes each tier lossless.
+"""Verification of drafted blocks, the rule that makes each tier lossless; every row of a batch in one call and one
+host sync.
 
 A drafter proposed x_1..x_γ, x_i drawn from q_i; the verifier's distributions p_1..p_{γ+1} come from one
 forward over the block. Sampling (Leviathan et al. / Chen et al.): accept x_i with probability
 min(1, p_i(x_i) / q_i(x_i)); at the first rejection emit a draw from normalize(max(p_i - q_i, 0)) and stop;
 if all γ are accepted, emit a bonus draw from p_{γ+1}. The emitted tokens are distributed exactly as p.
 A point-mass drafter (n-gram) is q_i = one_hot(x_i). Greedy: accept while x_i = argmax p_i, then emit argmax.
+Batched: row b's γ_b drafts, its γ_b rows of q and γ_b + 1 rows of p follow the rows before it. The sampled rule
+draws a residual token at every draft and a bonus token for every row up front, so one transfer to the host
+decides them all; the draws a row does not use are independent of the ones it does, so each row stays exact.
 """
 import torch
 
 
-def verify_greedy(draft: torch.Tensor, p_logits: torch.Tensor) -> tuple[int, int]:
-    """draft [γ] ids; p_logits [γ+1, V]. Returns (accepted count n, the verifier's token after them)."""
-    best = p_logits.argmax(dim=-1)  # [γ+1]
-    mismatch = (draft != best[:-1]).nonzero()
-    n = int(mismatch[0]) if len(mismatch) else len(draft)
-    return n, int(best[n])
+def offsets(drafts: list) -> list:
+    """The first p row of each row's block: row b's γ_b + 1 rows follow the rows before it."""
+    out, at = [], 0
+    for d in drafts:
+        out.append(at)
+        at += len(d) + 1
+    return out
 
 
-def verify_sample(draft: torch.Tensor, q: torch.Tensor, p: torch.Tensor, generator=None) -> tuple[int, int]:
-    """draft [γ] ids; q [γ, V] draft probabilities; p [γ+1, V] verifier probabilities (after the same
-    temperature / top-k / top-p). Returns (accepted count n, the token emitted after them)."""
-    gamma = len(draft)
-    idx = torch.arange(gamma, device=draft.device)
-    ratio = p[idx, draft] / q[idx, draft]  # q(x_i) > 0: x_i was drawn from q_i
-    u = torch.rand(gamma, generator=generator, device=p.device)
-    rejected = (u >= ratio).nonzero()  # accept iff u < min(1, ratio)
-    if len(rejected) == 0:
-        return gamma, int(torch.multinomial(p[gamma], 1, generator=generator))
-    n = int(rejected[0])
-    residual = (p[n] - q[n]).clamp(min=0)
-    total = residual.sum()
-    # total == 0 only if p_n == q_n up to rounding, where rejection has probability ~0: fall back to p_n.
-    dist = residual / total if total > 0 else p[n]
-    return n, int(torch.multinomial(dist, 1, generator=generator))
+def verify_greedy(drafts: list, p_logits: torch.Tensor) -> list:
+    """drafts[b]: row b's γ_b ids; p_logits [Σ (γ_b+1), V]. Per row (accepted count n, the verifier's token after
+    them)."""
+    best = p_logits.argmax(dim=-1).tolist()  # the one host sync
+    out = []
+    for d, at in zip(drafts, offsets(drafts)):
+        n = next((i for i, x in enumerate(d) if x != best[at + i]), len(d))
+        out.append((n, best[at + n]))
+    return out
+
+
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """normalize(max(p - q, 0)) per row; p itself where that is 0 everywhere (p = q up to rounding, where a
+    rejection has probability ~0)."""
+    r = (p - q).clamp(min=0)
+    total = r.sum(-1, keepdim=True)
+    return torch.where(total > 0, r / total.clamp(min=torch.finfo(r.dtype).tiny), p)
+
+
+def verify_sample(drafts: list, q: torch.Tensor, p: torch.Tensor, generator=None, resample=residual) -> list:
+    """drafts[b]: row b's γ_b ids; q [Σ γ_b, V] their draft probabilities; p [Σ (γ_b+1), V] the verifier's (after
+    the same temperature / top-k / top-p). resample(p_i, q_i): what a rejection draws from (a test swaps in a
+    flawed rule). Per row (accepted count n, the token emitted after them)."""
+    dev, starts = p.device, offsets(drafts)
+    rows = torch.tensor([at + i for d, at in zip(drafts, starts) for i in range(len(d))], dtype=torch.long, device=dev)
+    ids = torch.tensor([x for d in drafts for x in d], dtype=torch.long, device=dev)
+    bonus = torch.multinomial(p[[at + len(d) for d, at in zip(drafts, starts)]], 1, generator=generator)[:, 0]
+    if len(ids):
+        pd, k = p[rows], torch.arange(len(ids), device=dev)
+        ratio = pd[k, ids] / q[k, ids]  # q(x_i) > 0: x_i was drawn from q_i
+        accept = torch.rand(len(ids), generator=generator, device=dev) < ratio  # u < min(1, ratio)
+        again = torch.multinomial(resample(pd, q), 1, generator=generator)[:, 0]
+        flat = torch.cat([accept.long(), again, bonus]).tolist()  # the one host sync
+    else:
+        flat = bonus.tolist()
+    m, out, at = len(ids), [], 0
+    for b, d in enumerate(drafts):
+        n = next((i for i in range(len(d)) if not flat[at + i]), len(d))
+        out.append((n, flat[m + at + n] if n < len(d) else flat[2 * m + b]))
+        at += len(d)
+    return out
