@@ -11,7 +11,7 @@ import argparse
 import json
 import os
 
-from triforce_rt.bench import agreement_markdown, named_drafters, run_agreement
+from drivers import agreement_markdown, named_drafters, run_agreement
 from triforce_rt.distill import DistillConfig
 from triforce_rt.distill.corpus import DRAWS
 

@@ -7,7 +7,7 @@ import argparse
 import json
 import os
 
-from triforce_rt.bench import markdown, run_ar_vs_hf
+from triforce_rt.measure import markdown, run_ar_vs_hf
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="our AR decode against HF transformers generate at 2K and 8K")

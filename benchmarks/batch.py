@@ -8,7 +8,7 @@ import argparse
 import json
 import os
 
-from triforce_rt.bench import PROMPTS, batch_markdown, run_batch
+from drivers import PROMPTS, batch_markdown, run_batch
 from triforce_rt.engine import GenerationConfig
 from triforce_rt.models.loader import default_drafter
 

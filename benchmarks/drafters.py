@@ -11,7 +11,7 @@ import argparse
 import json
 import os
 
-from triforce_rt.bench import drafters_markdown, named_drafters, run_drafters
+from drivers import drafters_markdown, named_drafters, run_drafters
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()

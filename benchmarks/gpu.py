@@ -257,7 +257,8 @@ def accelerate_baseline(shape: str, ctx: int, cap_gib: float, dtype, reps: int) 
 
 
 def end_to_end(spec: str, ctx: int, new_tokens: int, device) -> list:
-    from triforce_rt.bench import PROMPTS, chat_prompt, heldout_ids
+    from drivers import PROMPTS, heldout_ids
+    from triforce_rt.measure import chat_prompt
     from triforce_rt.engine import GenerationConfig, generate
     from triforce_rt.models import load_model
     from triforce_rt.models.loader import load_drafter
@@ -378,7 +379,7 @@ def main():
 
     try:
         rep["end_to_end"] = end_to_end(args.gguf or "default", args.e2e_context, 16 if args.smoke else 128, device)
-    except (UserError, ImportError) as e:  # no GGUF here, or no gguf package to read it
+    except (UserError, ModuleNotFoundError) as e:  # no GGUF here, or no gguf package to read it
         rep["end_to_end_skipped"] = f"{e} (pass --gguf PATH to the default model's GGUF)"
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"gpu-{args.tag}")

@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 
-from triforce_rt.bench import PROMPTS, hierarchy_markdown, run_hierarchy
+from drivers import PROMPTS, hierarchy_markdown, run_hierarchy
 from triforce_rt.engine import GenerationConfig
 from triforce_rt.models.loader import default_drafter
 

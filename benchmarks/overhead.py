@@ -43,7 +43,8 @@ print(json.dumps({"decode_s": res.decode_seconds, "forward_s": inside, "calls": 
 def main():
     from transformers import AutoTokenizer
 
-    from triforce_rt.bench import PROMPTS, chat_prompt, heldout_ids, machine
+    from drivers import PROMPTS, heldout_ids
+    from triforce_rt.measure import chat_prompt, machine
     from triforce_rt.models.loader import default_drafter
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

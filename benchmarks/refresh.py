@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 
-from triforce_rt.bench import refresh_markdown, run_refresh
+from drivers import refresh_markdown, run_refresh
 from triforce_rt.models.loader import default_drafter
 
 if __name__ == "__main__":

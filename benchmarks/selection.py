@@ -14,7 +14,8 @@ import time
 import torch
 
 from retrieval_cache import RetrievalCache
-from triforce_rt.bench import PROMPTS, chat_prompt, heldout_ids, machine, session
+from drivers import PROMPTS, heldout_ids, session
+from triforce_rt.measure import chat_prompt, machine
 from triforce_rt.models.loader import load_model
 
 

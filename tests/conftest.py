@@ -9,6 +9,8 @@ import torch
 from triforce_rt.models import ModelConfig
 from triforce_rt.models.loader import from_state_dict
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))  # drivers
+
 # Two threads per process; one per worker under pytest-xdist (`make test` runs two workers on two cores).
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 

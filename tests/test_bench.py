@@ -3,7 +3,7 @@ reports render (the numbers themselves are for benchmarks/, on SmolLM2)."""
 import torch
 from conftest import tiny_with_smol_tokenizer
 
-from triforce_rt.bench import drafters_markdown, refresh_markdown, run_drafters, run_refresh
+from drivers import drafters_markdown, refresh_markdown, run_drafters, run_refresh
 
 
 def test_drafters_and_refresh_benchmarks_run_and_match_ar(tmp_path_factory, smol, tiny_folder):

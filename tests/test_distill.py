@@ -1,6 +1,5 @@
 """`triforce distill` end to end on a tiny target: deterministic, cached teacher pass, and a drafter that
 load_model and --drafter accept, whose greedy drafts keep the output identical to ar."""
-import json
 import os
 import re
 
@@ -67,7 +66,7 @@ def test_agreement_benchmark_reads_the_cached_teacher_data(two_runs, tiny_folder
     """benchmarks/agreement.py's driver scores a drafter on distill's held-out part and a training sample, from the
     teacher cache (the teacher never runs again)."""
     import triforce_rt.distill as d
-    from triforce_rt.bench import agreement_markdown, run_agreement
+    from drivers import agreement_markdown, run_agreement
 
     root, [(out, metrics), _] = two_runs
     monkeypatch.setenv("TRIFORCE_CACHE", str(root / "cache0"))

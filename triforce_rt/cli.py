@@ -77,8 +77,6 @@ def set_threads(n: int | None) -> None:
 
 def load_models(args):
     """The target and, for the modes that use one, the drafter."""
-    import torch
-
     from offload import cap_memory
     from retrieval_cache import use_kernel
 
@@ -273,8 +271,6 @@ def cmd_batch(args):
 def cmd_distill(args):
     import dataclasses
 
-    import torch
-
     from .distill import distill
 
     fields = {f.name for f in dataclasses.fields(DistillConfig)}
@@ -300,7 +296,7 @@ def cmd_run(args):
 
 
 def cmd_bench(args):
-    from .bench import run_ar_vs_hf
+    from .measure import run_ar_vs_hf
 
     run_ar_vs_hf(args.model, args.contexts, args.new_tokens, args.threads, args.out)
 

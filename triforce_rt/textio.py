@@ -54,6 +54,15 @@ def summary_line(res) -> str:
     return line
 
 
+def tier_stats(tier: dict) -> dict:
+    """A tier's stats (TierStats as a dict) as every report shows them: acceptance = accepted / drafted, α, calls
+    and milliseconds per call."""
+    a = alpha(tier)
+    return {"name": tier["name"], "acceptance": round(tier["accepted"] / tier["drafted"], 3) if tier["drafted"] else None,
+            "alpha": None if a is None else round(a, 3), "calls": tier["calls"],
+            "ms_per_call": round(1000 * tier["seconds"] / max(1, tier["calls"]), 1)}
+
+
 def alpha(tier: dict) -> float | None:
     """Per-token acceptance rate of a tier's stats dict (TierStats as a dict): accepted / examined drafts, examined =
     accepted + rejected (the α of speculative decoding; accepted / drafted is lower, since the drafts after a

@@ -4,16 +4,16 @@ import csv
 import os
 
 from ..jsonl import read_records
-from ..textio import alpha
+from ..textio import tier_stats
 from .schema import SWEEP
 
 SWEPT_ORDER = tuple(SWEEP)
 
 
 def acceptance(row: dict) -> dict:
-    """{tier name: (accepted / drafted, α)} for each drafting tier of a row (α: textio.alpha)."""
-    return {t["name"]: (round(t["accepted"] / t["drafted"], 3), round(alpha(t), 3))
-            for t in row.get("tiers", [])[:-1] if t["drafted"]}
+    """{tier name: (accepted / drafted, α)} for each drafting tier of a row (textio.tier_stats)."""
+    return {s["name"]: (s["acceptance"], s["alpha"]) for s in map(tier_stats, row.get("tiers", [])[:-1])
+            if s["acceptance"] is not None}
 
 
 def table(rows: list, swept: list, temperature: float) -> list:

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import torch
 
-from ..bench import chat_prompt, hf_decode, machine
+from ..measure import chat_prompt, hf_decode, machine
 from ..engine import GenerationConfig, Session, generate
 from ..settings import DRAFTER_MODES, MODES, check_config, relevant
 from ..errors import UserError
@@ -139,7 +139,7 @@ def hf_model(model):
 
 def baseline(hf, name: str, ids: list, cfg) -> dict:
     """HF transformers generate (plain, or assisted by prompt lookup: HF's draft-model-free assisted generation),
-    greedy or sampled as cfg says, decode tok/s as bench.hf_decode measures it."""
+    greedy or sampled as cfg says, decode tok/s as measure.hf_decode measures it."""
     kw = {"prompt_lookup_num_tokens": 10} if name == "hf-assisted" else {}
     if not cfg.sampling.greedy:
         torch.manual_seed(cfg.seed)

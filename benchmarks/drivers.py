@@ -1,111 +1,25 @@
-"""Benchmarks on real text (stdlib sources), each measured in one run: AR decode against HF transformers
-`generate` (run_ar_vs_hf), every speculative mode against AR (run_hierarchy), retrieval refresh across documents
-(run_refresh), drafters side by side (run_drafters) and their teacher-forced agreement (run_agreement), and batched
-decoding against the same sequences one at a time (run_batch).
-
-HF decode tokens/s = (N - 1) / (t(N new tokens) - t(1 new token)), the prefill cancelling out;
-ours comes from the engine's own prefill/decode split. Both are greedy fp32, so their tokens must agree.
+"""Benchmark drivers on real text, each measured in one run: every speculative mode against AR (run_hierarchy),
+retrieval refresh across documents (run_refresh), drafters side by side (run_drafters) and their teacher-forced
+agreement (run_agreement), and batched decoding against the same sequences one at a time (run_batch); with their
+markdown renderers. The scripts beside this file call them; the package never imports them.
 """
 import json
 import math
 import os
-import platform
 import statistics
-import time
+import sys
 
 import torch
 
-from .distill import DistillConfig, block_records, teacher_data
-from .distill.train import evaluate
-from .engine import GenerationConfig, Session, generate, generate_batch
-from .models import load_model
-from .models.loader import default_drafter
-from .textio import alpha, encode
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def real_text_ids(tokenizer, n: int) -> list:
-    """The first n tokens of the corpus's Python standard library sources (its top folder), in name order."""
-    from .distill.corpus import members, read
-
-    ids = []
-    for name in sorted(m for m in members() if m.count("/") == 1 and m.startswith("stdlib/")):
-        ids += tokenizer(read("stdlib", name)).input_ids
-        if len(ids) >= n:
-            return ids[:n]
-    raise RuntimeError(f"only {len(ids)} tokens of stdlib text found")
-
-
-def hf_decode(hf, ids: list, n: int, **generate_kw):
-    """HF generate, greedy unless generate_kw says otherwise: (new tokens, prefill seconds, decode tok/s).
-    generate_kw: e.g. prompt lookup, or do_sample with temperature and top_p."""
-    x = torch.tensor([ids])
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        kw = {"do_sample": False, **generate_kw}
-        hf.generate(x, max_new_tokens=1, **kw)
-        t1 = time.perf_counter()
-        out = hf.generate(x, max_new_tokens=n, min_new_tokens=n, **kw)
-    t2 = time.perf_counter()
-    return out[0, len(ids):].tolist(), t1 - t0, (n - 1) / ((t2 - t1) - (t1 - t0))
-
-
-def run_ar_vs_hf(spec="default", contexts=(2048, 8064), new_tokens=64, threads=2, out=None) -> list:
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    torch.set_num_threads(threads)
-    model = load_model(spec, dtype=torch.float32)
-    hf = AutoModelForCausalLM.from_pretrained(model.source, dtype=torch.float32).eval()
-    ids_all = real_text_ids(model.tokenizer, max(contexts))
-    generate(model, ids_all[:64], GenerationConfig(max_new_tokens=4, ignore_eos=True))  # warm-up
-    rows = []
-    for n_ctx in contexts:
-        ids = ids_all[:n_ctx]
-        res = generate(model, ids, GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True))
-        hf_tokens, hf_prefill, hf_tps = hf_decode(hf, ids, new_tokens)
-        row = {"context": n_ctx, "new_tokens": new_tokens, "ours_tok_s": round(res.decode_tokens_per_second, 2),
-               "hf_tok_s": round(hf_tps, 2), "speedup": round(res.decode_tokens_per_second / hf_tps, 2),
-               "ours_prefill_s": round(res.prefill_seconds, 2), "hf_prefill_s": round(hf_prefill, 2),
-               "tokens_identical": res.tokens == hf_tokens}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    publish({"benchmark": "ar_vs_hf", "model": spec, "dtype": "float32", "machine": machine(), "rows": rows},
-            markdown, out)
-    return rows
-
-
-def publish(report: dict, to_markdown, out: str | None) -> None:
-    """Print the report's table; write the report as JSON to out, when given."""
-    print(to_markdown(report))
-    if out:
-        with open(out, "w") as f:
-            json.dump(report, f, indent=1)
-
-
-def markdown(report: dict) -> str:
-    m = report["machine"]
-    lines = [f"AR decode, {report['model']} {report['dtype']}, {m['cpu']}, {m['threads']} threads, torch {m['torch']}",
-             "", "| context | ours tok/s | HF tok/s | speedup | ours prefill s | HF prefill s | tokens identical |",
-             "|---|---|---|---|---|---|---|"]
-    for r in report["rows"]:
-        lines.append(f"| {r['context']} | {r['ours_tok_s']} | {r['hf_tok_s']} | {r['speedup']}x | {r['ours_prefill_s']} "
-                     f"| {r['hf_prefill_s']} | {r['tokens_identical']} |")
-    return "\n".join(lines)
+from triforce_rt.distill import DistillConfig, block_records, teacher_data  # noqa: E402
+from triforce_rt.distill.train import evaluate  # noqa: E402
+from triforce_rt.engine import GenerationConfig, Session, generate, generate_batch  # noqa: E402
+from triforce_rt.measure import chat_prompt, machine, publish  # noqa: E402
+from triforce_rt.models import load_model  # noqa: E402
+from triforce_rt.models.loader import default_drafter  # noqa: E402
+from triforce_rt.textio import tier_stats  # noqa: E402
 
 
 def run_hierarchy(spec="default", contexts=(2048, 8064), new_tokens=128, threads=2, modes=("self-spec", "streaming-spec"),
@@ -136,9 +50,9 @@ def run_hierarchy(spec="default", contexts=(2048, 8064), new_tokens=128, threads
             for budget in budgets:
                 for refresh in refreshes:
                     res = run(mode="self-spec", budget=budget, refresh=refresh)
-                    t = res.tiers[0]
+                    t = tier_stats(res.tiers[0])
                     row = {"context": n_ctx, "budget": budget, "refresh": refresh,
-                           "acceptance": round(t["accepted"] / t["drafted"], 3), "alpha": round(alpha(t), 3),
+                           "acceptance": t["acceptance"], "alpha": t["alpha"],
                            "tokens_per_target_call": round(res.tokens_per_target_call, 2),
                            "tok_s": round(res.decode_tokens_per_second, 2),
                            "speedup": round(res.decode_tokens_per_second / ar.decode_tokens_per_second, 2)}
@@ -320,20 +234,20 @@ def run_batch(spec="default", contexts=(4096, 8064), batch=4, new_tokens=64, thr
             row = {"context": n_ctx, "mode": m, "sequential_tok_s": round(seq_tps, 2), "batched_tok_s": round(tps, 2),
                    "batched_vs_sequential": round(tps / seq_tps, 2), "batched_vs_sequential_ar": round(tps / base, 2),
                    "tokens_identical": [r.tokens for r in together] == [r.tokens for r in alone["ar"]],
-                   "tiers": [{"name": t["name"], "alpha": round(alpha(t), 3) if alpha(t) is not None else None,
-                              "calls": t["calls"], "ms_per_call": round(1000 * t["seconds"] / max(1, t["calls"]), 1)}
-                             for t in together[0].tiers]}
+                   "tiers": [tier_stats(t) for t in together[0].tiers]}
             report["rows"].append(row)
             print(json.dumps(row), flush=True)
-        del full
+        del together_s
     publish(report, batch_markdown, out)
     return report
 
 
 def tiers_text(tiers: list) -> str:
-    """'name α 0.93, 3.1 ms; ...' for a row's tiers."""
-    return "; ".join(f"{t['name']} " + (f"α {t['alpha']:.2f}, " if t["alpha"] is not None else "")
-                     + f"{t['ms_per_call']} ms" for t in tiers)
+    """'name 0.85, α 0.93, 3.1 ms; ...' for a row's tiers (textio.tier_stats): accepted/drafted where the row has
+    it, α, ms per call."""
+    return "; ".join(f"{t['name']} " + (f"{t['acceptance']:.2f}, " if t.get("acceptance") is not None else "")
+                     + (f"α {t['alpha']:.2f}, " if t["alpha"] is not None else "") + f"{t['ms_per_call']} ms"
+                     for t in tiers)
 
 
 def batch_markdown(report: dict) -> str:
@@ -359,7 +273,7 @@ PROMPTS = {  # instruction, and the held-out corpus source (distill/corpus.py) o
 
 def heldout_ids(tokenizer, n: int, source: str) -> list:
     """n tokens of held-out corpus files of one source (never seen by `triforce distill`), in a fixed order."""
-    from .distill.corpus import files, read
+    from triforce_rt.distill.corpus import files, read
 
     ids = []
     for src, name in files("heldout"):
@@ -368,17 +282,6 @@ def heldout_ids(tokenizer, n: int, source: str) -> list:
             if len(ids) >= n:
                 return ids[:n]
     raise RuntimeError(f"only {len(ids)} tokens of held-out {source} text in the corpus")
-
-
-def chat_prompt(tokenizer, instruction: str, doc_ids: list, n: int) -> list:
-    """A chat request about the document, n tokens in all (a raw-code prompt makes a 135M model loop)."""
-    wrap = lambda k: encode(tokenizer, instruction + tokenizer.decode(doc_ids[:k]), chat=True)
-    k = n - (len(wrap(16)) - 16)
-    ids = wrap(k)
-    while len(ids) > n:  # decode/encode can merge tokens differently; trim until it fits
-        k -= len(ids) - n
-        ids = wrap(k)
-    return list(ids)
 
 
 def session(model, prompts: list, new_tokens: int) -> Session:
@@ -425,10 +328,7 @@ def mode_row(n_ctx, res, ar, kv_bytes) -> dict:
            "vs_ar": round(res.decode_tokens_per_second / ar.decode_tokens_per_second, 2),
            "tokens_identical": res.tokens == ar.tokens, "tokens_per_target_call": round(res.tokens_per_target_call, 2),
            "kv_bytes": kv_bytes,
-           "tiers": [{"name": t["name"], "acceptance": round(t["accepted"] / t["drafted"], 3) if t["drafted"] else None,
-                      "alpha": round(alpha(t), 3) if alpha(t) is not None else None,
-                      "calls": t["calls"], "ms_per_call": round(1000 * t["seconds"] / max(1, t["calls"]), 1)}
-                     for t in res.tiers]}
+           "tiers": [tier_stats(t) for t in res.tiers]}
     print(json.dumps(row), flush=True)
     return row
 
@@ -441,10 +341,8 @@ def hierarchy_markdown(report: dict) -> str:
              "| context | mode | tok/s | vs ar | identical | tok/target call | tiers: accepted/drafted, α, ms/call |",
              "|---|---|---|---|---|---|---|"]
     for r in report["modes"]:
-        tiers = "; ".join(f"{t['name']} " + (f"{t['acceptance']:.2f}, α {t['alpha']:.2f}, " if t["acceptance"] is not None else "")
-                          + f"{t['ms_per_call']} ms" for t in r["tiers"])
         lines.append(f"| {r['context']} | {r['mode']} | {r['tok_s']} | {r['vs_ar']}x | {r['tokens_identical']} "
-                     f"| {r['tokens_per_target_call']} | {tiers} |")
+                     f"| {r['tokens_per_target_call']} | {tiers_text(r['tiers'])} |")
     if report["sweep"]:
         lines += ["", f"self-spec at {report['sweep'][0]['context']} tokens: retrieval tier acceptance by budget "
                       "and refresh (0 = select once after prefill)", "",
