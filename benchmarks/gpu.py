@@ -89,7 +89,7 @@ def timed(fn, reps: int) -> float:
 def step_fn(model, cache, ctx: int, T: int, graphs: bool):
     """One tier step: T tokens at positions ctx.. through model over cache, the head on every column. The step is
     the engine's own (Tier.step), so graphs and the cache's static mode are decided as in generation."""
-    model.cuda_graphs = graphs
+    model.runtime.cuda_graphs = graphs
     step = Tier("bench", model, cache).step
     dev = model.embed_tokens.weight.device
     ids = torch.randint(0, model.config.vocab_size, (1, T), device=dev)
@@ -269,7 +269,7 @@ def end_to_end(spec: str, ctx: int, new_tokens: int, device) -> list:
     ids = chat_prompt(model.tokenizer, instruction, heldout_ids(model.tokenizer, ctx, source), ctx)
     rows, ar = [], None
     for graphs in (False, True):
-        model.cuda_graphs = drafter.cuda_graphs = graphs
+        model.runtime.cuda_graphs = drafter.runtime.cuda_graphs = graphs
         for mode in ("ar", "self-spec", "triforce"):
             cfg = GenerationConfig(mode=mode, max_new_tokens=new_tokens, ignore_eos=True)
             generate(model, ids[: 512], GenerationConfig(mode=mode, max_new_tokens=8), drafter=drafter)  # warm-up

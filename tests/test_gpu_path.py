@@ -63,7 +63,7 @@ def test_static_tiers_give_ar_tokens_in_every_mode(seed):
     free = generate(target, prompts[1], GenerationConfig(ignore_eos=True, **cfg)).tokens
     target.config.eos_token_ids = [free[len(free) // 2]]
     alone = [generate(target, p, GenerationConfig(**cfg)).tokens for p in prompts]
-    target.cuda_graphs = drafter.cuda_graphs = True
+    target.runtime.cuda_graphs = drafter.runtime.cuda_graphs = True
     for mode in MODES:
         got = generate_batch(target, prompts, GenerationConfig(mode=mode, **cfg), drafter=drafter)
         assert [r.tokens for r in got] == alone, mode
@@ -80,10 +80,10 @@ def test_cuda_graphs_equal_eager_on_smollm2(smol, tiny_drafter, mode):
     cfg = GenerationConfig(mode=mode, max_new_tokens=64, ignore_eos=True, budget=256, sinks=4, window=56, refresh=16)
     try:
         eager = generate(model, ids, cfg, drafter=drafter).tokens
-        model.cuda_graphs = drafter.cuda_graphs = True
+        model.runtime.cuda_graphs = drafter.runtime.cuda_graphs = True
         graphed = generate(model, ids, cfg, drafter=drafter).tokens
     finally:
-        model.cuda_graphs = drafter.cuda_graphs = False
+        model.runtime.cuda_graphs = drafter.runtime.cuda_graphs = False
         model.to("cpu").setup_rope(), drafter.to("cpu").setup_rope()
     assert graphed == eager
 

@@ -39,7 +39,7 @@ def test_smollm2_offloaded_generation_equals_resident(smol):
     ids = smol.tokenizer(stdlib_text("textwrap.py")).input_ids[:700]
     cfg = dict(max_new_tokens=16, ignore_eos=True, budget=128, prefill_chunk=256)
     off = load_model("default", offload="weights", resident_layers=7)
-    assert off.weight_stream.streamed == 23
+    assert off.runtime.weight_stream.streamed == 23
     for mode in ("ar", "self-spec"):
         assert generate(off, ids, GenerationConfig(mode=mode, **cfg)).tokens == \
             generate(smol, ids, GenerationConfig(mode=mode, **cfg)).tokens, mode
@@ -74,7 +74,7 @@ def test_host_kv_cache_gives_the_resident_tokens(mode):
     cfg = GenerationConfig(mode=mode, max_new_tokens=30, ignore_eos=True, budget=16, chunk_size=4, sinks=2, window=40,
                            refresh=7, prefill_chunk=32)
     want = generate(target, prompt, cfg, drafter=drafter).tokens
-    target.kv_offload = True
+    target.runtime.kv_offload = True
     assert generate(target, prompt, cfg, drafter=drafter).tokens == want
 
 
@@ -99,9 +99,9 @@ def test_kv_stream_copies_each_layer_once_per_forward():
 def test_kv_offload_refuses_a_batch(smol):
     from triforce_rt.engine import generate_batch
 
-    smol.kv_offload = True
+    smol.runtime.kv_offload = True
     try:
         with pytest.raises(UserError, match="one sequence at a time"):
             generate_batch(smol, [[1, 2, 3], [4, 5]], GenerationConfig(max_new_tokens=2))
     finally:
-        smol.kv_offload = False
+        smol.runtime.kv_offload = False

@@ -98,14 +98,12 @@ def load_models(args):
     drafter = drafter_folder(args.drafter, args.model) if args.mode in DRAFTER_MODES else None  # before the target
     model = load_model(args.model, **load, offload=args.offload, resident_layers=args.resident_layers)
     drafter = drafter and load_model(drafter, **load)
-    blocker = ("--offload" if args.offload else "--tp" if getattr(args, "tp", 1) > 1 else
-               "dynamic RoPE" if model.rope.dynamic else None)
+    blocker = "--tp" if getattr(args, "tp", 1) > 1 else model.runtime.graphs_blocker(model.rope.dynamic)
     if args.cuda_graphs == "on" and blocker:
         raise UserError(f"--cuda-graphs on cannot be combined with {blocker}")
-    graphs = cuda and args.cuda_graphs != "off" and not blocker
-    for m in (model, drafter):
+    for m in (model, drafter):  # the drafter follows the target: no graphs where the target has none
         if m is not None:
-            m.cuda_graphs = graphs
+            m.runtime.cuda_graphs = cuda and args.cuda_graphs != "off" and not blocker
     return model, drafter
 
 

@@ -168,7 +168,7 @@ class Build:
 def build_tiers(model, full, drafter, prompts: list, cfg: GenerationConfig) -> list:
     """The tiers of cfg.mode in hierarchy order (the target last), built after the target's prefill of prompts
     into `full`."""
-    if cfg.draft_dtype and model.weight_stream:
+    if cfg.draft_dtype and model.runtime.weight_stream:
         raise UserError("--draft-dtype cannot be combined with --offload weights: the target's drafting tiers "
                         "share its streamed weights")
     b, kinds = Build(model, full, drafter, prompts, cfg), MODES[cfg.mode].tiers
@@ -200,11 +200,11 @@ class Session:
             check_config(cfg)
             for ids in prompts:
                 check_fits(model, len(ids), cfg)
-        if model.kv_offload and len(prompts) > 1:
+        if model.runtime.kv_offload and len(prompts) > 1:
             raise UserError("a KV cache offloaded to host memory decodes one sequence at a time (use --batch-size 1)")
         self.model, self.prompts, self.capacity = model, prompts, capacity(prompts, cfgs)
         t0 = time.perf_counter()
-        store = KVStream if model.kv_offload else None
+        store = KVStream if model.runtime.kv_offload else None
         self.full = model.new_cache(FullCache, self.capacity, batch=len(prompts), store=store)
         self.logits = prefill(model, self.full, prompts, cfgs[0].prefill_chunk, progress)
         self.prefill_s = time.perf_counter() - t0

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from .errors import UserError
 from .models.loader import from_state_dict
+from .runtime import Runtime
 
 
 def split(n: int, world: int, rank: int) -> tuple[int, int]:
@@ -66,7 +67,7 @@ def shard(model, rank: int, world: int):
         sd[name] = t.clone()
     out = from_state_dict(local, sd).eval()
     out.setup_rope(model.rope.max_len if model.rope else None)
-    out.tokenizer, out.source = model.tokenizer, getattr(model, "source", None)
+    out.runtime = Runtime(model.tokenizer, model.source, tensor_parallel=True)
     for layer in out.layers:
         layer.self_attn.reduce = layer.mlp.reduce = dist.all_reduce
     return out

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..runtime import Runtime
 from .config import ModelConfig
 from .rope import Rope
 
@@ -89,10 +90,15 @@ class Transformer(nn.Module):
         self.register_buffer("vocab_ids", torch.zeros(R, dtype=torch.long) if R else None)  # [R] kept token ids
         self._vocab_index = None  # [V] row of each token id in embed_tokens (R for the others)
         self.rope = None  # built by setup_rope once the model sits on its device
-        self.tokenizer = None  # attached by load_model
-        self.cuda_graphs = False  # tiers over this model replay their steps as CUDA graphs (on cuda; see Tier)
-        self.weight_stream = None  # offload.WeightStream when the layers stream from host memory
-        self.kv_offload = False  # the generate loop keeps this model's full KV cache in host memory (offload.KVStream)
+        self.runtime = Runtime()  # tokenizer, source, graphs and offload policy (runtime.py)
+
+    @property
+    def tokenizer(self):
+        return self.runtime.tokenizer
+
+    @property
+    def source(self) -> str | None:
+        return self.runtime.source
 
     def setup_rope(self, max_len: int | None = None):
         self.rope = Rope(self.config, self.embed_tokens.weight.device, max_len)
@@ -149,18 +155,18 @@ class Transformer(nn.Module):
         """This model in another dtype: a copy made once and kept (e.g. bf16 drafting tiers for an fp32 target)."""
         if dtype is None or dtype == self.embed_tokens.weight.dtype:
             return self
-        if self.weight_stream is not None:
+        rt = self.runtime
+        if rt.weight_stream is not None:
             raise ValueError("a model whose weights stream from host memory has no copy in another dtype")
-        casts = self.__dict__.setdefault("_casts", {})
-        if dtype not in casts:
+        if dtype not in rt.casts:
             with torch.device("meta"):
                 m = Transformer(self.config)
             sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.state_dict().items()}
             m.load_state_dict(sd, assign=True)
             m.eval().setup_rope(self.rope.max_len if self.rope else None)
-            m.tokenizer, m.cuda_graphs = self.tokenizer, self.cuda_graphs
-            casts[dtype] = m
-        return casts[dtype]
+            m.runtime = Runtime(rt.tokenizer, rt.source, rt.cuda_graphs, tensor_parallel=rt.tensor_parallel)
+            rt.casts[dtype] = m
+        return rt.casts[dtype]
 
     def new_cache(self, cache_cls, *args, **kwargs):
         """Allocate a cache shaped for this model: cache_cls(n_layers, n_kv_heads, head_dim, *args, dtype, device)."""

@@ -172,17 +172,17 @@ def load_model(spec: str = "default", dtype=None, device=None, allow_pickle: boo
         raise UserError(f"{spec}: {e}") from None
     if offload not in OFFLOADS:
         raise UserError(f"unknown offload '{offload}' (choose from {', '.join(OFFLOADS[1:])})")
-    model.kv_offload = offload in ("kv", "all")
+    model.runtime.kv_offload = offload in ("kv", "all")
     if offload in ("weights", "all"):
         if resident_layers < 0:
             raise UserError(f"--resident-layers must be at least 0 (got {resident_layers})")
-        model.weight_stream = WeightStream(model.to(dtype=dtype).layers, device, resident_layers)
+        model.runtime.weight_stream = WeightStream(model.to(dtype=dtype).layers, device, resident_layers)
     model = model.to(device=device, dtype=dtype).eval().setup_rope()
     try:
-        model.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        model.runtime.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"{spec}: no usable tokenizer in '{folder}' ({str(e).strip().splitlines()[0]})") from None
-    model.source = folder
+    model.runtime.source = folder
     return model
 
 

@@ -41,7 +41,7 @@ class Tier:
         # The forward of a step. Where the model asks for graphs its cache runs in static mode (fixed shapes, no host
         # syncs) and each (B, T) is replayed as a CUDA graph on cuda, or run eagerly elsewhere. Streaming weights or
         # KV from the host (copy-stream events across forwards) cannot be captured: such a tier runs eagerly.
-        graphs = model.cuda_graphs and model.weight_stream is None and getattr(cache, "store", None) is None
+        graphs = model.runtime.graphs_allowed(cache, model.rope.dynamic)
         self.step = StepGraphs(lambda ids, positions: model.hidden(ids, positions, cache), graphs)
         cache.static = graphs
 

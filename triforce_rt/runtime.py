@@ -1,0 +1,29 @@
+"""How a loaded model runs, kept in one object beside its weights: where it came from, its tokenizer, and the
+policy for CUDA graphs and offloading. The Transformer holds one Runtime (model.runtime); nothing else about
+running it sits on the nn.Module.
+"""
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Runtime:
+    tokenizer: object = None  # transformers tokenizer, attached by load_model
+    source: str | None = None  # the HF folder the weights came from
+    cuda_graphs: bool = False  # asked for: tiers over this model replay fixed-shape steps as CUDA graphs
+    weight_stream: object = None  # offload.WeightStream when the layers stream from host memory
+    kv_offload: bool = False  # the generate loop keeps the full KV cache in host memory (offload.KVStream)
+    tensor_parallel: bool = False  # the layers are shards whose outputs are summed across ranks (parallel.py)
+    casts: dict = field(default_factory=dict)  # dtype -> this model's copy in that dtype (Transformer.with_dtype)
+
+    def graphs_blocker(self, dynamic_rope: bool) -> str | None:
+        """Why steps cannot be captured as CUDA graphs (copies or collectives across forwards, or RoPE tables
+        that grow with the position), or None."""
+        if self.weight_stream is not None or self.kv_offload:
+            return "--offload"
+        if self.tensor_parallel:
+            return "--tp"
+        return "dynamic RoPE" if dynamic_rope else None
+
+    def graphs_allowed(self, cache, dynamic_rope: bool) -> bool:
+        """The one decision: graphs asked for, nothing blocks them, and the cache is not streamed from the host."""
+        return self.cuda_graphs and self.graphs_blocker(dynamic_rope) is None and getattr(cache, "store", None) is None
