@@ -261,10 +261,10 @@ def end_to_end(spec: str, ctx: int, new_tokens: int, device) -> list:
     from triforce_rt.measure import chat_prompt
     from triforce_rt.engine import GenerationConfig, generate
     from triforce_rt.models import load_model
-    from triforce_rt.models.loader import load_drafter
+    from triforce_rt.models.loader import drafter_folder
 
     model = load_model(spec, device=device)
-    drafter = load_drafter("default", "default", {"device": device})
+    drafter = load_model(drafter_folder("default", "default"), device=device)
     instruction, source = PROMPTS["explain"]  # the prompt of the committed CPU hierarchy benchmark
     ids = chat_prompt(model.tokenizer, instruction, heldout_ids(model.tokenizer, ctx, source), ctx)
     rows, ar = [], None

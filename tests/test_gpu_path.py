@@ -10,7 +10,8 @@ from test_hierarchy import random_pair
 from cuda_graphs import StepGraphs
 from retrieval_cache import FullCache, RetrievalCache, StreamingCache, use_kernel
 from retrieval_cache.attention import flash_available
-from triforce_rt.engine import MODES, GenerationConfig, generate, generate_batch
+from triforce_rt.engine import GenerationConfig, generate, generate_batch
+from triforce_rt.settings import MODES
 
 D = 16
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (graph capture and replay)")

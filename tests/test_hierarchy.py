@@ -9,7 +9,8 @@ import torch
 from conftest import hf_model, ours, pooled_chisquare, stdlib_text
 
 from retrieval_cache import FullCache, RetrievalCache, StreamingCache, rotate
-from triforce_rt.engine import MODES, GenerationConfig, Session, generate, generate_batch
+from triforce_rt.engine import GenerationConfig, Session, generate, generate_batch
+from triforce_rt.settings import MODES
 from triforce_rt.models import ModelConfig
 from triforce_rt.models.loader import from_state_dict
 from triforce_rt.sampling import SamplingParams, probs

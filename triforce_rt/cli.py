@@ -116,36 +116,38 @@ def build_parser():
     ap = Parser(prog="triforce", description="Lossless hierarchical speculative decoding for long contexts.")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    g = sub.add_parser("generate", help="generate a continuation of a prompt")
-    add_model_args(g)
+    def job(name: str, help: str, mode: str, max_new_tokens: int = 128, **flags):
+        """A verb that loads a model and generates: its own flags (name -> add_argument keywords), then the model's
+        and the generation settings'."""
+        p = sub.add_parser(name, help=help)
+        for flag, kw in flags.items():
+            p.add_argument(flag, **kw)
+        add_model_args(p)
+        add_generation_args(p, mode, max_new_tokens)
+        return p
+
+    g = job("generate", "generate a continuation of a prompt", "ar",
+            **{"--chat": dict(action="store_true", help="wrap the prompt in the model's chat template"),
+               "--json": dict(action="store_true", help="print one JSON object with tokens, text and stats"),
+               "--tp": dict(type=int, default=1, metavar="N", help="tensor parallel over N processes: torchrun "
+                            "--nproc-per-node N -m triforce_rt generate --tp N")})
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", help="read the prompt from this file")
-    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    g.add_argument("--json", action="store_true", help="print one JSON object with tokens, text and stats")
-    g.add_argument("--tp", type=int, default=1, metavar="N",
-                   help="tensor parallel over N processes: torchrun --nproc-per-node N -m triforce_rt generate --tp N")
-    add_generation_args(g, "ar")
-
-    sm = sub.add_parser("summarize", help="summarize text or Markdown files with the model's chat template")
-    add_model_args(sm)
-    sm.add_argument("files", nargs="+", metavar="FILE")
-    sm.add_argument("--out", help="write the summaries here instead of stdout")
-    sm.add_argument("--fit", choices=("refuse", "truncate", "map-reduce"), default="refuse",
-                    help="a document beyond the context: refuse (default), keep its start and end, or summarize "
-                         "chunks then the summaries")
-    sm.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_generation_args(sm, "triforce", max_new_tokens=256)
-
-    bt = sub.add_parser("batch", help="generate for every line of a JSONL file; durable and resumable")
-    add_model_args(bt)
-    bt.add_argument("input", metavar="INPUT.jsonl")
-    bt.add_argument("--out", required=True, metavar="OUTPUT.jsonl", help="appended to; finished ids are skipped")
-    bt.add_argument("--chat", action="store_true", help="wrap each 'prompt' in the chat template ('messages' always is)")
-    bt.add_argument("--quiet", action="store_true", help="no progress bar (into a log file it updates once a minute)")
-    bt.add_argument("--batch-size", type=int, default=1, metavar="B",
-                    help="decode up to B lines with the same settings together (batched speculation)")
-    add_generation_args(bt, "ar")
+    job("summarize", "summarize text or Markdown files with the model's chat template", "triforce", 256,
+        **{"files": dict(nargs="+", metavar="FILE"),
+           "--out": dict(help="write the summaries here instead of stdout"),
+           "--fit": dict(choices=("refuse", "truncate", "map-reduce"), default="refuse",
+                         help="a document beyond the context: refuse (default), keep its start and end, or "
+                              "summarize chunks then the summaries"),
+           "--quiet": dict(action="store_true", help="no progress bars")})
+    job("batch", "generate for every line of a JSONL file; durable and resumable", "ar",
+        **{"input": dict(metavar="INPUT.jsonl"),
+           "--out": dict(required=True, metavar="OUTPUT.jsonl", help="appended to; finished ids are skipped"),
+           "--chat": dict(action="store_true", help="wrap each 'prompt' in the chat template ('messages' always is)"),
+           "--quiet": dict(action="store_true", help="no progress bar (into a log file it updates once a minute)"),
+           "--batch-size": dict(type=int, default=1, metavar="B",
+                                help="decode up to B lines with the same settings together (batched speculation)")})
 
     d = sub.add_parser("distill", help="train a tiny drafter for a target by knowledge distillation")
     dc = DistillConfig()

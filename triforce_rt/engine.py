@@ -17,12 +17,10 @@ from retrieval_cache import FullCache, RetrievalCache, StreamingCache
 
 from .errors import UserError
 from .sampling import sample
-from .settings import DRAFTER_MODES, MODES, GenerationConfig, check_config, gamma_name, uses_retrieval
+from .settings import MODES, GenerationConfig, check_config, gamma_name, uses_retrieval
 from .speculation import Hierarchy, NgramTier, Tier, Tokens
 from .speculation.tier import ragged
 
-__all__ = ["DRAFTER_MODES", "MODES", "GenerationConfig", "GenerationResult", "Session", "check_config", "generate",
-           "generate_batch"]
 DEFAULT_BUDGET = 4096  # retrieval tokens when the prompt is long enough (TriForce's setting)
 
 

@@ -31,12 +31,6 @@ def members() -> dict:
         return {m.name: tf.extractfile(m).read() for m in tf.getmembers() if m.isfile()}
 
 
-@functools.cache
-def archive_digest() -> str:
-    with open(ARCHIVE, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
-
-
 def files(part: str) -> list:
     """Sorted (source, name) pairs of one part, 'train' or 'heldout'; source by source in SOURCES order."""
     names = members()
@@ -70,11 +64,11 @@ def path(name: str) -> str:
     """A file on disk holding member `name` ('licenses/Apache-2.0'), written once under the model cache: for a
     document given by path (make demo, an experiment's {stdlib}/{licenses}/{docs} prompt)."""
     from ..errors import UserError
-    from ..models.loader import cache_root
+    from ..models.loader import cache_root, stamp
 
     if name not in members():
         raise UserError(f"no file '{name}' in the shipped corpus")
-    out = os.path.join(cache_root(), f"corpus-{archive_digest()}", name)
+    out = os.path.join(cache_root(), "corpus-{}-{}".format(*stamp(ARCHIVE)), name)
     if not os.path.isfile(out):
         try:
             os.makedirs(os.path.dirname(out), exist_ok=True)

@@ -79,7 +79,7 @@ def plan(exp: Experiment, docs: list) -> list:
 
 def run_experiment(exp: Experiment, out: str | None = None, is_quick: bool = False, progress: bool = True) -> str:
     """Run (or resume) exp; returns the output folder."""
-    from ..models.loader import load_drafter, load_model
+    from ..models.loader import drafter_folder, load_model
 
     if is_quick:
         exp = quick(exp)
@@ -105,7 +105,7 @@ def run_experiment(exp: Experiment, out: str | None = None, is_quick: bool = Fal
     model = load_model(exp.model)
     drafter = None
     if any(m in DRAFTER_MODES for m in exp.modes):
-        drafter = load_drafter(exp.drafter or "default", exp.model, {})
+        drafter = load_model(drafter_folder(exp.drafter or "default", exp.model))
     docs = documents(exp, model.tokenizer)
     generate(model, docs[0][1][:16], GenerationConfig(max_new_tokens=2))  # warm-up: the first row is timed fairly
     rows = [r for r in plan(exp, docs) if json.dumps(r, sort_keys=True) not in done]

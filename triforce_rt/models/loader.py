@@ -195,7 +195,3 @@ def drafter_folder(spec: str, target: str) -> str:
                             f"{target} --out DIR` and pass --drafter DIR (or use --mode self-spec / ngram)")
         spec = default_drafter()
     return resolve(spec, "drafter")
-
-
-def load_drafter(spec: str, target: str, load: dict):
-    return load_model(drafter_folder(spec, target), **load)
