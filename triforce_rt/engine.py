@@ -70,10 +70,12 @@ def check_fits(model, prompt_len: int, cfg: GenerationConfig) -> None:
         raise UserError(f"chunk_size ({cfg.chunk_size}) exceeds the model's context of {limit} tokens")
 
 
-def prefill(model, cache, prompts: list, chunk: int, progress: bool = False, positions: list | None = None) -> torch.Tensor:
+def prefill(model, cache, prompts: list, chunk: int, progress: bool = False, positions: list | None = None,
+            on_logits=None) -> torch.Tensor:
     """Run each row's tokens through model into row b of cache, in forwards of `chunk` tokens (split over the
     rows); returns the logits after each row's last token [B, V]. positions[b]: where row b's tokens sit
-    (default 0..len-1). Rows of different lengths are padded by repeating their last token (tier.ragged)."""
+    (default 0..len-1). Rows of different lengths are padded by repeating their last token (tier.ragged).
+    on_logits(logits [B, t, V]): every position's logits, forward by forward (distillation labels them)."""
     positions = positions or [list(range(len(p))) for p in prompts]
     ids, pos = ragged(prompts, positions, model.embed_tokens.weight.device)
     B, T = ids.shape
@@ -81,7 +83,9 @@ def prefill(model, cache, prompts: list, chunk: int, progress: bool = False, pos
     lengths = [len(p) for p in prompts]
     with tqdm(total=sum(lengths), desc="prefill", unit="tok", disable=not progress, leave=False) as bar:
         for s in range(0, T, step):
-            logits = model(ids[:, s : s + step], pos[:, s : s + step], cache, last_only=True)
+            logits = model(ids[:, s : s + step], pos[:, s : s + step], cache, last_only=on_logits is None)
+            if on_logits:
+                on_logits(logits)
             bar.update(sum(min(n, s + step) - min(n, s) for n in lengths))
     return logits[:, -1]
 

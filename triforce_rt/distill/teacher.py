@@ -14,7 +14,9 @@ import torch
 
 from retrieval_cache import FullCache, NoCache
 
+from ..engine import capacity, prefill
 from ..sampling import SamplingParams, sample
+from ..settings import GenerationConfig
 from ..textio import LogBar
 from .corpus import Documents
 
@@ -69,16 +71,16 @@ def answer_batch(model, docs: Documents, B: int, L: int, S: int, K: int, new: in
     drawn = [docs.draw(doc_len, code) for _ in range(B)]
     prompt = torch.tensor([before + d + after for _, d in drawn], device=device)
     P = prompt.shape[1]
-    cache = model.new_cache(FullCache, P + new, batch=B)
+    cache = model.new_cache(FullCache, capacity(prompt.tolist(), [GenerationConfig(max_new_tokens=new)]), batch=B)
     lps, idss = [], []
-    for s in range(0, P, 128):  # chunked prefill: labels for every prompt position
-        logits = model(prompt[:, s : s + 128], torch.arange(s, min(s + 128, P), device=device).expand(B, -1), cache)
+
+    def label(logits):  # every prompt position's labels, 128 positions per forward
         lp, ids = top_k(logits, K)
         lps.append(lp)
         idss.append(ids)
+    last = prefill(model, cache, prompt.tolist(), 128 * B, on_logits=label)
     sp = SamplingParams(0.0 if greedy else 0.8)
     toks, ended = [], torch.full((B,), P + new, dtype=torch.long)
-    last = logits[:, -1]
     for t in range(new):
         tok = sample(last, sp, gen)  # [B]
         toks.append(tok)
