@@ -58,7 +58,8 @@ def test_plain_output_streams_the_same_text_as_json(capsys, tiny_folder):
     (["--prompt", "hi", "--offload", "weights"], "need --device cuda"),
     (["--prompt", "hi", "--gpu-memory", "24"], "need --device cuda"),
     (["--prompt", "hi", "--attn", "flash"], "flash-attn"),
-    (["--prompt", "hi", "--threads", "0"], "--threads must be at least 1"),
+    (["--prompt", "hi", "--threads", "0"], "--threads must be between 1 and"),
+    (["--prompt", "hi", "--threads", str(2**40)], "--threads must be between 1 and"),
     (["--prompt", "hi", "--temperature", "nan"], "temperature must be a finite number >= 0 (got nan)"),
     (["--prompt", "hi", "--temperature", "inf"], "temperature must be a finite number"),
     (["--prompt", "hi", "--seed", str(2**64)], "seed must be at most"),
@@ -174,3 +175,51 @@ def test_readme_mode_table_is_the_modes_table():
     readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
     rows = re.findall(r"^\| `([a-z][a-z-]*)` \| (.+) \|$", readme, flags=re.M)
     assert rows == [(m, spec.help) for m, spec in MODES.items()]
+
+
+def test_bad_model_files_are_one_line_naming_the_file(capsys, tiny_folder, tmp_path):
+    """A corrupt config.json, a truncated safetensors file, a text file or a cut GGUF named .gguf, a lone .bin
+    file, a pickle that runs code (even with --allow-pickle) and a model that needs remote code: one line each,
+    exit 2, naming the file."""
+    import pickle
+    import shutil
+
+    from triforce_rt.models.loader import default_gguf
+
+    def folder(name, change):
+        d = tmp_path / name
+        shutil.copytree(tiny_folder, d)
+        change(d)
+        return str(d)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    def evil(d):
+        (d / "model.safetensors").unlink()
+        with open(d / "pytorch_model.bin", "wb") as f:
+            pickle.dump({"x": Evil()}, f)
+
+    def remote(d):
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.update(model_type="custom-thing", auto_map={"AutoConfig": "custom.CustomConfig"})
+        (d / "config.json").write_text(json.dumps(cfg))
+
+    (tmp_path / "text.gguf").write_text("not a model\n" * 10)
+    (tmp_path / "cut.gguf").write_bytes(open(default_gguf(), "rb").read(1 << 20))
+    (tmp_path / "lone.bin").write_bytes(b"\0" * 10)
+    cases = [
+        (folder("badcfg", lambda d: (d / "config.json").write_text('{"model_type": "llama", ')), [], "config.json"),
+        (folder("cut", lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:999])),
+         [], "a weights file cannot be read"),
+        (str(tmp_path / "text.gguf"), [], "not a readable GGUF file"),
+        (str(tmp_path / "cut.gguf"), [], "not a readable GGUF file"),
+        (str(tmp_path / "lone.bin"), [], "is neither a .gguf file nor a folder with config.json"),
+        (folder("evil", evil), ["--allow-pickle"], "pickle checkpoint was refused"),
+        (folder("remote", remote), [], "--trust-remote-code"),
+    ]
+    for model, extra, needle in cases:
+        rc, _, err = run_cli(capsys, "generate", "--model", model, "--prompt", "hi", *extra)
+        assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, (model, err)
+    assert not (tmp_path / "pwned").exists()

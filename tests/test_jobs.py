@@ -130,9 +130,15 @@ def test_batch_malformed_lines_get_error_records(capsys, tiny512, tmp_path):
     assert len(recs) == 9
     # stderr is not a terminal here, as under nohup: the bar shows, drawn at its start and end, not per record
     assert 1 <= len(re.findall(r"batch:\s+\d+%", err)) <= 3, err
-    # a re-run skips every line and still exits 1: the output holds their error records
+    # a re-run skips the generated lines and runs the error lines again (still errors: exit 1, one record per id);
+    # once a line is fixed, its record replaces the error record
     rc, _, err = run(capsys, "batch", str(src), "--out", str(out), "--model", tiny512, "--ignore-eos")
-    assert rc == 1 and "0 generated, 0 errors, 9 already in" in err and "(4 of them errors)" in err, err
+    assert rc == 1 and "0 generated, 4 errors, 5 already in" in err and "(4 error records run again)" in err, err
+    assert sorted(r["id"] for r in read_records(str(out))) == sorted(recs)
+    src.write_text(src.read_text().replace('{"id": "np"}', '{"id": "np", "prompt": "fixed"}'))
+    rc, _, err = run(capsys, "batch", str(src), "--out", str(out), "--model", tiny512, "--ignore-eos")
+    again = {r["id"]: r for r in read_records(str(out))}
+    assert rc == 1 and "1 generated, 3 errors" in err and len(again) == 9 and again["np"]["new_tokens"] > 0, err
 
 
 def test_batched_lines_equal_one_at_a_time(capsys, tiny512, tmp_path):
@@ -219,3 +225,24 @@ def test_ids_stay_unique_whatever_the_input_spells(capsys, tiny512, tmp_path):
     rc, _, err = run(capsys, "batch", str(src), "--out", str(out), "--model", tiny512, "--max-new-tokens", "2")
     ids = [r["id"] for r in read_records(str(out))]
     assert rc == 1 and sorted(ids) == ["line:2", "line:2.1", "line:3"], ids
+
+
+def test_input_text_surprises(capsys, tiny512, tmp_path):
+    """A byte-order mark costs no record; an unknown key and a line that is not UTF-8 are that line's errors; a
+    prompt file that is not UTF-8 text is a one-line error; --fit truncate says how much it dropped."""
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_bytes(b'\xef\xbb\xbf{"id": "bom", "prompt": "hi"}\n{"id": "typo", "prompt": "hi", "max_tokens": 3}\n'
+                    b'{"id": "latin", "prompt": "caf\xe9"}\n')
+    rc, _, err = run(capsys, "batch", str(src), "--out", str(out), "--model", tiny512, "--max-new-tokens", "2")
+    recs = {r["id"]: r for r in read_records(str(out))}
+    assert recs["bom"]["new_tokens"] == 2 and "unknown key 'max_tokens'" in recs["typo"]["error"]
+    assert "not UTF-8" in recs["line:3"]["error"] and rc == 1
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(b"caf\xe9 au lait")
+    for verb in ("generate", "summarize"):
+        args = ["--prompt-file", str(bad)] if verb == "generate" else [str(bad)]
+        rc, _, err = run(capsys, verb, *args, "--model", tiny512, "--mode", "ar")
+        assert rc == 2 and "is not UTF-8 text" in err and len(err.strip().splitlines()) == 1, err
+    rc, _, err = run(capsys, "summarize", LICENSE, "--model", tiny512, "--mode", "ar", "--max-new-tokens", "4",
+                     "--fit", "truncate", "--quiet")
+    assert rc == 0 and re.search(r"--fit truncate kept \d+ of its \d+ tokens .* dropped \d+ from the middle", err), err

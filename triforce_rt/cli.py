@@ -14,7 +14,7 @@ from .errors import UserError
 from .jsonl import check_output
 from .models.loader import drafter_folder
 from .settings import DRAFTER_MODES, DTYPES, GenerationConfig, check_config
-from .textio import TextStream, encode, summary_line
+from .textio import TextStream, encode, read_text, summary_line
 
 
 def add_model_args(p):
@@ -66,12 +66,13 @@ def generation_config(args) -> GenerationConfig:
 
 
 def set_threads(n: int | None) -> None:
-    """torch's CPU threads: n >= 1, or None for torch's own choice."""
+    """torch's CPU threads: 1 to the machine's logical CPUs, or None for torch's own choice."""
     import torch
 
     if n is not None:
-        if n < 1:
-            raise UserError(f"--threads must be at least 1 (got {n})")
+        cpus = os.cpu_count() or 1
+        if not 1 <= n <= cpus:
+            raise UserError(f"--threads must be between 1 and this machine's {cpus} CPUs (got {n})")
         torch.set_num_threads(n)
 
 
@@ -202,8 +203,7 @@ def read_prompt(args) -> str:
         if not os.path.isfile(args.prompt_file):
             what = "is not a file" if os.path.exists(args.prompt_file) else "not found"
             raise UserError(f"prompt file {what}: {args.prompt_file}")
-        with open(args.prompt_file, encoding="utf-8", errors="replace") as f:
-            text = f.read()
+        text = read_text(args.prompt_file)
     else:
         text = args.prompt
     if not text.strip():
@@ -265,7 +265,7 @@ def cmd_batch(args):
     model, drafter = load_models(args)
     counts = run_batch(model, drafter, args.input, args.out, cfg, args.chat, progress=not args.quiet,
                        batch_size=args.batch_size, done=done)
-    return 1 if counts["errors"] or counts["skipped_errors"] else 0
+    return 1 if counts["errors"] else 0
 
 
 def cmd_distill(args):

@@ -68,6 +68,9 @@ def check_fits(model, prompt_len: int, cfg: GenerationConfig) -> None:
                         f"context of {limit} tokens{why}")
     if uses_retrieval(cfg.mode) and cfg.chunk_size > limit:  # the cache holds whole chunks
         raise UserError(f"chunk_size ({cfg.chunk_size}) exceeds the model's context of {limit} tokens")
+    if "streaming" in MODES[cfg.mode].tiers and cfg.sinks + (cfg.window or 1) > limit:  # before the prefill
+        raise UserError(f"sinks + window ({cfg.sinks + (cfg.window or 1)}) exceed the model's context of {limit} "
+                        "tokens")
 
 
 def prefill(model, cache, prompts: list, chunk: int, progress: bool = False, positions: list | None = None,

@@ -38,6 +38,19 @@ def read_records(path: str, key: str | None = None) -> list:
     return records
 
 
+def drop_records(path: str, key: str, values: set) -> None:
+    """Rewrite path without the records whose key is in values: a new file, fsynced, then renamed over the old one,
+    so a kill leaves either file whole."""
+    keep = [r for r in read_records(path, key) if str(r[key]) not in values]
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in keep:
+            f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def check_output(path: str, inputs: list) -> None:
     """An output path that can be written and is none of the inputs (compared by resolved path), checked before
     anything loads or is written."""

@@ -16,6 +16,21 @@ class LogBar(tqdm):
         super().set_postfix(ordered_dict, refresh, **kwargs)
 
 
+def read_text(path: str) -> str:
+    """A text file's contents as UTF-8 (a byte-order mark dropped); a binary or otherwise encoded file is a one-line
+    error rather than text full of replacement characters."""
+    from .errors import UserError
+
+    with open(path, "rb") as f:
+        data = f.read()
+    if b"\0" in data[:8192]:
+        raise UserError(f"{path} looks like a binary file, not text")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
+
+
 def chat_ids(tokenizer, messages: list) -> list:
     """Token ids of messages [{role, content}...] in the model's chat template, ready for the assistant's turn."""
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,

@@ -17,7 +17,7 @@ from ..engine import GenerationConfig, Session, generate
 from ..settings import DRAFTER_MODES, MODES, check_config, relevant
 from ..errors import UserError
 from ..jsonl import append_record, read_records
-from ..textio import LogBar
+from ..textio import LogBar, read_text
 from .report import write_report
 from .schema import Experiment
 
@@ -43,8 +43,7 @@ def documents(exp: Experiment, tokenizer) -> list:
         return [("text", tokenizer(exp.prompt.text).input_ids)]
     docs = []
     for p in exp.prompt.files:
-        with open(p, encoding="utf-8", errors="replace") as f:
-            text = f.read()
+        text = read_text(p)
         docs.append((os.path.basename(p), tokenizer(strip_html(text) if p.endswith(".html") else text).input_ids))
     return docs
 

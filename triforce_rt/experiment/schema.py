@@ -105,8 +105,9 @@ def parse(raw, source: str = "") -> Experiment:
     if "name" not in raw or "prompt" not in raw:
         raise UserError(f"missing required key '{'name' if 'name' not in raw else 'prompt'}'")
     kw = {"name": _check("name", raw["name"], str)}
-    if not kw["name"].strip() or "/" in kw["name"]:
-        raise UserError(f"name: must be a non-empty folder name, got {kw['name']!r}")
+    if not kw["name"].strip() or "/" in kw["name"] or "\0" in kw["name"] or len(kw["name"]) > 100:
+        raise UserError(f"name: must be a folder name of 1 to 100 characters without '/', got "
+                        f"{reprlib.repr(kw['name'])}")
     for k in ("model", "drafter", "instruction"):
         if raw.get(k) is not None:
             kw[k] = _check(k, raw[k], str)
@@ -117,6 +118,8 @@ def parse(raw, source: str = "") -> Experiment:
     for k in ("repeats", "threads"):
         if kw.get(k) is not None and kw[k] < 1:
             raise UserError(f"{k}: must be at least 1, got {kw[k]}")
+    if kw.get("threads", 1) > (os.cpu_count() or 1):
+        raise UserError(f"threads: at most this machine's {os.cpu_count()} CPUs, got {kw['threads']}")
     for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed"):
         if k in kw:
             kw[k] = _setting(k, k, kw[k])

@@ -2,11 +2,12 @@
 
 Input line: {"id": str, "prompt": str | "messages": [{"role", "content"}...], and optionally the settings that
 settings.py marks for lines: "max_new_tokens", "ignore_eos", "seed", "temperature", "top_p", "top_k"}, each checked
-as the flags are. Output line: {"id", "text", "tokens", "prompt_tokens",
-"new_tokens", "tiers", ...} (the generate --json fields), or {"id", "error"} for a line that cannot run; a line
-that is not JSON, has no usable id or repeats an id gets the id "line:N". Ids already in the output are skipped,
-so a killed job restarted with the same --out ends with every input id exactly once. `triforce batch` exits 1 when
-any input line's record in the output is an error (this run's or an earlier one's), so scripts notice.
+as the flags are; any other key is an error. Output line: {"id", "text", "tokens", "prompt_tokens", "new_tokens",
+"tiers", ...} (the generate --json fields), or {"id", "error"} for a line that cannot run; a line that is not JSON,
+has no usable id or repeats an id gets the id "line:N". Ids already generated in the output are skipped, so a killed
+job restarted with the same --out ends with every input id exactly once; a line whose record is an error runs again
+(its error record is dropped first), so fixing a line and re-running gives its record. `triforce batch` exits 1
+when a line of this run ends as an error record, so scripts notice.
 With --batch-size B > 1, up to B consecutive lines that share their generation settings decode together
 (engine.generate_batch: one forward per tier step for the group); their records are appended when the group ends.
 """
@@ -17,18 +18,21 @@ from dataclasses import replace
 
 from ..engine import check_fits, generate_batch
 from ..errors import UserError
-from ..jsonl import append_record, read_records
+from ..jsonl import append_record, drop_records, read_records
 from ..settings import SETTINGS, check_config, check_setting
 from ..textio import LogBar, chat_ids, encode
 
 LINE_SETTINGS = [name for name, m in SETTINGS.items() if m["line"]]  # the settings an input line may give
+LINE_KEYS = ("id", "prompt", "messages", *LINE_SETTINGS)
 
 
-def parse_line(n: int, line: str, seen: set) -> tuple:
+def parse_line(n: int, line: bytes, seen: set) -> tuple:
     """(id, request dict or None, error or None) of input line n (1-based); the id is None where the line has no
     usable one of its own (line_ids() names it)."""
     try:
-        req = json.loads(line)
+        req = json.loads(line.decode("utf-8-sig" if n == 1 else "utf-8"))
+    except UnicodeDecodeError as e:
+        return None, None, f"not UTF-8 text (byte {e.start})"
     except json.JSONDecodeError as e:
         return None, None, f"not JSON ({e.msg} at column {e.colno})"
     if not isinstance(req, dict):
@@ -71,6 +75,9 @@ def request_ids(model, req: dict, chat: bool) -> list:
 
 
 def request_config(cfg, req: dict):
+    unknown = [k for k in req if k not in LINE_KEYS]
+    if unknown:  # a misspelt setting ("max_tokens") would otherwise run with the default
+        raise UserError(f"unknown key '{unknown[0]}' (a line may have: {', '.join(LINE_KEYS)})")
     out = replace(cfg, **{k: check_setting(k, req[k]) for k in LINE_SETTINGS if k in req})
     check_config(out)
     return out
@@ -101,20 +108,19 @@ def finished(out_path: str) -> dict:
 def run_batch(model, drafter, input_path: str, out_path: str, cfg, chat: bool, progress: bool,
               batch_size: int = 1, done: dict | None = None) -> dict:
     """Process every input line not yet in out_path (done: finished(out_path), if already read), up to batch_size
-    sequences at a time; returns counts {done, skipped, errors, skipped_errors}: generated and error records
-    written now, lines already in out_path and, of those, the ones whose record there is an error."""
+    sequences at a time. A line whose record there is an error runs again: its old record is dropped first, so
+    the output keeps one record per id. Returns counts {done, errors, skipped, retried}: generated and error
+    records written now, lines already generated, and error records run again."""
     done = finished(out_path) if done is None else done
-    with open(input_path, encoding="utf-8", errors="replace") as f:
+    with open(input_path, "rb") as f:
         lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
     seen = set()
     parsed = line_ids([(n, *parse_line(n, line, seen)) for n, line in lines], seen)
-    todo, skipped_errors = [], 0
-    for n, rid, req, err in parsed:
-        if rid in done:
-            skipped_errors += done[rid]
-        else:
-            todo.append(prepare(model, cfg, chat, rid, req, err))
-    counts = {"done": 0, "skipped": len(lines) - len(todo), "errors": 0, "skipped_errors": skipped_errors}
+    retry = {rid for _, rid, _, _ in parsed if done.get(rid)}
+    if retry:
+        drop_records(out_path, "id", retry)
+    todo = [prepare(model, cfg, chat, rid, req, err) for _, rid, req, err in parsed if rid not in done or rid in retry]
+    counts = {"done": 0, "errors": 0, "skipped": len(lines) - len(todo), "retried": len(retry)}
     new_tokens, t0 = 0, time.perf_counter()
     with open(out_path, "a", encoding="utf-8") as out, \
             LogBar(total=len(lines), initial=counts["skipped"], desc="batch", unit="rec", disable=not progress) as bar:
@@ -132,9 +138,9 @@ def run_batch(model, drafter, input_path: str, out_path: str, cfg, chat: bool, p
                 bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.1f}")
                 bar.update(1)
             i = j
-    earlier = f" ({counts['skipped_errors']} of them errors)" if counts["skipped_errors"] else ""
+    retried = f" ({counts['retried']} error records run again)" if counts["retried"] else ""
     print(f"batch: {counts['done']} generated, {counts['errors']} errors, {counts['skipped']} already in {out_path}"
-          f"{earlier}", file=sys.stderr)
+          f"{retried}", file=sys.stderr)
     return counts
 
 

@@ -9,7 +9,7 @@ import sys
 
 from ..engine import generate
 from ..errors import UserError
-from ..textio import TextStream, encode, summary_line
+from ..textio import TextStream, encode, read_text, summary_line
 
 INSTRUCTION = "Summarize the following document."
 PART_INSTRUCTION = "Summarize this part of a longer document."
@@ -27,10 +27,11 @@ def room(model, instruction: str, max_new_tokens: int) -> int:
     return model.config.context_limit - max_new_tokens - overhead
 
 
-def truncate(tokenizer, doc: list, n: int) -> str:
+def truncate(tokenizer, doc: list, n: int) -> tuple:
+    """(text, tokens kept): the start and the end of doc, n tokens with the gap line between them."""
     gap = len(tokenizer(GAP, add_special_tokens=False).input_ids)
     head = (n - gap) // 2
-    return tokenizer.decode(doc[:head]) + GAP + tokenizer.decode(doc[len(doc) - (n - gap - head):])
+    return tokenizer.decode(doc[:head]) + GAP + tokenizer.decode(doc[len(doc) - (n - gap - head):]), n - gap
 
 
 def summarize_text(model, drafter, text: str, cfg, fit: str, name: str, out, progress: bool):
@@ -46,7 +47,9 @@ def summarize_text(model, drafter, text: str, cfg, fit: str, name: str, out, pro
         if n < 64:
             raise UserError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for the document in the context")
         if fit == "truncate":
-            text = truncate(tok, doc, n)
+            text, kept = truncate(tok, doc, n)
+            print(f"[{name}: --fit truncate kept {kept} of its {len(doc)} tokens (its start and end) and dropped "
+                  f"{len(doc) - kept} from the middle]", file=sys.stderr)
         else:
             return map_reduce(model, drafter, doc, cfg, name, out, progress)
     return run(model, drafter, request(tok, INSTRUCTION, text), cfg, out, progress)
@@ -93,8 +96,7 @@ def summarize_files(model, drafter, files: list, cfg, fit: str, out_path: str | 
     out = open(out_path, "w", encoding="utf-8") if out_path else sys.stdout
     try:
         for i, path in enumerate(files):
-            with open(path, encoding="utf-8", errors="replace") as f:
-                text = f.read()
+            text = read_text(path)
             if not text.strip():
                 raise UserError(f"{path} is empty")
             if len(files) > 1:

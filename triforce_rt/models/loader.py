@@ -51,7 +51,14 @@ def resolve(spec: str, what: str = "model") -> str:
         return gguf_to_folder(path)
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
         return path
-    raise UserError(f"{what} not found: '{spec}' (expected 'default', a .gguf file, or a folder with config.json)")
+    why = ("is neither a .gguf file nor a folder with config.json (a .bin/.safetensors checkpoint goes in a folder "
+           "beside its config.json)" if os.path.exists(path) else "not found")
+    raise UserError(f"{what} {why}: '{spec}' (expected 'default', a .gguf file, or a folder with config.json)")
+
+
+def first_line(e: Exception) -> str:
+    """An exception as one line of text."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def stamp(path: str) -> tuple:
@@ -76,12 +83,15 @@ def gguf_to_folder(path: str) -> str:
         raise UserError(f"cannot write the model cache {cache_root()} ({e.strerror}); set TRIFORCE_CACHE to a "
                         "writable folder") from None
     try:
-        meta = load_gguf_checkpoint(path, return_tensors=False)["config"]
-        hf_cfg = AutoConfig.for_model(**meta)
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(hf_cfg)
-        tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=skeleton)["tensors"]
-        tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+        try:  # a file that is not a GGUF, or a truncated one
+            meta = load_gguf_checkpoint(path, return_tensors=False)["config"]
+            hf_cfg = AutoConfig.for_model(**meta)
+            with torch.device("meta"):
+                skeleton = AutoModelForCausalLM.from_config(hf_cfg)
+            tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=skeleton)["tensors"]
+            tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+        except (ValueError, KeyError, IndexError, OSError, EOFError, RuntimeError) as e:
+            raise UserError(f"{path}: not a readable GGUF file ({first_line(e)})") from None
         hf_cfg.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(tmp, "model.safetensors"))
@@ -110,14 +120,23 @@ def weight_files(folder: str) -> tuple:
 def read_state_dict(folder: str, allow_pickle: bool) -> dict:
     files, pickles = weight_files(folder)
     if files:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        return {k: v for f in files for k, v in load_file(f).items()}
+        try:
+            return {k: v for f in files for k, v in load_file(f).items()}
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{folder}: a weights file cannot be read ({first_line(e)})") from None
     if not pickles:
         raise UserError(f"no weights in '{folder}' (expected *.safetensors)")
     if not allow_pickle:
         raise UserError(f"'{folder}' holds only pickle checkpoints ({os.path.basename(pickles[0])}); "
                         "convert them to safetensors, or pass --allow-pickle if you trust the file")
-    return {k: v for f in pickles for k, v in torch.load(f, map_location="cpu", weights_only=True).items()}
+    import pickle
+
+    try:
+        return {k: v for f in pickles for k, v in torch.load(f, map_location="cpu", weights_only=True).items()}
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:  # weights_only refuses code objects
+        raise UserError(f"{folder}: the pickle checkpoint was refused or is unreadable ({first_line(e)})") from None
 
 
 def from_state_dict(cfg: ModelConfig, sd: dict) -> Transformer:
@@ -162,10 +181,19 @@ def load_model(spec: str = "default", dtype=None, device=None, allow_pickle: boo
         dtype = DTYPES[dtype]
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     folder = resolve(spec)
+    config = os.path.join(folder, "config.json")
+    try:
+        with open(config, encoding="utf-8") as f:
+            remote = "auto_map" in json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{config}: not a readable JSON config ({first_line(e)})") from None
+    if remote and not trust_remote_code:  # asked here: transformers would prompt on the terminal
+        raise UserError(f"{folder} needs code shipped with the model (auto_map in config.json); pass "
+                        "--trust-remote-code if you trust it")
     try:
         cfg = ModelConfig.from_hf(AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code))
-    except ValueError as e:
-        raise UserError(f"{spec}: {e}") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{config}: {first_line(e)}") from None
     try:
         model = from_state_dict(cfg, read_state_dict(folder, allow_pickle))
     except ValueError as e:
