@@ -132,9 +132,12 @@ def read_state_dict(folder: str, allow_pickle: bool) -> dict:
         raise UserError(f"'{folder}' holds only pickle checkpoints ({os.path.basename(pickles[0])}); "
                         "convert them to safetensors, or pass --allow-pickle if you trust the file")
     import pickle
+    import warnings
 
     try:
-        return {k: v for f in pickles for k, v in torch.load(f, map_location="cpu", weights_only=True).items()}
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: the error below says what matters
+            warnings.simplefilter("ignore")
+            return {k: v for f in pickles for k, v in torch.load(f, map_location="cpu", weights_only=True).items()}
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:  # weights_only refuses code objects
         raise UserError(f"{folder}: the pickle checkpoint was refused or is unreadable ({first_line(e)})") from None
 
