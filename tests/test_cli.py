@@ -66,7 +66,9 @@ def test_plain_output_streams_the_same_text_as_json(capsys, tiny_folder):
     (["--prompt", "hi", "--mode", "self-spec", "--chunk-size", "1000000"], "exceeds the model's context"),
     (["--prompt-file", "/"], "prompt file is not a file"),
 ])
-def test_bad_input_one_line_exit_2(capsys, argv, needle):
+def test_bad_input_one_line_exit_2(capsys, smol, argv, needle):
+    """smol: the default model's one-time GGUF conversion (its progress bar on stderr) is done before, since a check
+    that needs the model's context (chunk size, sinks) loads it."""
     rc, out, err = run_cli(capsys, "generate", *argv)
     assert rc == 2
     assert needle in err and len(err.strip().splitlines()) == 1
