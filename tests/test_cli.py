@@ -98,6 +98,9 @@ def test_no_default_drafter_for_another_model(capsys, tiny_folder):
     (["--target", "/no/such/model"], "model not found"),
     (["--init", "/no/such/drafter"], "drafter not found"),
     (["--copy-layers", "0,x"], "expected 'none', 'first' or target layer numbers"),
+    (["--epochs", "nan"], "finite --epochs > 0"),
+    (["--lr", "-1"], "--lr > 0"),
+    (["--out", "/etc/hostname/d"], "cannot create that folder"),
 ])
 def test_distill_bad_input_one_line_exit_2(capsys, argv, needle, tmp_path):
     rc, out, err = run_cli(capsys, "distill", "--out", str(tmp_path / "d"), *argv)

@@ -115,3 +115,9 @@ def test_impossible_settings_are_the_flags_errors(tmp_path, capsys, change, need
     assert main(["run", path, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    assert main(["run", write(tmp_path, BASE), "--out", "/etc/hostname/out"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot create that folder" in err and len(err.strip().splitlines()) == 1, err

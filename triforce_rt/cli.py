@@ -1,6 +1,7 @@
 """The `triforce` command. Bad input ends with one line on stderr and exit code 2, never a traceback."""
 import argparse
 import json
+import math
 import os
 import sys
 from dataclasses import fields
@@ -11,7 +12,7 @@ from .distill import DistillConfig
 from .distill.corpus import DRAWS
 from .engine import generate
 from .errors import UserError
-from .jsonl import check_output
+from .jsonl import check_output, output_folder
 from .models.loader import drafter_folder
 from .settings import DRAFTER_MODES, DTYPES, GenerationConfig, check_config
 from .textio import TextStream, encode, read_text, summary_line
@@ -269,20 +270,24 @@ def cmd_batch(args):
 
 
 def cmd_distill(args):
-    import dataclasses
-
     from .distill import distill
+    from .models.loader import resolve
 
-    fields = {f.name for f in dataclasses.fields(DistillConfig)}
-    cfg = DistillConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    names = {f.name for f in fields(DistillConfig)}
+    cfg = DistillConfig(**{k: v for k, v in vars(args).items() if k in names})
     for name in ("layers", "hidden", "tokens", "seq_len", "vocab", "batch"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if cfg.hidden % 2:
         raise UserError("--hidden must be even (RoPE rotates pairs of dimensions)")
-    if cfg.seq_len <= cfg.sinks or cfg.epochs <= 0 or not 0 <= cfg.answer_frac <= 1:
-        raise UserError(f"need --seq-len > {cfg.sinks} (the sinks), --epochs > 0 and 0 <= --answer-frac <= 1")
+    if cfg.seq_len <= cfg.sinks or not 0 < cfg.epochs < math.inf or not 0 <= cfg.answer_frac <= 1 or not (
+            0 < cfg.lr < math.inf):
+        raise UserError(f"need --seq-len > {cfg.sinks} (the sinks), finite --epochs > 0 and --lr > 0, and "
+                        "0 <= --answer-frac <= 1")
     set_threads(args.threads)
+    if cfg.init:
+        resolve(cfg.init, "drafter")  # before the target loads
+    output_folder(cfg.out, "--out")
     metrics = distill(cfg, progress=not args.quiet)
     print(json.dumps({"out": cfg.out, **metrics}))
 

@@ -51,6 +51,17 @@ def drop_records(path: str, key: str, values: set) -> None:
     os.replace(tmp, path)
 
 
+def output_folder(path: str, what: str) -> str:
+    """path, created if need be and writable; a one-line error (naming the flag `what`) otherwise."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{what} {path}: cannot create that folder ({e.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"{what} {path} cannot be written")
+    return path
+
+
 def check_output(path: str, inputs: list) -> None:
     """An output path that can be written and is none of the inputs (compared by resolved path), checked before
     anything loads or is written."""

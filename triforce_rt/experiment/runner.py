@@ -16,7 +16,7 @@ from ..measure import chat_prompt, hf_decode, machine
 from ..engine import GenerationConfig, Session, generate
 from ..settings import DRAFTER_MODES, MODES, check_config, relevant
 from ..errors import UserError
-from ..jsonl import append_record, read_records
+from ..jsonl import append_record, output_folder, read_records
 from ..textio import LogBar, read_text
 from .report import write_report
 from .schema import Experiment
@@ -83,7 +83,7 @@ def run_experiment(exp: Experiment, out: str | None = None, is_quick: bool = Fal
     if is_quick:
         exp = quick(exp)
     out = out or os.path.join("runs", exp.name + ("-quick" if is_quick else ""))
-    os.makedirs(out, exist_ok=True)
+    output_folder(out, "--out")
     if exp.threads:
         torch.set_num_threads(exp.threads)
     base = GenerationConfig(max_new_tokens=exp.max_new_tokens, temperature=exp.temperature, top_p=exp.top_p,
@@ -91,8 +91,6 @@ def run_experiment(exp: Experiment, out: str | None = None, is_quick: bool = Fal
     for mode in exp.modes:  # impossible settings fail before any model loads
         for point in itertools.product(*([(k, v) for v in vs] for k, vs in exp.sweep.items() if k != "context")):
             check_config(replace(base, mode=mode, **dict(point)))
-    if not os.access(out, os.W_OK):
-        raise UserError(f"cannot write to {out}")
     path = os.path.join(out, "results.jsonl")
     try:
         done = {json.dumps(r["key"], sort_keys=True) for r in read_records(path, "key")}
