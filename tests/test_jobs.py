@@ -246,3 +246,23 @@ def test_input_text_surprises(capsys, tiny512, tmp_path):
     rc, _, err = run(capsys, "summarize", LICENSE, "--model", tiny512, "--mode", "ar", "--max-new-tokens", "4",
                      "--fit", "truncate", "--quiet")
     assert rc == 0 and re.search(r"--fit truncate kept \d+ of its \d+ tokens .* dropped \d+ from the middle", err), err
+
+
+def test_a_failure_while_decoding_is_the_lines_error_record(capsys, tiny512, tmp_path, monkeypatch):
+    """Any exception while a line decodes (here a forced one on its prompt) becomes that line's error record, with
+    its type; the job goes on and the other lines get their records."""
+    import triforce_rt.jobs.batch as batch
+
+    real = batch.generate_batch
+
+    def flaky(model, prompts, cfg, **kw):
+        if len(prompts[0]) > 3:  # line b
+            raise RuntimeError("boom")
+        return real(model, prompts, cfg, **kw)
+    monkeypatch.setattr(batch, "generate_batch", flaky)
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"id": "a", "prompt": "hi"}\n{"id": "b", "prompt": "one two three four five six"}\n')
+    rc, _, err = run(capsys, "batch", str(src), "--out", str(out), "--model", tiny512, "--max-new-tokens", "2")
+    recs = {r["id"]: r for r in read_records(str(out))}
+    assert rc == 1 and recs["a"]["new_tokens"] == 2, err
+    assert [r.get("error") for r in recs.values() if "error" in r] == ["RuntimeError: boom"], recs

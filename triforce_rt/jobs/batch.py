@@ -83,6 +83,12 @@ def request_config(cfg, req: dict):
     return out
 
 
+def line_error(e: Exception) -> str:
+    """The error record's text: a UserError's message, any other exception with its type, on one line."""
+    text = (str(e).strip().splitlines() or [""])[0]
+    return text if isinstance(e, UserError) else f"{type(e).__name__}: {text}"
+
+
 def prepare(model, cfg, chat: bool, rid: str, req, err) -> tuple:
     """(id, prompt ids, config, error) of one input line: ids and config, or an error message."""
     try:
@@ -92,8 +98,8 @@ def prepare(model, cfg, chat: bool, rid: str, req, err) -> tuple:
         ids = request_ids(model, req, chat)
         check_fits(model, len(ids), rcfg)
         return rid, ids, rcfg, None
-    except UserError as e:
-        return rid, None, None, str(e)
+    except Exception as e:  # whatever a line holds (a chat template can raise anything): its own error record
+        return rid, None, None, line_error(e)
 
 
 def finished(out_path: str) -> dict:
@@ -151,6 +157,6 @@ def run_group(model, drafter, group: list) -> list:
         return [{"id": rid, "error": err}]
     try:
         results = generate_batch(model, [ids for _, ids, _, _ in group], cfg, drafter=drafter)
-    except UserError as e:
-        return [{"id": rid, "error": str(e)} for rid, _, _, _ in group]
+    except Exception as e:  # a failure while decoding (out of memory, a bug) costs this group's records, not the job
+        return [{"id": rid, "error": line_error(e)} for rid, _, _, _ in group]
     return [{"id": rid, **res.to_json()} for (rid, _, _, _), res in zip(group, results)]
