@@ -68,9 +68,9 @@ def check_fits(model, prompt_len: int, cfg: GenerationConfig) -> None:
                         f"context of {limit} tokens{why}")
     if uses_retrieval(cfg.mode) and cfg.chunk_size > limit:  # the cache holds whole chunks
         raise UserError(f"chunk_size ({cfg.chunk_size}) exceeds the model's context of {limit} tokens")
-    if "streaming" in MODES[cfg.mode].tiers and cfg.sinks + (cfg.window or 1) > limit:  # before the prefill
-        raise UserError(f"sinks + window ({cfg.sinks + (cfg.window or 1)}) exceed the model's context of {limit} "
-                        "tokens")
+    if "streaming" in MODES[cfg.mode].tiers and cfg.sinks + streaming_window(cfg, prompt_len) > limit:
+        raise UserError(f"sinks + window ({cfg.sinks + streaming_window(cfg, prompt_len)}) exceed the model's "
+                        f"context of {limit} tokens")
 
 
 def prefill(model, cache, prompts: list, chunk: int, progress: bool = False, positions: list | None = None,
@@ -131,11 +131,13 @@ def retrieval_tier(b: "Build", gamma: int) -> Tier:
     return Tier("retrieval", b.model_d, rc, gamma, pos=b.lengths)
 
 
+def streaming_window(cfg: GenerationConfig, prompt_len: int) -> int:
+    """streaming-spec's window: cfg.window, else the retrieval budget's tokens after the sinks (as much KV)."""
+    return cfg.window or max(1, retrieval_budget(cfg, prompt_len) - cfg.sinks)
+
+
 def streaming_tier(b: "Build", gamma: int) -> Tier:
-    window = b.cfg.window or max(1, b.budget - b.cfg.sinks)
-    if b.cfg.sinks + window > b.model.config.context_limit:
-        raise UserError(f"sinks + window ({b.cfg.sinks + window}) exceed the model's context "
-                        f"({b.model.config.context_limit})")
+    window = streaming_window(b.cfg, max(b.lengths))  # checked against the context by check_fits
     sc = b.model_d.new_cache(StreamingCache, b.cfg.sinks, window, b.depth, batch=len(b.prompts))
     sc.fill_from(b.full, b.lengths, b.model.rope)
     return Tier("streaming", b.model_d, sc, gamma, pos=b.lengths)
