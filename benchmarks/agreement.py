@@ -8,25 +8,18 @@ before --draw existed drew that way).
 writes benchmarks/results/agreement-TAG.{json,md} (TAG defaults to cpu; --drafter defaults to the shipped one).
 """
 import argparse
-import json
-import os
 
-from drivers import agreement_markdown, named_drafters, run_agreement
+from drivers import agreement_markdown, named_drafters, result_path, run_agreement, script_args, write_markdown
 from triforce_rt.distill import DistillConfig
 from triforce_rt.distill.corpus import DRAWS
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("tag", nargs="?", default="cpu")
+    ap = script_args(argparse.ArgumentParser())
     ap.add_argument("--drafter", nargs="+", metavar="NAME=PATH", help="drafters to compare (default: the shipped one)")
     ap.add_argument("--draw", choices=DRAWS, default=DistillConfig.draw,
                     help="the distillation's --draw whose data scores them")
     args = ap.parse_args()
     drafters = named_drafters(args.drafter)
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"agreement-{args.tag}.json")
+    path = result_path("agreement", args.tag)
     report = run_agreement(drafters, cfg=DistillConfig(draw=args.draw), out=path)
-    argv = (([args.tag] if args.tag != "cpu" else []) + (["--drafter", *args.drafter] if args.drafter else [])
-            + (["--draw", args.draw] if args.draw != DistillConfig.draw else []))
-    with open(path[:-5] + ".md", "w") as f:
-        f.write(f"Command: `{' '.join(['python', 'benchmarks/agreement.py'] + argv)}`\n\n{agreement_markdown(report)}\n")
-    print(json.dumps({"written": path}))
+    write_markdown(path, ap, args, "agreement", agreement_markdown(report))

@@ -8,24 +8,16 @@ writes benchmarks/results/drafters-TAG.{json,md} (TAG defaults to cpu; --drafter
 default=triforce_rt/drafters/smollm2-135m-instruct). One run, ratios within it.
 """
 import argparse
-import json
-import os
 
-from drivers import drafters_markdown, named_drafters, run_drafters
+from drivers import drafters_markdown, named_drafters, result_path, run_drafters, script_args, write_markdown
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("tag", nargs="?", default="cpu")
+    ap = script_args(argparse.ArgumentParser())
     ap.add_argument("--drafter", nargs="+", metavar="NAME=PATH", help="drafters to compare (default: the shipped one)")
     ap.add_argument("--docs", type=int, default=3)
     ap.add_argument("--contexts", type=int, nargs="+", default=[2048, 8064])
     args = ap.parse_args()
     drafters = named_drafters(args.drafter)
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"drafters-{args.tag}.json")
+    path = result_path("drafters", args.tag)
     report = run_drafters(drafters, "default", tuple(args.contexts), args.docs, out=path)
-    argv = (([args.tag] if args.tag != "cpu" else []) + (["--drafter", *args.drafter] if args.drafter else [])
-            + (["--docs", str(args.docs)] if args.docs != 3 else [])
-            + (["--contexts", *map(str, args.contexts)] if args.contexts != [2048, 8064] else []))
-    with open(path[:-5] + ".md", "w") as f:
-        f.write(f"Command: `{' '.join(['python', 'benchmarks/drafters.py'] + argv)}`\n\n{drafters_markdown(report)}\n")
-    print(json.dumps({"written": path}))
+    write_markdown(path, ap, args, "drafters", drafters_markdown(report))

@@ -350,3 +350,28 @@ def hierarchy_markdown(report: dict) -> str:
         lines += [f"| {r['budget']} | {r['refresh']} | {r['acceptance']} | {r['alpha']} | {r['tokens_per_target_call']} | {r['tok_s']} "
                   f"| {r['speedup']}x |" for r in report["sweep"]]
     return "\n".join(lines)
+
+
+def script_args(ap):
+    """A benchmark script's arguments: its own, after TAG (the result files' suffix, default cpu)."""
+    ap.add_argument("tag", nargs="?", default="cpu")
+    return ap
+
+
+def result_path(name: str, tag: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{name}-{tag}.json")
+
+
+def write_markdown(path: str, ap, args, script: str, text: str) -> None:
+    """path's .md beside its .json: the command that made it (the arguments that differ from their defaults, as
+    typed), then the report's text."""
+    argv = []
+    for a in ap._actions:
+        value = getattr(args, a.dest, None)
+        if a.dest == "help" or value == a.default:
+            continue
+        flag = [] if not a.option_strings else [a.option_strings[0]]
+        argv += flag if a.nargs == 0 else flag + [str(v) for v in (value if isinstance(value, list) else [value])]
+    with open(path[:-5] + ".md", "w") as f:
+        f.write(f"Command: `{' '.join(['python', f'benchmarks/{script}.py'] + argv)}`\n\n{text}\n")
+    print(json.dumps({"written": path}))

@@ -9,16 +9,13 @@ writes benchmarks/results/hierarchy-TAG.{json,md} (TAG defaults to cpu). One run
 (held-out files of the shipped corpus).
 """
 import argparse
-import json
-import os
 
-from drivers import PROMPTS, hierarchy_markdown, run_hierarchy
+from drivers import PROMPTS, hierarchy_markdown, result_path, run_hierarchy, script_args, write_markdown
 from triforce_rt.engine import GenerationConfig
 from triforce_rt.models.loader import default_drafter
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("tag", nargs="?", default="cpu")
+    ap = script_args(argparse.ArgumentParser())
     ap.add_argument("--drafter")
     ap.add_argument("--draft-dtype")
     ap.add_argument("--contexts", type=int, nargs="+", default=[2048, 8064])
@@ -29,16 +26,8 @@ if __name__ == "__main__":
     args = ap.parse_args()
     drafter = default_drafter() if args.drafter == "default" else args.drafter
     modes = ("self-spec", "streaming-spec", "ngram") + (("draft", "triforce", "triforce-ngram") if drafter else ())
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"hierarchy-{args.tag}.json")
+    path = result_path("hierarchy", args.tag)
     sweep = {"budgets": ()} if args.no_sweep else {}
     report = run_hierarchy("default", tuple(args.contexts), 128, 2, modes, drafter, args.draft_dtype, out=path,
                            prompt=args.prompt, refresh=args.refresh, **sweep)
-    argv = (([args.tag] if args.tag != "cpu" else []) + (["--drafter", args.drafter] if args.drafter else [])
-            + (["--draft-dtype", args.draft_dtype] if args.draft_dtype else [])
-            + (["--prompt", args.prompt] if args.prompt != "explain" else []) + (["--no-sweep"] if args.no_sweep else [])
-            + (["--contexts", *map(str, args.contexts)] if args.contexts != [2048, 8064] else [])
-            + (["--refresh", str(args.refresh)] if args.refresh != GenerationConfig.refresh else []))
-    cmd = " ".join(["python", "benchmarks/hierarchy.py"] + argv)
-    with open(path[:-5] + ".md", "w") as f:
-        f.write(f"Command: `{cmd}`\n\n{hierarchy_markdown(report)}\n")
-    print(json.dumps({"written": path}))
+    write_markdown(path, ap, args, "hierarchy", hierarchy_markdown(report))
