@@ -42,6 +42,13 @@ def test_plain_output_streams_the_same_text_as_json(capsys, tiny_folder):
     assert "tok/s" in err.splitlines()[-1]
 
 
+def test_settings_past_what_a_run_needs_cost_nothing(capsys, smol):
+    """A refresh interval past the new tokens sizes the retrieval tail by the new tokens (it asked for 23 TB)."""
+    rc, _, err = run_cli(capsys, "generate", "--prompt", "hi", "--mode", "self-spec", "--refresh", "1000000000",
+                         "--max-new-tokens", "2")
+    assert rc == 0 and "[self-spec]" in err, err
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--model", "/no/such/model", "--prompt", "hi"], "model not found"),
     (["--prompt", "   "], "prompt is empty"),
@@ -64,6 +71,7 @@ def test_plain_output_streams_the_same_text_as_json(capsys, tiny_folder):
     (["--prompt", "hi", "--temperature", "inf"], "temperature must be a finite number"),
     (["--prompt", "hi", "--seed", str(2**64)], "seed must be at most"),
     (["--prompt", "hi", "--mode", "self-spec", "--chunk-size", "1000000"], "exceeds the model's context"),
+    (["--prompt", "hi", "--mode", "triforce", "--gamma1", "1000000"], "exceed the model's context"),
     (["--prompt-file", "/"], "prompt file is not a file"),
 ])
 def test_bad_input_one_line_exit_2(capsys, smol, argv, needle):

@@ -66,6 +66,8 @@ def check_fits(model, prompt_len: int, cfg: GenerationConfig) -> None:
         why = " (its sliding window, which this runtime does not apply)" if limit < model.config.max_position_embeddings else ""
         raise UserError(f"prompt ({prompt_len} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the model's "
                         f"context of {limit} tokens{why}")
+    if MODES[cfg.mode].tiers and cfg.gamma1 + cfg.gamma2 > limit:  # drafts past the context would be sized for
+        raise UserError(f"gamma1 + gamma2 ({cfg.gamma1 + cfg.gamma2}) exceed the model's context of {limit} tokens")
     if uses_retrieval(cfg.mode) and cfg.chunk_size > limit:  # the cache holds whole chunks
         raise UserError(f"chunk_size ({cfg.chunk_size}) exceeds the model's context of {limit} tokens")
     if "streaming" in MODES[cfg.mode].tiers and cfg.sinks + streaming_window(cfg, prompt_len) > limit:
@@ -125,7 +127,7 @@ def ngram_tier(b: "Build", gamma: int) -> NgramTier:
 
 def retrieval_tier(b: "Build", gamma: int) -> Tier:
     """Selected from the full cache, scored with the last prompt token's query; the tail holds what follows."""
-    tail = (b.cfg.refresh or b.cfg.max_new_tokens) + 2 * b.depth
+    tail = min(b.cfg.refresh or b.cfg.max_new_tokens, b.cfg.max_new_tokens) + 2 * b.depth
     rc = b.model_d.new_cache(RetrievalCache, b.budget, b.cfg.chunk_size, tail, batch=len(b.prompts))
     rc.select(b.full, b.lengths)
     return Tier("retrieval", b.model_d, rc, gamma, pos=b.lengths)
