@@ -15,9 +15,9 @@ from triforce_rt.experiment.schema import parse
 from triforce_rt.jsonl import read_records
 from triforce_rt.settings import MODES, SETTINGS
 
-SETTLE = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+SETTLE = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 numbers = st.one_of(st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
-                    st.sampled_from([0, 1, -1, 2**64, 0.5, 1e9]))
+                    st.sampled_from([0, 1, -1, 2**64, 0.5, 1e9, 10**6, 10**9]))
 values = st.one_of(numbers, st.booleans(), st.none(), st.text(max_size=8), st.lists(st.integers(), max_size=2))
 
 
