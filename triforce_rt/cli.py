@@ -11,9 +11,10 @@ from retrieval_cache import KERNELS
 from .distill import DistillConfig
 from .distill.corpus import DRAWS
 from .engine import generate
-from .errors import UserError
+from .errors import UserError, first_line
 from .jsonl import check_output, output_folder
 from .models.loader import drafter_folder
+from .runtime import set_threads
 from .settings import DRAFTER_MODES, DTYPES, GenerationConfig, check_config
 from .textio import TextStream, encode, read_text, summary_line
 
@@ -64,17 +65,6 @@ def generation_config(args) -> GenerationConfig:
     cfg = GenerationConfig(**{f.name: getattr(args, f.name) for f in fields(GenerationConfig)})
     check_config(cfg)
     return cfg
-
-
-def set_threads(n: int | None) -> None:
-    """torch's CPU threads: 1 to the machine's logical CPUs, or None for torch's own choice."""
-    import torch
-
-    if n is not None:
-        cpus = os.cpu_count() or 1
-        if not 1 <= n <= cpus:
-            raise UserError(f"--threads must be between 1 and this machine's {cpus} CPUs (got {n})")
-        torch.set_num_threads(n)
 
 
 def load_models(args):
@@ -320,8 +310,7 @@ def main(argv=None):
         return 130
     except Exception as e:  # CUDA OOM gets a hint; everything else is a bug and keeps its traceback
         if type(e).__name__ == "OutOfMemoryError":
-            first = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
-            print(f"triforce: error: CUDA out of memory ({first}); try --offload weights|kv|all (with --resident-layers K), "
+            print(f"triforce: error: CUDA out of memory ({first_line(e)}); try --offload weights|kv|all (with --resident-layers K), "
                   "a shorter prompt, fewer new tokens or --dtype bfloat16", file=sys.stderr)
             return 2
         raise

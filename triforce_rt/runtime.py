@@ -2,7 +2,26 @@
 policy for CUDA graphs and offloading. The Transformer holds one Runtime (model.runtime); nothing else about
 running it sits on the nn.Module.
 """
+import os
 from dataclasses import dataclass, field
+
+from .errors import UserError
+
+
+def check_threads(n: int, what: str = "--threads") -> int:
+    """A torch CPU thread count: 1 to the machine's logical CPUs (what: the flag or key, for the error)."""
+    cpus = os.cpu_count() or 1
+    if not 1 <= n <= cpus:
+        raise UserError(f"{what} must be between 1 and this machine's {cpus} CPUs (got {n})")
+    return n
+
+
+def set_threads(n: int | None) -> None:
+    """torch's CPU threads: n (checked), or torch's own choice for None."""
+    import torch
+
+    if n is not None:
+        torch.set_num_threads(check_threads(n))
 
 
 @dataclass

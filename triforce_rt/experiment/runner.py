@@ -14,6 +14,7 @@ import torch
 
 from ..measure import chat_prompt, hf_decode, machine
 from ..engine import GenerationConfig, Session, generate
+from ..runtime import set_threads
 from ..settings import DRAFTER_MODES, MODES, check_config, relevant
 from ..errors import UserError
 from ..jsonl import append_record, output_folder, read_records
@@ -84,8 +85,7 @@ def run_experiment(exp: Experiment, out: str | None = None, is_quick: bool = Fal
         exp = quick(exp)
     out = out or os.path.join("runs", exp.name + ("-quick" if is_quick else ""))
     output_folder(out, "--out")
-    if exp.threads:
-        torch.set_num_threads(exp.threads)
+    set_threads(exp.threads)
     base = GenerationConfig(max_new_tokens=exp.max_new_tokens, temperature=exp.temperature, top_p=exp.top_p,
                             top_k=exp.top_k, seed=exp.seed, ignore_eos=exp.ignore_eos)
     for mode in exp.modes:  # impossible settings fail before any model loads

@@ -9,6 +9,7 @@ import reprlib
 from dataclasses import dataclass, field, fields
 
 from ..errors import UserError
+from ..runtime import check_threads
 from ..settings import MODES, SETTINGS, check_setting
 
 # Sweepable keys and their types: `context` (prompt tokens, cut from the document), then the GenerationConfig fields
@@ -115,11 +116,10 @@ def parse(raw, source: str = "") -> Experiment:
                  ("top_p", float), ("top_k", int), ("seed", int), ("repeats", int), ("threads", int)):
         if k in raw:
             kw[k] = _check(k, raw[k], t)
-    for k in ("repeats", "threads"):
-        if kw.get(k) is not None and kw[k] < 1:
-            raise UserError(f"{k}: must be at least 1, got {kw[k]}")
-    if kw.get("threads", 1) > (os.cpu_count() or 1):
-        raise UserError(f"threads: at most this machine's {os.cpu_count()} CPUs, got {kw['threads']}")
+    if kw.get("repeats", 1) < 1:
+        raise UserError(f"repeats: must be at least 1, got {kw['repeats']}")
+    if kw.get("threads") is not None:
+        check_threads(kw["threads"], "threads")
     for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed"):
         if k in kw:
             kw[k] = _setting(k, k, kw[k])

@@ -17,7 +17,7 @@ import time
 from dataclasses import replace
 
 from ..engine import check_fits, generate_batch
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..jsonl import append_record, drop_records, read_records
 from ..settings import SETTINGS, check_config, check_setting
 from ..textio import LogBar, chat_ids, encode
@@ -85,8 +85,7 @@ def request_config(cfg, req: dict):
 
 def line_error(e: Exception) -> str:
     """The error record's text: a UserError's message, any other exception with its type, on one line."""
-    text = (str(e).strip().splitlines() or [""])[0]
-    return text if isinstance(e, UserError) else f"{type(e).__name__}: {text}"
+    return first_line(e) if isinstance(e, UserError) else f"{type(e).__name__}: {first_line(e)}"
 
 
 def prepare(model, cfg, chat: bool, rid: str, req, err) -> tuple:

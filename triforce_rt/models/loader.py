@@ -15,7 +15,7 @@ import torch
 
 from offload import WeightStream
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from .config import ModelConfig
 from .llama import Transformer
 
@@ -54,11 +54,6 @@ def resolve(spec: str, what: str = "model") -> str:
     why = ("is neither a .gguf file nor a folder with config.json (a .bin/.safetensors checkpoint goes in a folder "
            "beside its config.json)" if os.path.exists(path) else "not found")
     raise UserError(f"{what} {why}: '{spec}' (expected 'default', a .gguf file, or a folder with config.json)")
-
-
-def first_line(e: Exception) -> str:
-    """An exception as one line of text."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def stamp(path: str) -> tuple:
