@@ -91,7 +91,7 @@ def step_fn(model, cache, ctx: int, T: int, graphs: bool):
     the engine's own (Tier.step), so graphs and the cache's static mode are decided as in generation."""
     model.runtime.cuda_graphs = graphs
     step = Tier("bench", model, cache).step
-    dev = model.embed_tokens.weight.device
+    dev = model.device
     ids = torch.randint(0, model.config.vocab_size, (1, T), device=dev)
     pos = torch.arange(ctx, ctx + T, device=dev)[None]
 

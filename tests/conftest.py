@@ -3,6 +3,7 @@ import sys
 import sysconfig
 import tempfile
 
+import numba
 import pytest
 import torch
 
@@ -11,8 +12,10 @@ from triforce_rt.models.loader import from_state_dict
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))  # drivers
 
-# Two threads per process; one per worker under pytest-xdist (`make test` runs two workers on two cores).
+# Two threads per process; one per worker under pytest-xdist (`make test` runs two workers on two cores). The numba
+# kernels follow (runtime.set_threads sets both).
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
+numba.set_num_threads(torch.get_num_threads())
 
 
 @pytest.fixture(autouse=True)
@@ -23,12 +26,14 @@ def keep_thread_count():
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
+    numba.set_num_threads(n)
 
 
 def child_env(**extra) -> dict:
     """The environment of a test's child process: this worker's thread count (two processes of 2 threads each on 2
     cores spin against each other: benchmarks/gpu.py --smoke took 170-234 s beside the other worker, 18 s alone)."""
-    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), **extra}
+    n = str(torch.get_num_threads())
+    return {**os.environ, "OMP_NUM_THREADS": n, "NUMBA_NUM_THREADS": n, **extra}
 
 
 def _allowed_roots() -> tuple:

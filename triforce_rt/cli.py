@@ -6,7 +6,7 @@ import os
 import sys
 from dataclasses import fields
 
-from retrieval_cache import KERNELS
+from retrieval_cache import KERNELS as ATTENTION_KERNELS
 
 from .distill import DistillConfig
 from .distill.corpus import DRAWS
@@ -14,7 +14,7 @@ from .engine import generate
 from .errors import UserError, first_line
 from .jsonl import check_output, output_folder
 from .models.loader import drafter_folder
-from .runtime import set_threads
+from .runtime import KERNELS, set_threads
 from .settings import DRAFTER_MODES, DTYPES, GenerationConfig, check_config
 from .textio import TextStream, encode, read_text, summary_line
 
@@ -23,11 +23,14 @@ def add_model_args(p):
     p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a .gguf file or an HF folder")
     p.add_argument("--dtype", choices=DTYPES, help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, help="CPU threads of torch and the numba kernels (default: torch's choice)")
+    p.add_argument("--kernels", choices=KERNELS, default="auto",
+                   help="matrix kernels: torch, or numba's CPU kernels, which read a GGUF's Q4_0/Q4_1/Q8_0 blocks in "
+                        "place (auto: numba for such a GGUF on the CPU in float32, torch otherwise)")
     p.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt checkpoints (weights_only load)")
     p.add_argument("--trust-remote-code", action="store_true", help="let transformers run code shipped with the model")
     gpu = p.add_argument_group("GPU")
-    gpu.add_argument("--attn", choices=KERNELS, default="auto",
+    gpu.add_argument("--attn", choices=ATTENTION_KERNELS, default="auto",
                      help="attention kernel: torch SDPA, or flash-attn's flash_attn_with_kvcache for one-token steps "
                           "(auto: flash where flash-attn is installed and --device cuda)")
     gpu.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
@@ -86,11 +89,13 @@ def load_models(args):
             cap_memory(args.gpu_memory)
     except ValueError as e:
         raise UserError(str(e)) from None
-    load = dict(dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    load = dict(dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle,
+                trust_remote_code=args.trust_remote_code, kernels=args.kernels)
     drafter = drafter_folder(args.drafter, args.model) if args.mode in DRAFTER_MODES else None  # before the target
-    model = load_model(args.model, **load, offload=args.offload, resident_layers=args.resident_layers)
+    tp = getattr(args, "tp", 1)
+    model = load_model(args.model, **load, offload=args.offload, resident_layers=args.resident_layers, tp=tp)
     drafter = drafter and load_model(drafter, **load)
-    blocker = "--tp" if getattr(args, "tp", 1) > 1 else model.runtime.graphs_blocker(model.rope.dynamic)
+    blocker = "--tp" if tp > 1 else model.runtime.graphs_blocker(model.rope.dynamic)
     if args.cuda_graphs == "on" and blocker:
         raise UserError(f"--cuda-graphs on cannot be combined with {blocker}")
     for m in (model, drafter):  # the drafter follows the target: no graphs where the target has none

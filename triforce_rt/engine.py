@@ -82,7 +82,7 @@ def prefill(model, cache, prompts: list, chunk: int, progress: bool = False, pos
     (default 0..len-1). Rows of different lengths are padded by repeating their last token (tier.ragged).
     on_logits(logits [B, t, V]): every position's logits, forward by forward (distillation labels them)."""
     positions = positions or [list(range(len(p))) for p in prompts]
-    ids, pos = ragged(prompts, positions, model.embed_tokens.weight.device)
+    ids, pos = ragged(prompts, positions, model.device)
     B, T = ids.shape
     step = max(1, chunk // B)
     lengths = [len(p) for p in prompts]
@@ -259,7 +259,7 @@ def decode(model, full, logits, prompts: list, cfg: GenerationConfig, on_token=N
            prefill_s: float = 0.0) -> list:
     """The generate loop after the target's prefill: row b of full holds prompts[b], logits [B, V] follow them.
     A row that finishes (EOS or max_new_tokens) leaves the batch; the others go on."""
-    gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(cfg.seed)
+    gen = torch.Generator(device=model.device).manual_seed(cfg.seed)
     sp, stop = cfg.sampling, (set() if cfg.ignore_eos else eos_ids(model))
     t0 = time.perf_counter()
     first = sample(logits, sp, gen).tolist()

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from .errors import UserError
 
+KERNELS = ("auto", "torch", "numba")  # --kernels: the matrix kernels a model runs with (models/kernels.py)
+
 
 def check_threads(n: int, what: str = "--threads") -> int:
     """A torch CPU thread count: 1 to the machine's logical CPUs (what: the flag or key, for the error)."""
@@ -17,11 +19,13 @@ def check_threads(n: int, what: str = "--threads") -> int:
 
 
 def set_threads(n: int | None) -> None:
-    """torch's CPU threads: n (checked), or torch's own choice for None."""
+    """The CPU threads of torch and of the numba kernels: n (checked), or their own choice for None."""
+    import numba
     import torch
 
     if n is not None:
         torch.set_num_threads(check_threads(n))
+        numba.set_num_threads(n)
 
 
 @dataclass
@@ -33,6 +37,9 @@ class Runtime:
     kv_offload: bool = False  # the generate loop keeps the full KV cache in host memory (offload.KVStream)
     tensor_parallel: bool = False  # the layers are shards whose outputs are summed across ranks (parallel.py)
     casts: dict = field(default_factory=dict)  # dtype -> this model's copy in that dtype (Transformer.with_dtype)
+    kernels: str = "torch"  # the matrix kernels: "torch" or "numba" (models/kernels.py)
+    blocks: bool = False  # the weights are a GGUF file's blocks, read by the numba kernels (no fp32 copy)
+    head: tuple | None = None  # numba: the head's packed tiles (cpu_kernels.tiles), made once
 
     def graphs_blocker(self, dynamic_rope: bool) -> str | None:
         """Why steps cannot be captured as CUDA graphs (copies or collectives across forwards, or RoPE tables

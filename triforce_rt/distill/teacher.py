@@ -51,7 +51,7 @@ def layout(n: int, L: int, S: int) -> torch.Tensor:
 
 
 def text_batch(model, docs: Documents, B: int, L: int, K: int) -> list:
-    rows = torch.tensor([docs.draw(L)[1] for _ in range(B)], device=model.embed_tokens.weight.device)
+    rows = torch.tensor([docs.draw(L)[1] for _ in range(B)], device=model.device)
     lp, ids = top_k(model(rows, torch.arange(L, device=rows.device).expand(B, -1), NoCache()), K)
     mask = torch.ones(B, L, dtype=torch.bool)
     return [(rows[b].cpu(), ids[b].cpu(), lp[b].cpu(), mask[b]) for b in range(B)]
@@ -61,7 +61,7 @@ def answer_batch(model, docs: Documents, B: int, L: int, S: int, K: int, new: in
                  greedy: bool, gen: torch.Generator, eos: set, rng) -> list:
     """B chat prompts over document slices (one instruction per batch, so every prompt has the same length),
     continued by the teacher for up to `new` tokens, each ending at its first EOS."""
-    device = model.embed_tokens.weight.device
+    device = model.device
     code = rng.random() < 0.5
     before, after = chat_parts(model.tokenizer, rng.choice(INSTRUCTIONS[code]))
     doc_len = min(doc_len, model.config.max_position_embeddings - len(before) - len(after) - new)
@@ -111,7 +111,7 @@ def label(model, part: str, records: int, L: int, S: int, K: int, answer_frac: f
     The answers come first, in whole batches of 4 * batch: round(records * answer_frac) rounded up to a multiple of
     4 * batch (at most `records`)."""
     docs, rng = Documents(model.tokenizer, part, seed, draw), random.Random(seed + 1)
-    gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
+    gen = torch.Generator(device=model.device).manual_seed(seed)
     eos = set(model.config.eos_token_ids) | {model.tokenizer.eos_token_id}
     n_answer = round(records * answer_frac)
     rows, kinds, t0, done_tokens = [], [], time.perf_counter(), 0

@@ -99,10 +99,10 @@ def run_experiment(exp: Experiment, out: str | None = None, is_quick: bool = Fal
     with open(os.path.join(out, "machine.json"), "w") as f:
         json.dump({**machine(), "experiment": exp.source, "quick": is_quick}, f, indent=1)
 
-    model = load_model(exp.model)
+    model = load_model(exp.model, kernels=exp.kernels)
     drafter = None
     if any(m in DRAFTER_MODES for m in exp.modes):
-        drafter = load_model(drafter_folder(exp.drafter or "default", exp.model))
+        drafter = load_model(drafter_folder(exp.drafter or "default", exp.model), kernels=exp.kernels)
     docs = documents(exp, model.tokenizer)
     generate(model, docs[0][1][:16], GenerationConfig(max_new_tokens=2))  # warm-up: the first row is timed fairly
     rows = [r for r in plan(exp, docs) if json.dumps(r, sort_keys=True) not in done]

@@ -9,7 +9,7 @@ import reprlib
 from dataclasses import dataclass, field, fields
 
 from ..errors import UserError
-from ..runtime import check_threads
+from ..runtime import KERNELS, check_threads
 from ..settings import MODES, SETTINGS, check_setting
 
 # Sweepable keys and their types: `context` (prompt tokens, cut from the document), then the GenerationConfig fields
@@ -45,6 +45,7 @@ class Experiment:
     repeats: int = 1
     baselines: list = field(default_factory=list)
     threads: int | None = None
+    kernels: str = "auto"  # matrix kernels of the models (--kernels)
     source: str = ""  # the experiment file
 
 
@@ -109,9 +110,11 @@ def parse(raw, source: str = "") -> Experiment:
     if not kw["name"].strip() or "/" in kw["name"] or "\0" in kw["name"] or len(kw["name"]) > 100:
         raise UserError(f"name: must be a folder name of 1 to 100 characters without '/', got "
                         f"{reprlib.repr(kw['name'])}")
-    for k in ("model", "drafter", "instruction"):
+    for k in ("model", "drafter", "instruction", "kernels"):
         if raw.get(k) is not None:
             kw[k] = _check(k, raw[k], str)
+    if kw.get("kernels", "auto") not in KERNELS:
+        raise UserError(f"kernels: unknown '{kw['kernels']}' (choose from {', '.join(KERNELS)})")
     for k, t in (("chat", bool), ("ignore_eos", bool), ("max_new_tokens", int), ("temperature", float),
                  ("top_p", float), ("top_k", int), ("seed", int), ("repeats", int), ("threads", int)):
         if k in raw:

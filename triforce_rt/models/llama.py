@@ -7,6 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cpu_kernels import linear
+
+from ..errors import UserError
 from ..runtime import Runtime
 from .config import ModelConfig
 from .rope import Rope
@@ -100,8 +103,12 @@ class Transformer(nn.Module):
     def source(self) -> str | None:
         return self.runtime.source
 
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
     def setup_rope(self, max_len: int | None = None):
-        self.rope = Rope(self.config, self.embed_tokens.weight.device, max_len)
+        self.rope = Rope(self.config, self.device, max_len)
         return self
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache, last_only: bool = False):
@@ -112,7 +119,8 @@ class Transformer(nn.Module):
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states [..., D] -> fp32 logits [..., V]."""
-        return self.full_vocab(F.linear(x, self.head).float())
+        head = self.runtime.head  # the numba kernel's packed head, or None (torch)
+        return self.full_vocab(linear(x, self.head, head) if head else F.linear(x, self.head).float())
 
     def hidden(self, input_ids, positions, cache, last_only: bool = False) -> torch.Tensor:
         """The final-norm hidden states [B, T, D] that the head scores."""
@@ -129,11 +137,13 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     @property
-    def head(self) -> torch.Tensor:
-        """[R or V, D]: the rows scored by the head (tied: the embedding without its 'other' row)."""
-        if self.lm_head is not None:
-            return self.lm_head.weight
-        return self.embed_tokens.weight[: self.config.draft_vocab or None]
+    def head(self):
+        """[R or V, D]: the rows scored by the head (tied: the embedding without its 'other' row); cpu_kernels.Blocks
+        for a head read from GGUF blocks."""
+        m = self.lm_head if self.lm_head is not None else self.embed_tokens
+        if getattr(m, "blocks", None) is not None:
+            return m.blocks
+        return m.weight if self.lm_head is not None else m.weight[: self.config.draft_vocab or None]
 
     @property
     def vocab_index(self) -> torch.Tensor:
@@ -153,11 +163,14 @@ class Transformer(nn.Module):
 
     def with_dtype(self, dtype: torch.dtype | None) -> "Transformer":
         """This model in another dtype: a copy made once and kept (e.g. bf16 drafting tiers for an fp32 target)."""
-        if dtype is None or dtype == self.embed_tokens.weight.dtype:
+        if dtype is None or dtype == self.norm.weight.dtype:
             return self
         rt = self.runtime
         if rt.weight_stream is not None:
             raise ValueError("a model whose weights stream from host memory has no copy in another dtype")
+        if rt.blocks:
+            raise UserError("a model read from GGUF blocks (--kernels numba) has no copy in another dtype; drop "
+                            "--draft-dtype or use --kernels torch")
         if dtype not in rt.casts:
             with torch.device("meta"):
                 m = Transformer(self.config)
@@ -170,7 +183,7 @@ class Transformer(nn.Module):
 
     def new_cache(self, cache_cls, *args, **kwargs):
         """Allocate a cache shaped for this model: cache_cls(n_layers, n_kv_heads, head_dim, *args, dtype, device)."""
-        c, w = self.config, self.embed_tokens.weight
+        c, w = self.config, self.norm.weight
         kwargs.setdefault("dtype", w.dtype)
         kwargs.setdefault("device", w.device)
         return cache_cls(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, *args, **kwargs)

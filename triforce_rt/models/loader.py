@@ -13,10 +13,12 @@ import tempfile
 
 import torch
 
+from cpu_kernels import Blocks
 from offload import WeightStream
 
 from ..errors import UserError, first_line
 from .config import ModelConfig
+from .kernels import choose, place_blocks, read_gguf, use_numba
 from .llama import Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,12 +45,18 @@ def cache_root() -> str:
     return os.environ.get("TRIFORCE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "triforce-rt")
 
 
+def gguf_path(spec: str) -> str | None:
+    """The GGUF file spec names ('default' included), or None."""
+    path = default_gguf() if spec == "default" else os.path.expanduser(spec)
+    return path if os.path.isfile(path) and path.endswith(".gguf") else None
+
+
 def resolve(spec: str, what: str = "model") -> str:
     """The HF folder that holds the model named by spec, converting a GGUF file on first use; what names it in
     the error ("drafter" for --drafter and --init)."""
-    path = default_gguf() if spec == "default" else os.path.expanduser(spec)
-    if os.path.isfile(path) and path.endswith(".gguf"):
-        return gguf_to_folder(path)
+    if gguf_path(spec):
+        return gguf_to_folder(gguf_path(spec))
+    path = os.path.expanduser(spec)
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
         return path
     why = ("is neither a .gguf file nor a folder with config.json (a .bin/.safetensors checkpoint goes in a folder "
@@ -138,15 +146,20 @@ def read_state_dict(folder: str, allow_pickle: bool) -> dict:
 
 
 def from_state_dict(cfg: ModelConfig, sd: dict) -> Transformer:
-    """Our Transformer holding the tensors of a transformers *ForCausalLM state dict (no copy)."""
+    """Our Transformer holding the tensors of a transformers *ForCausalLM state dict (no copy); values may also be
+    cpu_kernels.Blocks (read_gguf), which go to cpu_kernels modules."""
     sd = {k.removeprefix("model."): v for k, v in sd.items() if "rotary_emb" not in k}
     if cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
+    blocks = {k: sd.pop(k) for k in [k for k, v in sd.items() if isinstance(v, Blocks)]}
     with torch.device("meta"):
         model = Transformer(cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    missing = [k for k in missing if k not in blocks]
     if missing or unexpected:
         raise ValueError(f"weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if blocks:
+        place_blocks(model, blocks)
     return model
 
 
@@ -161,7 +174,8 @@ def check_device(device) -> torch.device:
 
 
 def load_model(spec: str = "default", dtype=None, device=None, allow_pickle: bool = False,
-               trust_remote_code: bool = False, offload: str | None = None, resident_layers: int = 0) -> Transformer:
+               trust_remote_code: bool = False, offload: str | None = None, resident_layers: int = 0,
+               kernels: str = "auto", tp: int = 1) -> Transformer:
     """Our Transformer for spec, in eval mode, with .tokenizer (transformers) attached.
 
     dtype: torch dtype or name; default float32 on CPU, bfloat16 on CUDA.
@@ -169,6 +183,7 @@ def load_model(spec: str = "default", dtype=None, device=None, allow_pickle: boo
     two device buffers during each forward (offload.WeightStream); embeddings, norm and head stay on the device.
     offload="kv": generation keeps the full KV cache in pinned host memory, streamed per layer (offload.KVStream);
     the retrieval and drafter caches stay on the device. offload="all": both.
+    kernels: "auto", "torch" or "numba" (models/kernels.py); tp: the ranks the model will be split over.
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -178,6 +193,7 @@ def load_model(spec: str = "default", dtype=None, device=None, allow_pickle: boo
             raise UserError(f"unknown dtype '{dtype}' (choose from {', '.join(DTYPES)})")
         dtype = DTYPES[dtype]
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    kernels = choose(kernels, device, dtype, gguf_path(spec), tp)  # before a GGUF's conversion
     folder = resolve(spec)
     config = os.path.join(folder, "config.json")
     try:
@@ -189,11 +205,13 @@ def load_model(spec: str = "default", dtype=None, device=None, allow_pickle: boo
         raise UserError(f"{folder} needs code shipped with the model (auto_map in config.json); pass "
                         "--trust-remote-code if you trust it")
     try:
-        cfg = ModelConfig.from_hf(AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code))
+        hf_cfg = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        cfg = ModelConfig.from_hf(hf_cfg)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{config}: {first_line(e)}") from None
-    try:
-        model = from_state_dict(cfg, read_state_dict(folder, allow_pickle))
+    try:  # numba reads a GGUF's blocks in place of the converted folder's fp32 copy
+        sd = read_gguf(gguf_path(spec), hf_cfg) if kernels == "numba" and gguf_path(spec) else None
+        model = from_state_dict(cfg, sd or read_state_dict(folder, allow_pickle))
     except ValueError as e:
         raise UserError(f"{spec}: {e}") from None
     if offload not in OFFLOADS:
@@ -204,6 +222,8 @@ def load_model(spec: str = "default", dtype=None, device=None, allow_pickle: boo
             raise UserError(f"--resident-layers must be at least 0 (got {resident_layers})")
         model.runtime.weight_stream = WeightStream(model.to(dtype=dtype).layers, device, resident_layers)
     model = model.to(device=device, dtype=dtype).eval().setup_rope()
+    if kernels == "numba":
+        use_numba(model)
     try:
         model.runtime.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

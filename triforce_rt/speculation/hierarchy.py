@@ -99,7 +99,7 @@ class Hierarchy:
                             t.truncate(b, int(start[b]) - 1)
                     else:
                         toks[b], qs[b], src[b] = low[b], low_qs[b], low_src[b]
-            device = self.tiers[-1].model.embed_tokens.weight.device
+            device = self.tiers[-1].model.device
             for b, t in enumerate(toks):
                 if src[b] == k:
                     self.tok.put(b, int(start[b]), t)

@@ -49,7 +49,7 @@ class Tier:
         """Run each row's tokens past pos[b] (tokens: the hierarchy's buffers) through the model, all rows in one
         forward. Returns the logits [Σ need, V] of each row's last need[b] tokens, row after row: row i of a row's
         block predicts the token after its sequence's first len - need[b] + i + 1 tokens."""
-        device = self.model.embed_tokens.weight.device
+        device = self.model.device
         new = [tokens.buf[b, p : tokens.n[b]].tolist() for b, p in enumerate(self.pos)]
         ids, positions = ragged(new, [list(range(p, p + len(n))) for p, n in zip(self.pos, new)], device)
         b = torch.tensor([r for r, n in enumerate(need) for _ in range(n)], device=device)

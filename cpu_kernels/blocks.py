@@ -1,0 +1,68 @@
+"""GGUF block-quantized weights, kept as blocks and read by the kernels (linear.py) without an fp32 copy.
+
+A GGUF row of K weights is nb = K/32 blocks; each block has an fp16 scale d (Q4_1 also an fp16 min m) and 32
+codes q. Element j of block b (0 <= j < 32) is, exactly as gguf.dequantize computes it in fp32:
+  Q8_0: w = d * q                   q int8
+  Q4_0: w = d * (q - 8)             q 4 bits: byte j < 16 of the block holds element j (low nibble) and j + 16
+  Q4_1: w = d * q + m               q 4 bits, packed as Q4_0
+Stored as the file holds them: codes [N, nb, 16 | 32] (uint8 | int8), scale and low [N, nb] in fp32 (fp16 ->
+fp32 is exact; 4 bytes more a block than the file's fp16).
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+QK = 32  # values per block, in every format here
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}  # a block's bytes in a GGUF file
+FORMATS = tuple(BLOCK_BYTES)
+
+
+@dataclass
+class Blocks:
+    """One weight matrix [N, K] in blocks: codes [N, nb, 16 | 32], scale [N, nb], low [N, nb] (Q4_1) or None,
+    all CPU tensors."""
+    fmt: str
+    codes: torch.Tensor
+    scale: torch.Tensor
+    low: torch.Tensor | None
+
+    @classmethod
+    def from_gguf(cls, fmt: str, raw: np.ndarray, K: int) -> "Blocks":
+        """raw: uint8 [N, K / 32 * BLOCK_BYTES[fmt]], a GGUF tensor's rows as stored."""
+        if fmt not in BLOCK_BYTES:
+            raise ValueError(f"block format {fmt} is not read by the kernels (read: {', '.join(FORMATS)})")
+        if K % QK:
+            raise ValueError(f"a {fmt} row of {K} values is not whole blocks of {QK}")
+        blk = np.ascontiguousarray(raw).reshape(raw.shape[0], K // QK, BLOCK_BYTES[fmt])
+        half = lambda at: torch.from_numpy(blk[:, :, at:at + 2].copy().view(np.float16)[..., 0].astype(np.float32))
+        codes = blk[:, :, 4 if fmt == "Q4_1" else 2:].copy()
+        return cls(fmt, torch.from_numpy(codes.view(np.int8) if fmt == "Q8_0" else codes), half(0),
+                   half(2) if fmt == "Q4_1" else None)
+
+    @property
+    def shape(self) -> tuple:
+        return self.codes.shape[0], self.codes.shape[1] * QK
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() for a in (self.codes, self.scale, self.low) if a is not None)
+
+    def rows(self, index: torch.Tensor) -> "Blocks":
+        """Rows index [n] (a permutation or a shard), as Blocks."""
+        pick = lambda a: None if a is None else a.index_select(0, index)
+        return Blocks(self.fmt, pick(self.codes), pick(self.scale), pick(self.low))
+
+    def dequantize(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 [N, K] (or the rows index [...] -> [..., K]): the values gguf.dequantize gives. The embedding
+        lookup of a block-quantized table, and the reference the kernels are tested against."""
+        b = self if index is None else self.rows(index.reshape(-1))
+        d = b.scale[..., None]  # [n, nb, 1]
+        if b.fmt == "Q8_0":
+            w = b.codes.float() * d
+        else:
+            q = torch.cat((b.codes & 15, b.codes >> 4), dim=-1).float()  # [n, nb, 32]: elements j, then j + 16
+            w = d * (q - 8) if b.fmt == "Q4_0" else d * q + b.low[..., None]
+        shape = (b.shape[0],) if index is None else tuple(index.shape)
+        shape = shape + (b.shape[1],)
+        return w.reshape(shape)

@@ -1,0 +1,36 @@
+"""nn.Modules over the kernels, to stand in a model for nn.Linear and nn.Embedding (inference on the CPU)."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import Blocks
+from .linear import linear, tiles
+
+
+class Linear(nn.Module):
+    """x [..., K] -> [..., N] by the numba kernel. weight: fp32 [N, K] (kept as the Parameter `weight`, so state
+    dicts are unchanged) or Blocks (`blocks`; the module then has no fp32 weight)."""
+
+    def __init__(self, weight, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.blocks = weight if isinstance(weight, Blocks) else None
+        self.weight = None if self.blocks else (weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight))
+        self.bias = bias
+        self.packed = tiles(weight)  # the kernel's arrays, made once: views of weight (a copy only to pad rows)
+
+    def forward(self, x):
+        if self.blocks is None and (x.is_cuda or torch.is_grad_enabled() and x.requires_grad):
+            return F.linear(x, self.weight, self.bias)
+        out = linear(x, self.blocks or self.weight, self.packed)
+        return out if self.bias is None else out + self.bias
+
+
+class Embedding(nn.Module):
+    """Token ids [...] -> rows [..., K] of a block-quantized table, dequantized on lookup (the exact values)."""
+
+    def __init__(self, blocks: Blocks):
+        super().__init__()
+        self.blocks = blocks
+
+    def forward(self, ids):
+        return self.blocks.dequantize(ids)

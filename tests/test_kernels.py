@@ -1,0 +1,188 @@
+"""The numba CPU kernels (cpu_kernels): the exact dequantized values, sums within the fp32 error bound of torch's,
+the default model read from its GGUF blocks equal to the converted fp32 folder, every mode token-identical to
+`ar` on those kernels, and one-line errors for what they cannot run."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import child_env, hf_model, ours
+from gguf import GGMLQuantizationType, GGUFWriter, dequantize, quantize
+from test_hierarchy import ALPHA, SPEC_MODES, random_pair, sampled_pairs, sweep_cases
+
+from cpu_kernels import FORMATS, Blocks, linear
+from triforce_rt import GenerationConfig, generate, load_model
+from triforce_rt.errors import UserError
+from triforce_rt.models.kernels import choose, place_blocks, read_gguf, use_numba
+from triforce_rt.models.loader import default_gguf, resolve
+from triforce_rt.sampling import SamplingParams
+from conftest import pooled_chisquare
+
+
+def quantized(fmt: str, w: torch.Tensor) -> Blocks:
+    """w [N, K] through gguf's own quantizer, as Blocks."""
+    raw = quantize(w.numpy(), GGMLQuantizationType[fmt])
+    return Blocks.from_gguf(fmt, raw, w.shape[1])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_blocks_dequantize_to_gguf_values(fmt):
+    w = torch.randn(24, 96, generator=torch.Generator().manual_seed(0))
+    raw = quantize(w.numpy(), GGMLQuantizationType[fmt])
+    b = Blocks.from_gguf(fmt, raw, 96)
+    ref = torch.from_numpy(dequantize(raw, GGMLQuantizationType[fmt]))
+    assert torch.equal(b.dequantize(), ref)
+    ids = torch.tensor([[5, 0], [23, 5]])
+    assert torch.equal(b.dequantize(ids), ref[ids])  # the embedding lookup
+
+
+@pytest.mark.parametrize("fmt", FORMATS + ("fp32",))
+def test_one_hot_rows_give_the_exact_weights(fmt):
+    """x = identity: each output is one weight times 1 plus zeros, so any rounding in the kernel's weight values
+    (an FMA in d * q + m, say) would show."""
+    w = torch.randn(36, 64, generator=torch.Generator().manual_seed(1))
+    b = w if fmt == "fp32" else quantized(fmt, w)
+    ref = w if fmt == "fp32" else b.dequantize()
+    for M in (1, 4, 6):  # single rows, whole tiles of 4, a padded tile
+        assert torch.equal(linear(torch.eye(64)[:M], b), ref.T[:M])
+    assert torch.equal(linear(torch.eye(64), b), ref.T)  # 64 rows: torch's path
+
+
+@pytest.mark.parametrize("fmt", FORMATS + ("fp32",))
+def test_sums_within_the_fp32_error_bound(fmt):
+    """|kernel - exact| <= γ_K · |x| |W|ᵀ, the forward error bound of any fp32 summation order of K products
+    (γ_K = K u / (1 - K u), u = 2^-24); torch's F.linear meets the same bound. Shapes: rows not a multiple of 4,
+    every count of rows the kernel tiles differently."""
+    g = torch.Generator().manual_seed(2)
+    for N, K in ((1, 32), (7, 96), (64, 576)):
+        w = torch.randn(N, K, generator=g)
+        b = w if fmt == "fp32" else quantized(fmt, w)
+        wd = w if fmt == "fp32" else b.dequantize()
+        u = 2.0 ** -24
+        for M in (1, 2, 3, 4, 5, 7, 8, 16, 33):
+            x = torch.randn(M, K, generator=g)
+            exact = x.double() @ wd.double().T
+            bound = K * u / (1 - K * u) * (x.double().abs() @ wd.double().abs().T)
+            for out in (linear(x, b), F.linear(x, wd)):
+                assert out.shape == (M, N)
+                assert ((out.double() - exact).abs() <= bound).all(), (N, K, M)
+
+
+def test_rows_are_independent_of_the_batch():
+    """Row r of a step's output does not depend on the other rows: the same tile code sums it whether it is
+    alone or among 8 (so ar, a verify step and a batch see the same logits for the same hidden state)."""
+    w = quantized("Q4_1", torch.randn(40, 128, generator=torch.Generator().manual_seed(3)))
+    x = torch.randn(8, 128, generator=torch.Generator().manual_seed(4))
+    full = linear(x, w)
+    for r in range(4):
+        assert torch.equal(linear(x[r:r + 4], w)[0], full[r])
+
+
+def test_default_model_blocks_equal_the_converted_folder():
+    """Every tensor read_gguf gives for the default model, dequantized, is bit for bit the tensor transformers'
+    conversion wrote (names and row order included: q and k rows are un-permuted as blocks)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    folder = resolve("default")
+    got = read_gguf(default_gguf(), AutoConfig.from_pretrained(folder))
+    kinds = {type(v).__name__ for v in got.values()}
+    assert kinds == {"Blocks", "Tensor"}
+    with safe_open(f"{folder}/model.safetensors", "pt") as f:
+        assert set(f.keys()) == set(got)
+        for name, v in got.items():
+            assert torch.equal(v.dequantize() if isinstance(v, Blocks) else v, f.get_tensor(name)), name
+
+
+def test_default_model_runs_from_its_blocks(smol):
+    assert smol.runtime.kernels == "numba" and smol.runtime.blocks  # auto, on the CPU in fp32
+    assert isinstance(smol.head, Blocks) and smol.head.fmt == "Q8_0"
+    assert smol.layers[0].mlp.up_proj.blocks.fmt == "Q4_1"
+    held = sum(b.nbytes for m in smol.modules() if (b := getattr(m, "blocks", None)) is not None)
+    assert held < 120e6  # 111 MB, against 538 MB of fp32 weights
+    with pytest.raises(UserError, match="no copy in another dtype"):
+        smol.with_dtype(torch.bfloat16)
+
+
+def test_numba_and_torch_kernels_decode_the_same_tokens(smol):
+    torch_model = load_model("default", kernels="torch")
+    assert torch_model.runtime.kernels == "torch" and not torch_model.runtime.blocks
+    from conftest import stdlib_text
+
+    ids = smol.tokenizer(stdlib_text("textwrap.py")).input_ids[:300]
+    cfg = GenerationConfig(max_new_tokens=24, ignore_eos=True)
+    assert generate(smol, ids, cfg).tokens == generate(torch_model, ids, cfg).tokens
+
+
+def numba_pair(seed, n_kv, blocks: bool):
+    """random_pair on the numba kernels; blocks: the target's matrices quantized to Q4_1 (head Q8_0) first."""
+    target, drafter = random_pair(seed, n_kv)
+    if blocks:
+        sd = target.state_dict()
+        q = {k: quantized("Q8_0" if k == "lm_head.weight" else "Q4_1", v) for k, v in sd.items()
+             if v.dim() == 2 and "embed" not in k}
+        place_blocks(target, q)
+    use_numba(target), use_numba(drafter)
+    return target, drafter
+
+
+@pytest.mark.parametrize("blocks", [False, True], ids=["fp32", "Q4_1"])
+@pytest.mark.parametrize("case", list(sweep_cases(6)), ids=lambda c: f"seed{c['seed']}-kv{c['n_kv']}")
+def test_greedy_every_mode_equals_ar_on_numba(case, blocks):
+    target, drafter = numba_pair(case["seed"], case["n_kv"], blocks)
+    prompt = torch.randint(0, 64, (case["prompt_len"],), generator=torch.Generator().manual_seed(case["seed"])).tolist()
+    cfg = dict(max_new_tokens=32, ignore_eos=True, **{**case["cfg"], "draft_dtype": None})
+    cfg["budget"] = max(cfg["budget"], cfg["chunk_size"])
+    ar = generate(target, prompt, GenerationConfig(**cfg)).tokens
+    for mode in SPEC_MODES:
+        assert generate(target, prompt, GenerationConfig(mode=mode, **cfg), drafter=drafter).tokens == ar, mode
+
+
+def test_sampling_follows_the_target_exactly_on_numba():
+    """8 rows a step, so every tier's steps (at most 8 x 4 rows) stay on the numba kernels."""
+    counts, law, stats = sampled_pairs("triforce", SamplingParams(1.0), rows=8, kernels=use_numba)
+    assert all(s.accepted >= 200 and s.rejected >= 200 for s in stats), stats
+    assert pooled_chisquare(counts, law) > ALPHA
+
+
+def tiny_gguf(path, kind: GGMLQuantizationType):
+    """A GGUF file holding one [64, 256] matrix of the given type (zero bytes): enough for the header check."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    block, size = GGML_QUANT_SIZES[kind]
+    w = GGUFWriter(str(path), "llama")
+    raw = np.zeros((64, 256 // block * size), np.uint8)
+    w.add_tensor("blk.0.ffn_up.weight", raw, raw_shape=raw.shape, raw_dtype=kind)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file()
+    w.close()
+
+
+def test_what_the_kernels_cannot_run_is_one_line(tmp_path):
+    cpu, f32 = torch.device("cpu"), torch.float32
+    q6 = tmp_path / "q6.gguf"
+    tiny_gguf(q6, GGMLQuantizationType.Q6_K)
+    cases = [(("numba", torch.device("cuda"), f32, None), "run on the CPU"),
+             (("numba", cpu, torch.bfloat16, None), "compute in float32"),
+             (("numba", cpu, f32, None, 2), "--tp"),
+             (("numba", cpu, f32, str(q6)), "read Q4_0, Q4_1, Q8_0 blocks and F32/F16/BF16 tensors, not Q6_K"),
+             (("fast", cpu, f32, None), "unknown --kernels 'fast'")]
+    for args, msg in cases:
+        with pytest.raises(UserError, match=msg):
+            choose(*args)
+    assert choose("auto", cpu, f32, str(q6)) == "torch"  # auto falls back where numba cannot run
+    assert choose("auto", cpu, f32, None) == "torch"  # fp32 folders: torch (benchmarks/results/kernels-cpu.md)
+    assert choose("auto", cpu, f32, default_gguf()) == "numba"
+    assert choose("auto", cpu, torch.bfloat16, default_gguf()) == "torch"
+
+
+def test_cli_kernels_errors_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    q4k = tmp_path / "q4k.gguf"
+    tiny_gguf(q4k, GGMLQuantizationType.Q4_K)
+    for args, msg in ((["--model", str(q4k), "--kernels", "numba"], "not Q4_K"),
+                      (["--kernels", "numba", "--dtype", "bfloat16"], "compute in float32"),
+                      (["--kernels", "gemm"], "invalid choice")):
+        p = subprocess.run([sys.executable, "-m", "triforce_rt", "generate", "--prompt", "hi", *args],
+                           capture_output=True, text=True, env=child_env())
+        assert p.returncode == 2 and msg in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr

@@ -1,0 +1,94 @@
+"""Which matrix kernels a model runs with, and the model's layers for the numba kernels (cpu_kernels).
+
+`torch`: nn.Linear over fp32 (or bf16/fp16) weights; a GGUF file is dequantized once into an fp32 folder.
+`numba`: cpu_kernels.Linear in place of every nn.Linear and the head. A GGUF file's Q4_0/Q4_1/Q8_0 matrices are
+read from the file as blocks (no fp32 copy), in transformers' names and row order, so the model is the one the
+torch path loads, value for value; other folders keep their fp32 weights.
+`auto`: numba for a GGUF whose matrices are all read as blocks, on the CPU in fp32 without --tp; torch otherwise
+(benchmarks/results/kernels-cpu.md: on the CPUs measured, torch's fp32 GEMV is already near the memory floor
+at one row, while the blocks read 5x fewer bytes).
+"""
+import numpy as np
+import torch
+from torch import nn
+
+from cpu_kernels import FORMATS, Blocks, Embedding, Linear, tiles
+
+from ..errors import UserError
+from ..runtime import KERNELS
+PLAIN = ("F32", "F16", "BF16")  # GGUF tensor types read as fp32
+
+
+def gguf_types(path: str) -> set:
+    """The tensor types of a GGUF file's matrices (header only)."""
+    from gguf import GGUFReader
+
+    return {t.tensor_type.name for t in GGUFReader(path).tensors if len(t.shape) == 2}
+
+
+def choose(requested: str, device: torch.device, dtype: torch.dtype, gguf: str | None, tp: int = 1) -> str:
+    """'torch' or 'numba' for --kernels requested (the one decision); explicit requests that cannot run are errors."""
+    if requested not in KERNELS:
+        raise UserError(f"unknown --kernels '{requested}' (choose from {', '.join(KERNELS)})")
+    unread = sorted(gguf_types(gguf) - set(FORMATS) - set(PLAIN)) if gguf else []
+    blockers = [why for bad, why in (
+        (device.type != "cpu", "run on the CPU (--device cpu)"),
+        (dtype != torch.float32, "compute in float32 (not --dtype " + str(dtype).removeprefix("torch.") + ")"),
+        (tp > 1, "do not shard across --tp ranks"),
+        (bool(unread), f"read {', '.join(FORMATS)} blocks and F32/F16/BF16 tensors, not {', '.join(unread)}"),
+    ) if bad]
+    if requested == "numba" and blockers:
+        raise UserError(f"--kernels numba: the numba kernels {blockers[0]}; use --kernels torch")
+    if requested == "auto":
+        return "numba" if gguf and not blockers else "torch"
+    return requested
+
+
+def read_gguf(path: str, hf_cfg) -> dict:
+    """HF name -> fp32 tensor or Blocks, for every tensor of a GGUF file, named and row-ordered by transformers'
+    own GGUF mapping (for Llama, q and k rows are un-permuted: whole block rows move, so blocks stay blocks)."""
+    from gguf import GGUFReader, dequantize
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
+                                                          get_gguf_hf_weights_map)
+
+    reader = GGUFReader(path)
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(hf_cfg)
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=hf_cfg.to_dict())
+    names = get_gguf_hf_weights_map(skeleton, processor)
+    out = {}
+    for t in reader.tensors:
+        if t.name not in names:
+            continue
+        kind, data = t.tensor_type.name, np.asarray(t.data)
+        if kind not in FORMATS:
+            data = dequantize(data, t.tensor_type).astype(np.float32)
+        data = processor.process(weights=data, name=t.name).weights
+        out[names[t.name]] = (Blocks.from_gguf(kind, data, int(t.shape[0])) if kind in FORMATS
+                              else torch.from_numpy(np.ascontiguousarray(data)))
+    return out
+
+
+def place_blocks(model, blocks: dict) -> None:
+    """Give model's Linear and Embedding modules named in blocks (HF names without "model.": "layers.0.mlp.up_proj
+    .weight") their Blocks, in cpu_kernels modules that hold no fp32 copy."""
+    for name, b in blocks.items():
+        path, _, attr = name.rpartition(".")
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        old = getattr(parent, child)
+        setattr(parent, child, Embedding(b) if isinstance(old, nn.Embedding) else Linear(b, old.bias))
+    model.runtime.blocks = True
+
+
+def use_numba(model) -> None:
+    """Put a loaded model (fp32, CPU) on the numba kernels: every nn.Linear left becomes a cpu_kernels.Linear over
+    its own weight, and the head's tiles are packed once (model.runtime.head)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, Linear(child.weight, child.bias))
+    model.runtime.kernels = "numba"
+    model.runtime.head = tiles(model.head)
