@@ -37,7 +37,7 @@ def run_hierarchy(spec="default", contexts=(2048, 8064), new_tokens=128, threads
     report = {"benchmark": "hierarchy", "prompt": f"{instruction!r} + held-out {source} text, chat template", "model": spec,
               "dtype": "float32", "draft_dtype": draft_dtype or "float32", "drafter": drafter, "refresh": refresh,
               "new_tokens": new_tokens, "machine": machine(), "modes": [], "sweep": [],
-              "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+              "weights_bytes": model.weight_bytes(), "kernels": model.runtime.kernels}
     for n_ctx in contexts:
         ids = chat_prompt(model.tokenizer, instruction, ids_all, n_ctx)
         run, full = one_prefill(model, ids, new_tokens, draft_dtype=draft_dtype, refresh=refresh)
@@ -337,7 +337,8 @@ def hierarchy_markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"Hierarchy, {report['model']} {report['dtype']} (drafting tiers {report['draft_dtype']}), greedy, "
              f"{report['new_tokens']} new tokens, retrieval refresh {report['refresh']}, {m['cpu']}, {m['threads']} "
-             f"threads, torch {m['torch']}. Weights {report['weights_bytes'] / 1e6:.0f} MB.", "",
+             f"threads, torch {m['torch']}, {report.get('kernels', 'torch')} kernels. Weights "
+             f"{report['weights_bytes'] / 1e6:.0f} MB.", "",
              "| context | mode | tok/s | vs ar | identical | tok/target call | tiers: accepted/drafted, α, ms/call |",
              "|---|---|---|---|---|---|---|"]
     for r in report["modes"]:

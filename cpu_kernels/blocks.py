@@ -5,6 +5,8 @@ codes q. Element j of block b (0 <= j < 32) is, exactly as gguf.dequantize compu
   Q8_0: w = d * q                   q int8
   Q4_0: w = d * (q - 8)             q 4 bits: byte j < 16 of the block holds element j (low nibble) and j + 16
   Q4_1: w = d * q + m               q 4 bits, packed as Q4_0
+d * q is exact in fp32 (an 11-bit fp16 mantissa times an integer of at most 8 bits), so w has at most one
+rounding, in + m, whether or not a compiler fuses it into an FMA.
 Stored as the file holds them: codes [N, nb, 16 | 32] (uint8 | int8), scale and low [N, nb] in fp32 (fp16 ->
 fp32 is exact; 4 bytes more a block than the file's fp16).
 """

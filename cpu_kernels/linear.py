@@ -5,9 +5,9 @@ Threads split the output rows (prange over tiles of 4). A tile takes 4 input row
 and keeps its 4 x 4 sums in registers, so each weight fetched serves 4 rows, and each input value 4 weight rows.
 The weight getter `weights` gives elements j and j + 16 of block b of row n in fp32: plain reads for fp32, the
 exact dequantization for blocks (blocks.py); which one is fixed at compile time by the array types (an overload),
-so every format gets its own machine code and numba's cache keeps it. The getters are compiled without fastmath,
-so their values are gguf's; the sums are compiled with reassociation and FMA, so the summation order is all that
-differs from torch.
+so every format gets its own machine code and numba's cache keeps it. The getters are compiled without fastmath
+(and d * q is exact, blocks.py), so their values are gguf's; the sums are compiled with reassociation and FMA,
+so the summation order is all that differs from torch.
 """
 import numpy as np
 import torch

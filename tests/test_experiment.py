@@ -34,6 +34,7 @@ BASE = {"name": "t", "prompt": {"file": "{stdlib}/textwrap.py", "tokens": 40}}
     ({"prompt": {"text": "hi", "tokens": "ten"}}, "prompt.tokens: expected an integer"),
     ({"repeats": 0}, "repeats: must be at least 1"),
     ({"threads": 0}, "threads must be between 1 and this machine's"),
+    ({"kernels": "gemm"}, "kernels: unknown 'gemm' (choose from auto, torch, numba)"),
     ({"name": "x" * 300}, "name: must be a folder name of 1 to 100 characters"),
 ])
 def test_schema_errors_name_the_key(tmp_path, capsys, change, needle):

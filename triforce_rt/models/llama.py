@@ -181,6 +181,11 @@ class Transformer(nn.Module):
             rt.casts[dtype] = m
         return rt.casts[dtype]
 
+    def weight_bytes(self) -> int:
+        """Bytes of the weights a forward reads: the parameters, and the blocks of block-quantized modules."""
+        blocks = sum(m.blocks.nbytes for m in self.modules() if getattr(m, "blocks", None) is not None)
+        return blocks + sum(p.numel() * p.element_size() for p in self.parameters())
+
     def new_cache(self, cache_cls, *args, **kwargs):
         """Allocate a cache shaped for this model: cache_cls(n_layers, n_kv_heads, head_dim, *args, dtype, device)."""
         c, w = self.config, self.norm.weight
