@@ -65,6 +65,4 @@ class Blocks:
         else:
             q = torch.cat((b.codes & 15, b.codes >> 4), dim=-1).float()  # [n, nb, 32]: elements j, then j + 16
             w = d * (q - 8) if b.fmt == "Q4_0" else d * q + b.low[..., None]
-        shape = (b.shape[0],) if index is None else tuple(index.shape)
-        shape = shape + (b.shape[1],)
-        return w.reshape(shape)
+        return w.reshape(*(index.shape if index is not None else (-1,)), b.shape[1])

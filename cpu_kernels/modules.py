@@ -14,14 +14,15 @@ class Linear(nn.Module):
     def __init__(self, weight, bias: torch.Tensor | None = None):
         super().__init__()
         self.blocks = weight if isinstance(weight, Blocks) else None
-        self.weight = None if self.blocks else (weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight))
+        self.weight = None if self.blocks is not None else (
+            weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight))
         self.bias = bias
         self.packed = tiles(weight)  # the kernel's arrays, made once: views of weight (a copy only to pad rows)
 
     def forward(self, x):
         if self.blocks is None and (x.is_cuda or torch.is_grad_enabled() and x.requires_grad):
             return F.linear(x, self.weight, self.bias)
-        out = linear(x, self.blocks or self.weight, self.packed)
+        out = linear(x, self.weight if self.blocks is None else self.blocks, self.packed)
         return out if self.bias is None else out + self.bias
 
 

@@ -16,6 +16,7 @@ from cpu_kernels import FORMATS, Blocks, Embedding, Linear, tiles
 
 from ..errors import UserError
 from ..runtime import KERNELS
+
 PLAIN = ("F32", "F16", "BF16")  # GGUF tensor types read as fp32
 
 
@@ -75,8 +76,7 @@ def place_blocks(model, blocks: dict) -> None:
     """Give model's Linear and Embedding modules named in blocks (HF names without "model.": "layers.0.mlp.up_proj
     .weight") their Blocks, in cpu_kernels modules that hold no fp32 copy."""
     for name, b in blocks.items():
-        path, _, attr = name.rpartition(".")
-        parent_path, _, child = path.rpartition(".")
+        parent_path, _, child = name.rpartition(".")[0].rpartition(".")
         parent = model.get_submodule(parent_path)
         old = getattr(parent, child)
         setattr(parent, child, Embedding(b) if isinstance(old, nn.Embedding) else Linear(b, old.bias))
