@@ -3,19 +3,23 @@ import sys
 import sysconfig
 import tempfile
 
-import numba
-import pytest
-import torch
+# One thread per process under pytest-xdist (`make test` runs two workers on two cores), two otherwise. numba's
+# thread pool is sized at its import: a second, idle OpenMP thread spins between kernels and, beside the other
+# worker, made both up to 8 times slower (test_smollm2_greedy_spec_modes_equal_ar 95 s against 18 s alone).
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1)
+os.environ["NUMBA_NUM_THREADS"] = str(THREADS)
 
-from triforce_rt.models import ModelConfig
-from triforce_rt.models.loader import from_state_dict
+import numba  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from triforce_rt.models import ModelConfig  # noqa: E402
+from triforce_rt.models.loader import from_state_dict  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))  # drivers
 
-# Two threads per process; one per worker under pytest-xdist (`make test` runs two workers on two cores). The numba
-# kernels follow (runtime.set_threads sets both).
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
-numba.set_num_threads(torch.get_num_threads())
+torch.set_num_threads(THREADS)
+numba.set_num_threads(THREADS)
 
 
 @pytest.fixture(autouse=True)
@@ -26,7 +30,7 @@ def keep_thread_count():
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
-    numba.set_num_threads(n)
+    numba.set_num_threads(THREADS)
 
 
 def child_env(**extra) -> dict:

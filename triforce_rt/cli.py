@@ -190,6 +190,7 @@ def build_parser():
     b.add_argument("--contexts", type=int, nargs="+", default=[2048, 8064])
     b.add_argument("--new-tokens", type=int, default=64)
     b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--kernels", choices=KERNELS, default="auto", help="our model's matrix kernels (as generate's)")
     b.add_argument("--out", help="also write the results as JSON here")
     return ap
 
@@ -298,7 +299,7 @@ def cmd_run(args):
 def cmd_bench(args):
     from .measure import run_ar_vs_hf
 
-    run_ar_vs_hf(args.model, args.contexts, args.new_tokens, args.threads, args.out)
+    run_ar_vs_hf(args.model, args.contexts, args.new_tokens, args.threads, args.out, args.kernels)
 
 
 def main(argv=None):

@@ -14,6 +14,7 @@ import torch
 
 from .engine import GenerationConfig, generate
 from .models import load_model
+from .runtime import set_threads
 from .textio import encode
 
 
@@ -57,13 +58,13 @@ def hf_decode(hf, ids: list, n: int, **generate_kw):
     return out[0, len(ids):].tolist(), t1 - t0, (n - 1) / ((t2 - t1) - (t1 - t0))
 
 
-def run_ar_vs_hf(spec="default", contexts=(2048, 8064), new_tokens=64, threads=2, out=None) -> list:
+def run_ar_vs_hf(spec="default", contexts=(2048, 8064), new_tokens=64, threads=2, out=None, kernels="auto") -> list:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
     logging.set_verbosity_error()
-    torch.set_num_threads(threads)
-    model = load_model(spec, dtype=torch.float32)
+    set_threads(threads)
+    model = load_model(spec, dtype=torch.float32, kernels=kernels)
     hf = AutoModelForCausalLM.from_pretrained(model.source, dtype=torch.float32).eval()
     ids_all = real_text_ids(model.tokenizer, max(contexts))
     generate(model, ids_all[:64], GenerationConfig(max_new_tokens=4, ignore_eos=True))  # warm-up
@@ -78,8 +79,8 @@ def run_ar_vs_hf(spec="default", contexts=(2048, 8064), new_tokens=64, threads=2
                "tokens_identical": res.tokens == hf_tokens}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    publish({"benchmark": "ar_vs_hf", "model": spec, "dtype": "float32", "machine": machine(), "rows": rows},
-            markdown, out)
+    publish({"benchmark": "ar_vs_hf", "model": spec, "dtype": "float32", "kernels": model.runtime.kernels,
+             "machine": machine(), "rows": rows}, markdown, out)
     return rows
 
 
@@ -93,7 +94,8 @@ def publish(report: dict, to_markdown, out: str | None) -> None:
 
 def markdown(report: dict) -> str:
     m = report["machine"]
-    lines = [f"AR decode, {report['model']} {report['dtype']}, {m['cpu']}, {m['threads']} threads, torch {m['torch']}",
+    lines = [f"AR decode, {report['model']} {report['dtype']}, {report.get('kernels', 'torch')} kernels, {m['cpu']}, "
+             f"{m['threads']} threads, torch {m['torch']}",
              "", "| context | ours tok/s | HF tok/s | speedup | ours prefill s | HF prefill s | tokens identical |",
              "|---|---|---|---|---|---|---|"]
     for r in report["rows"]:

@@ -19,13 +19,14 @@ def check_threads(n: int, what: str = "--threads") -> int:
 
 
 def set_threads(n: int | None) -> None:
-    """The CPU threads of torch and of the numba kernels: n (checked), or their own choice for None."""
+    """The CPU threads of torch and of the numba kernels: n (checked), or their own choice for None. numba's pool
+    has NUMBA_NUM_THREADS threads, fixed at its import (the machine's CPUs unless the variable is set)."""
     import numba
     import torch
 
     if n is not None:
         torch.set_num_threads(check_threads(n))
-        numba.set_num_threads(n)
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
 
 @dataclass

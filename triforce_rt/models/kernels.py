@@ -14,17 +14,25 @@ from torch import nn
 
 from cpu_kernels import FORMATS, Blocks, Embedding, Linear, tiles
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..runtime import KERNELS
 
 PLAIN = ("F32", "F16", "BF16")  # GGUF tensor types read as fp32
+GGUF_ERRORS = (ValueError, KeyError, IndexError, OSError, EOFError, RuntimeError)  # a file that is not a whole GGUF
+
+
+def not_gguf(path: str, e: Exception) -> UserError:
+    return UserError(f"{path}: not a readable GGUF file ({first_line(e)})")
 
 
 def gguf_types(path: str) -> set:
     """The tensor types of a GGUF file's matrices (header only)."""
     from gguf import GGUFReader
 
-    return {t.tensor_type.name for t in GGUFReader(path).tensors if len(t.shape) == 2}
+    try:
+        return {t.tensor_type.name for t in GGUFReader(path).tensors if len(t.shape) == 2}
+    except GGUF_ERRORS as e:
+        raise not_gguf(path, e) from None
 
 
 def choose(requested: str, device: torch.device, dtype: torch.dtype, gguf: str | None, tp: int = 1) -> str:

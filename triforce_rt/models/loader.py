@@ -18,7 +18,7 @@ from offload import WeightStream
 
 from ..errors import UserError, first_line
 from .config import ModelConfig
-from .kernels import choose, place_blocks, read_gguf, use_numba
+from .kernels import GGUF_ERRORS, choose, not_gguf, place_blocks, read_gguf, use_numba
 from .llama import Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -93,8 +93,8 @@ def gguf_to_folder(path: str) -> str:
                 skeleton = AutoModelForCausalLM.from_config(hf_cfg)
             tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=skeleton)["tensors"]
             tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
-        except (ValueError, KeyError, IndexError, OSError, EOFError, RuntimeError) as e:
-            raise UserError(f"{path}: not a readable GGUF file ({first_line(e)})") from None
+        except GGUF_ERRORS as e:
+            raise not_gguf(path, e) from None
         hf_cfg.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(tmp, "model.safetensors"))
