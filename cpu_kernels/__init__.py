@@ -1,8 +1,8 @@
 """CPU matrix kernels (numba) for decode steps of a few rows: fp32 weights, or a GGUF's Q4_0/Q4_1/Q8_0 blocks read
 in place, computed in fp32 with exactly the dequantized values (blocks.py, linear.py). Imports no other package of
 this project."""
-from .blocks import FORMATS, Blocks
+from .blocks import FORMATS, QK, Blocks
 from .linear import linear, tiles
 from .modules import Embedding, Linear
 
-__all__ = ["FORMATS", "Blocks", "linear", "tiles", "Linear", "Embedding"]
+__all__ = ["FORMATS", "QK", "Blocks", "linear", "tiles", "Linear", "Embedding"]

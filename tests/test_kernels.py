@@ -137,6 +137,18 @@ def test_greedy_every_mode_equals_ar_on_numba(case, blocks):
         assert generate(target, prompt, GenerationConfig(mode=mode, **cfg), drafter=drafter).tokens == ar, mode
 
 
+def test_rows_not_whole_blocks_stay_on_torch():
+    """hidden 48: no matrix has whole 32-value rows but the MLP's down map (96), which alone goes to numba."""
+    hf = hf_model(hidden_size=48, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
+    torch_model, numba_model = ours(hf), ours(hf)
+    use_numba(numba_model)
+    assert numba_model.runtime.head is None
+    assert type(numba_model.layers[0].mlp.down_proj).__module__ == "cpu_kernels.modules"
+    assert type(numba_model.layers[0].mlp.up_proj).__module__ == "torch.nn.modules.linear"
+    cfg = GenerationConfig(max_new_tokens=12, ignore_eos=True)
+    assert generate(numba_model, list(range(3, 20)), cfg).tokens == generate(torch_model, list(range(3, 20)), cfg).tokens
+
+
 def test_sampling_follows_the_target_exactly_on_numba():
     """8 rows a step, so every tier's steps (at most 8 x 4 rows) stay on the numba kernels."""
     counts, law, stats = sampled_pairs("triforce", SamplingParams(1.0), rows=8, kernels=use_numba)
