@@ -7,6 +7,8 @@ conversion for torch and HF), 2 threads, greedy.
     python benchmarks/kernels.py [TAG] [--contexts 64 8064] [--steps 1 2 4 7 16] [--decode 2048 8064]
 writes benchmarks/results/kernels-TAG.{json,md} (TAG defaults to cpu). llama.cpp comes from llama-cpp-python
 (optional: `pip install llama-cpp-python`, a 12-minute build from source on 2 cores); without it its rows say so.
+On a CPU with AMX the default (native) build crashed in its first eval here; the committed run used
+CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON".
 """
 import argparse
 import json
