@@ -22,7 +22,7 @@ from retrieval_cache import FullCache, attend
 from triforce_rt.engine import GenerationConfig, generate, generate_batch, prefill
 from triforce_rt.measure import chat_prompt, hf_decode, machine, publish
 from triforce_rt.models import load_model
-from triforce_rt.models.loader import default_gguf
+from triforce_rt.models.loader import default_gguf, resolve
 
 VARIANTS = {"torch fp32": "torch", "numba fp32": "numba", "numba Q4_1": "numba"}  # label -> --kernels
 
@@ -44,7 +44,7 @@ def bandwidth() -> float:
 
 
 def load(label: str):
-    spec = "default" if label == "numba Q4_1" else load_model("default", kernels="torch").source  # fp32 folder
+    spec = "default" if label == "numba Q4_1" else resolve("default")  # the converted fp32 folder
     return load_model(spec, kernels=VARIANTS[label])
 
 

@@ -94,18 +94,17 @@ def test_default_model_blocks_equal_the_converted_folder():
 
 
 def test_default_model_runs_from_its_blocks(smol):
-    assert smol.runtime.kernels == "numba" and smol.runtime.blocks  # auto, on the CPU in fp32
+    assert smol.runtime.kernels == "numba" and smol.weight_blocks  # auto, on the CPU in fp32
     assert isinstance(smol.head, Blocks) and smol.head.fmt == "Q8_0"
     assert smol.layers[0].mlp.up_proj.blocks.fmt == "Q4_1"
-    held = sum(b.nbytes for m in smol.modules() if (b := getattr(m, "blocks", None)) is not None)
-    assert held < 120e6  # 111 MB, against 538 MB of fp32 weights
+    assert sum(b.nbytes for b in smol.weight_blocks) < 120e6  # 111 MB, against 538 MB of fp32 weights
     with pytest.raises(UserError, match="no copy in another dtype"):
         smol.with_dtype(torch.bfloat16)
 
 
 def test_numba_and_torch_kernels_decode_the_same_tokens(smol):
     torch_model = load_model("default", kernels="torch")
-    assert torch_model.runtime.kernels == "torch" and not torch_model.runtime.blocks
+    assert torch_model.runtime.kernels == "torch" and not torch_model.weight_blocks
     from conftest import stdlib_text
 
     ids = smol.tokenizer(stdlib_text("textwrap.py")).input_ids[:300]

@@ -39,7 +39,6 @@ class Runtime:
     tensor_parallel: bool = False  # the layers are shards whose outputs are summed across ranks (parallel.py)
     casts: dict = field(default_factory=dict)  # dtype -> this model's copy in that dtype (Transformer.with_dtype)
     kernels: str = "torch"  # the matrix kernels: "torch" or "numba" (models/kernels.py)
-    blocks: bool = False  # the weights are a GGUF file's blocks, read by the numba kernels (no fp32 copy)
     head: tuple | None = None  # numba: the head's packed tiles (cpu_kernels.tiles), made once
 
     def graphs_blocker(self, dynamic_rope: bool) -> str | None:

@@ -88,7 +88,6 @@ def place_blocks(model, blocks: dict) -> None:
         parent = model.get_submodule(parent_path)
         old = getattr(parent, child)
         setattr(parent, child, Embedding(b) if isinstance(old, nn.Embedding) else Linear(b, old.bias))
-    model.runtime.blocks = True
 
 
 def use_numba(model) -> None:

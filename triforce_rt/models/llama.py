@@ -168,7 +168,7 @@ class Transformer(nn.Module):
         rt = self.runtime
         if rt.weight_stream is not None:
             raise ValueError("a model whose weights stream from host memory has no copy in another dtype")
-        if rt.blocks:
+        if self.weight_blocks:
             raise UserError("a model read from GGUF blocks (--kernels numba) has no copy in another dtype; drop "
                             "--draft-dtype or use --kernels torch")
         if dtype not in rt.casts:
@@ -181,10 +181,14 @@ class Transformer(nn.Module):
             rt.casts[dtype] = m
         return rt.casts[dtype]
 
+    @property
+    def weight_blocks(self) -> list:
+        """The cpu_kernels.Blocks of the modules read from a GGUF's blocks (models/kernels.py); empty otherwise."""
+        return [m.blocks for m in self.modules() if getattr(m, "blocks", None) is not None]
+
     def weight_bytes(self) -> int:
         """Bytes of the weights a forward reads: the parameters, and the blocks of block-quantized modules."""
-        blocks = sum(m.blocks.nbytes for m in self.modules() if getattr(m, "blocks", None) is not None)
-        return blocks + sum(p.numel() * p.element_size() for p in self.parameters())
+        return sum(b.nbytes for b in self.weight_blocks) + sum(p.numel() * p.element_size() for p in self.parameters())
 
     def new_cache(self, cache_cls, *args, **kwargs):
         """Allocate a cache shaped for this model: cache_cls(n_layers, n_kv_heads, head_dim, *args, dtype, device)."""

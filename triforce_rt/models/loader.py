@@ -54,8 +54,9 @@ def gguf_path(spec: str) -> str | None:
 def resolve(spec: str, what: str = "model") -> str:
     """The HF folder that holds the model named by spec, converting a GGUF file on first use; what names it in
     the error ("drafter" for --drafter and --init)."""
-    if gguf_path(spec):
-        return gguf_to_folder(gguf_path(spec))
+    gguf = gguf_path(spec)
+    if gguf:
+        return gguf_to_folder(gguf)
     path = os.path.expanduser(spec)
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
         return path
@@ -193,7 +194,8 @@ def load_model(spec: str = "default", dtype=None, device=None, allow_pickle: boo
             raise UserError(f"unknown dtype '{dtype}' (choose from {', '.join(DTYPES)})")
         dtype = DTYPES[dtype]
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    kernels = choose(kernels, device, dtype, gguf_path(spec), tp)  # before a GGUF's conversion
+    gguf = gguf_path(spec)
+    kernels = choose(kernels, device, dtype, gguf, tp)  # before a GGUF's conversion
     folder = resolve(spec)
     config = os.path.join(folder, "config.json")
     try:
@@ -210,7 +212,7 @@ def load_model(spec: str = "default", dtype=None, device=None, allow_pickle: boo
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{config}: {first_line(e)}") from None
     try:  # numba reads a GGUF's blocks in place of the converted folder's fp32 copy
-        sd = read_gguf(gguf_path(spec), hf_cfg) if kernels == "numba" and gguf_path(spec) else None
+        sd = read_gguf(gguf, hf_cfg) if kernels == "numba" and gguf else None
         model = from_state_dict(cfg, sd or read_state_dict(folder, allow_pickle))
     except ValueError as e:
         raise UserError(f"{spec}: {e}") from None
