@@ -202,7 +202,8 @@ def markdown(report: dict) -> str:
     lines += ["| context | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for r in report["decode"]:
         lines.append(f"| {r['context']} | " + " | ".join(str(r.get(k, "")) for k in keys) + " |")
-    lines += ["", "### `ar` batch throughput, numba Q4_1", "", "| batch | context | tok/s | × B=1 |", "|---|---|---|---|"]
+    lines += ["", "### `ar` batch throughput, numba Q4_1", "", "| batch | context | tok/s | × B=1 |",
+              "|---|---|---|---|"]
     lines += [f"| {r['batch']} | {r['context']} | {r['tok_s']} | {r['vs_B1']} |" for r in report["batch"]]
     return "\n".join(lines)
 

@@ -145,7 +145,8 @@ def test_rows_not_whole_blocks_stay_on_torch():
     assert type(numba_model.layers[0].mlp.down_proj).__module__ == "cpu_kernels.modules"
     assert type(numba_model.layers[0].mlp.up_proj).__module__ == "torch.nn.modules.linear"
     cfg = GenerationConfig(max_new_tokens=12, ignore_eos=True)
-    assert generate(numba_model, list(range(3, 20)), cfg).tokens == generate(torch_model, list(range(3, 20)), cfg).tokens
+    prompt = list(range(3, 20))
+    assert generate(numba_model, prompt, cfg).tokens == generate(torch_model, prompt, cfg).tokens
 
 
 def test_sampling_follows_the_target_exactly_on_numba():
