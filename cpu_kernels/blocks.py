@@ -42,6 +42,14 @@ class Blocks:
         return cls(fmt, torch.from_numpy(codes.view(np.int8) if fmt == "Q8_0" else codes), half(0),
                    half(2) if fmt == "Q4_1" else None)
 
+    @classmethod
+    def quantize(cls, w: torch.Tensor, fmt: str) -> "Blocks":
+        """fp32 [N, K] -> Blocks of fmt, by gguf's quantizer (bit for bit ggml's reference rounding)."""
+        import gguf
+
+        raw = gguf.quants.quantize(w.detach().float().cpu().numpy(), gguf.GGMLQuantizationType[fmt])
+        return cls.from_gguf(fmt, raw, w.shape[1])
+
     @property
     def shape(self) -> tuple:
         return self.codes.shape[0], self.codes.shape[1] * QK

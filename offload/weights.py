@@ -81,6 +81,17 @@ class WeightStream:
         if nxt % 2 == j % 2:  # odd count, last layer: the next forward's first layer reuses this buffer
             self._load(nxt, self.done[j])
 
+    def host_parameters(self) -> dict:
+        """Each streamed parameter -> its values in host memory (a view of its layer's flat copy): what the
+        parameter holds once its layer is loaded (its own data is a view of a shared device buffer)."""
+        out = {}
+        for layer, host in zip(self.layers, self.host):
+            off = 0
+            for p in layer.parameters():
+                out[p] = host[off : off + p.numel()].view(p.shape)
+                off += p.numel()
+        return out
+
     @property
     def streamed(self) -> int:
         return len(self.layers)

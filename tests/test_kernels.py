@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import child_env, hf_model, ours
 from gguf import GGMLQuantizationType, GGUFWriter, dequantize, quantize
-from test_hierarchy import ALPHA, SPEC_MODES, random_pair, sampled_pairs, sweep_cases
+from test_hierarchy import ALPHA, SPEC_MODES, mode_config, random_pair, sampled_pairs, sweep_cases
 
 from cpu_kernels import FORMATS, Blocks, linear
 from triforce_rt import GenerationConfig, generate, load_model
@@ -16,12 +16,6 @@ from triforce_rt.models.kernels import choose, place_blocks, read_gguf, use_numb
 from triforce_rt.models.loader import default_gguf, resolve
 from triforce_rt.sampling import SamplingParams
 from conftest import pooled_chisquare
-
-
-def quantized(fmt: str, w: torch.Tensor) -> Blocks:
-    """w [N, K] through gguf's own quantizer, as Blocks."""
-    raw = quantize(w.numpy(), GGMLQuantizationType[fmt])
-    return Blocks.from_gguf(fmt, raw, w.shape[1])
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -40,7 +34,7 @@ def test_one_hot_rows_give_the_exact_weights(fmt):
     """x = identity: each output is one weight times 1 plus zeros, so any rounding in the kernel's weight values
     (an FMA in d * q + m, say) would show."""
     w = torch.randn(36, 64, generator=torch.Generator().manual_seed(1))
-    b = w if fmt == "fp32" else quantized(fmt, w)
+    b = w if fmt == "fp32" else Blocks.quantize(w, fmt)
     ref = w if fmt == "fp32" else b.dequantize()
     for M in (1, 4, 6):  # single rows, whole tiles of 4, a padded tile
         assert torch.equal(linear(torch.eye(64)[:M], b), ref.T[:M])
@@ -55,7 +49,7 @@ def test_sums_within_the_fp32_error_bound(fmt):
     g = torch.Generator().manual_seed(2)
     for N, K in ((1, 32), (7, 96), (64, 576)):
         w = torch.randn(N, K, generator=g)
-        b = w if fmt == "fp32" else quantized(fmt, w)
+        b = w if fmt == "fp32" else Blocks.quantize(w, fmt)
         wd = w if fmt == "fp32" else b.dequantize()
         u = 2.0 ** -24
         for M in (1, 2, 3, 4, 5, 7, 8, 16, 33):
@@ -70,7 +64,7 @@ def test_sums_within_the_fp32_error_bound(fmt):
 def test_rows_are_independent_of_the_batch():
     """Row r of a step's output does not depend on the other rows: the same tile code sums it whether it is
     alone or among 8 (so ar, a verify step and a batch see the same logits for the same hidden state)."""
-    w = quantized("Q4_1", torch.randn(40, 128, generator=torch.Generator().manual_seed(3)))
+    w = Blocks.quantize(torch.randn(40, 128, generator=torch.Generator().manual_seed(3)), "Q4_1")
     x = torch.randn(8, 128, generator=torch.Generator().manual_seed(4))
     full = linear(x, w)
     for r in range(4):
@@ -117,7 +111,7 @@ def numba_pair(seed, n_kv, blocks: bool):
     target, drafter = random_pair(seed, n_kv)
     if blocks:
         sd = target.state_dict()
-        q = {k: quantized("Q8_0" if k == "lm_head.weight" else "Q4_1", v) for k, v in sd.items()
+        q = {k: Blocks.quantize(v, "Q8_0" if k == "lm_head.weight" else "Q4_1") for k, v in sd.items()
              if v.dim() == 2 and "embed" not in k}
         place_blocks(target, q)
     use_numba(target), use_numba(drafter)
@@ -131,9 +125,11 @@ def test_greedy_every_mode_equals_ar_on_numba(case, blocks):
     prompt = torch.randint(0, 64, (case["prompt_len"],), generator=torch.Generator().manual_seed(case["seed"])).tolist()
     cfg = dict(max_new_tokens=32, ignore_eos=True, **{**case["cfg"], "draft_dtype": None})
     cfg["budget"] = max(cfg["budget"], cfg["chunk_size"])
-    ar = generate(target, prompt, GenerationConfig(**cfg)).tokens
+    if blocks and cfg["draft_quant"] == "q8":  # Q8_0 is no smaller than the target's Q4_1: refused
+        cfg["draft_quant"] = "q4"
+    ar = generate(target, prompt, mode_config("ar", **cfg)).tokens
     for mode in SPEC_MODES:
-        assert generate(target, prompt, GenerationConfig(mode=mode, **cfg), drafter=drafter).tokens == ar, mode
+        assert generate(target, prompt, mode_config(mode, **cfg), drafter=drafter).tokens == ar, mode
 
 
 def test_rows_not_whole_blocks_stay_on_torch():

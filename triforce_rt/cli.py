@@ -1,6 +1,7 @@
 """The `triforce` command. Bad input ends with one line on stderr and exit code 2, never a traceback."""
 import argparse
 import json
+import logging
 import math
 import os
 import sys
@@ -52,6 +53,8 @@ def add_generation_args(p, mode: str, max_new_tokens: int = 128):
     spec.add_argument("--drafter", default="default", help="tiny drafter of triforce/draft/triforce-ngram: 'default' "
                       "(the distilled drafter shipped for the default model) or a model path sharing the target's "
                       "tokenizer")
+    spec.add_argument("--verbose", action="store_true", help="print --mode auto's step costs and each change of plan "
+                      "to stderr")
     defaults = {"mode": mode, "max_new_tokens": max_new_tokens}
     for f in fields(GenerationConfig):
         m, flag = f.metadata, "--" + f.name.replace("_", "-")
@@ -123,7 +126,7 @@ def build_parser():
         add_generation_args(p, mode, max_new_tokens)
         return p
 
-    g = job("generate", "generate a continuation of a prompt", "ar",
+    g = job("generate", "generate a continuation of a prompt", "auto",
             **{"--chat": dict(action="store_true", help="wrap the prompt in the model's chat template"),
                "--json": dict(action="store_true", help="print one JSON object with tokens, text and stats"),
                "--tp": dict(type=int, default=1, metavar="N", help="tensor parallel over N processes: torchrun "
@@ -131,14 +134,14 @@ def build_parser():
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", help="read the prompt from this file")
-    job("summarize", "summarize text or Markdown files with the model's chat template", "triforce", 256,
+    job("summarize", "summarize text or Markdown files with the model's chat template", "auto", 256,
         **{"files": dict(nargs="+", metavar="FILE"),
            "--out": dict(help="write the summaries here instead of stdout"),
            "--fit": dict(choices=("refuse", "truncate", "map-reduce"), default="refuse",
                          help="a document beyond the context: refuse (default), keep its start and end, or "
                               "summarize chunks then the summaries"),
            "--quiet": dict(action="store_true", help="no progress bars")})
-    job("batch", "generate for every line of a JSONL file; durable and resumable", "ar",
+    job("batch", "generate for every line of a JSONL file; durable and resumable", "auto",
         **{"input": dict(metavar="INPUT.jsonl"),
            "--out": dict(required=True, metavar="OUTPUT.jsonl", help="appended to; finished ids are skipped"),
            "--chat": dict(action="store_true", help="wrap each 'prompt' in the chat template ('messages' always is)"),
@@ -304,6 +307,18 @@ def cmd_bench(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    log = logging.getLogger("triforce_rt")  # --verbose: --mode auto's step costs and plan switches, on stderr
+    handler = logging.StreamHandler(sys.stderr)
+    if getattr(args, "verbose", False):
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    try:
+        return run_command(args)
+    finally:
+        log.removeHandler(handler)
+
+
+def run_command(args) -> int:
     try:
         commands = {"generate": cmd_generate, "summarize": cmd_summarize, "batch": cmd_batch, "distill": cmd_distill,
                     "run": cmd_run, "bench": cmd_bench}

@@ -15,10 +15,13 @@ from tqdm import tqdm
 from offload import KVStream
 from retrieval_cache import FullCache, RetrievalCache, StreamingCache
 
+from .calibration import costs_for
 from .errors import UserError
+from .models.quant import quantized
 from .sampling import sample
 from .settings import MODES, GenerationConfig, check_config, gamma_name, uses_retrieval
 from .speculation import Hierarchy, NgramTier, Tier, Tokens
+from .speculation.auto import Auto
 from .speculation.tier import ragged
 
 DEFAULT_BUDGET = 4096  # retrieval tokens when the prompt is long enough (TriForce's setting)
@@ -34,6 +37,7 @@ class GenerationResult:
     decode_seconds: float  # from the first token to this sequence's last
     tiers: list = field(default_factory=list)  # per-tier stats (shared by the sequences decoded as one batch)
     batch_size: int = 1  # sequences decoded together
+    plan: list = field(default_factory=list)  # the tiers drafting, then each switch of --mode auto (plan_entry)
 
     @property
     def new_tokens(self) -> int:
@@ -169,7 +173,9 @@ class Build:
     def __post_init__(self):
         self.lengths = [len(p) for p in self.prompts]
         self.dtype = getattr(torch, self.cfg.draft_dtype) if self.cfg.draft_dtype else None
-        self.model_d = self.model.with_dtype(self.dtype)  # the target's weights for its own drafting tiers
+        # the target's weights for its own drafting tiers: a quantized copy, one in another dtype, or its own
+        self.model_d = (quantized(self.model, self.cfg.draft_quant) if self.cfg.draft_quant != "none"
+                        else self.model.with_dtype(self.dtype))
         self.depth = self.cfg.gamma1 + self.cfg.gamma2 + 2  # most tokens a tier may hold past the committed sequence
         self.budget = retrieval_budget(self.cfg, max(self.lengths))  # one cache shape: sized by the longest prompt
 
@@ -255,6 +261,12 @@ def generate_batch(model, prompts: list, cfg: GenerationConfig, on_token=None, p
     return Session(model, prompts, [cfg], progress).decode(cfg, on_token, drafter)
 
 
+def plan_entry(cfg: GenerationConfig) -> dict:
+    """A fixed mode's plan: its name and the γ it reads."""
+    names = {gamma_name(MODES[cfg.mode].tiers, i) for i in range(len(MODES[cfg.mode].tiers))}
+    return {"at": 0, "mode": cfg.mode, **{g: getattr(cfg, g) for g in sorted(names)}}
+
+
 def decode(model, full, logits, prompts: list, cfg: GenerationConfig, on_token=None, drafter=None,
            prefill_s: float = 0.0) -> list:
     """The generate loop after the target's prefill: row b of full holds prompts[b], logits [B, V] follow them.
@@ -264,11 +276,15 @@ def decode(model, full, logits, prompts: list, cfg: GenerationConfig, on_token=N
     t0 = time.perf_counter()
     first = sample(logits, sp, gen).tolist()
     tiers = build_tiers(model, full, drafter, prompts, cfg)
-    prefill_s += time.perf_counter() - t0
-
     # Each row's sequence: its prompt and the first token; room for the new tokens and the deepest drafts.
     tokens = Tokens([p + [t] for p, t in zip(prompts, first)], full.max_len + cfg.gamma1 + cfg.gamma2 + 2)
-    hierarchy, top = Hierarchy(tiers, sp, gen, tokens), len(tiers) - 1
+    hierarchy = Hierarchy(tiers, sp, gen, tokens)
+    auto = None
+    if MODES[cfg.mode].auto:  # the pool is (retrieval, ngram, target)
+        costs = costs_for(tiers[-1], tiers[0], [tokens.row(b) for b in range(len(prompts))], cfg.gamma2,
+                          retrieval_budget(cfg, max(map(len, prompts))))
+        auto = Auto(hierarchy, costs, cfg.gamma2, bool(cfg.refresh))
+    prefill_s += time.perf_counter() - t0
     outs, decode_s = [[] for _ in prompts], [0.0] * len(prompts)
 
     def emit(row: int, new: list) -> bool:  # True once the row's generation is over
@@ -294,7 +310,12 @@ def decode(model, full, logits, prompts: list, cfg: GenerationConfig, on_token=N
     advance([[t] for t in first])
     since_select = 0
     while live:
-        news, _ = hierarchy.round(top, [cfg.max_new_tokens - len(outs[r]) for r in live])
+        if auto:
+            auto.choose(sum(map(len, outs)))
+            auto.before()
+        news, _ = hierarchy.round(len(hierarchy.tiers) - 1, [cfg.max_new_tokens - len(outs[r]) for r in live])
+        if auto:
+            auto.after(news)
         advance(news)
         since_select += max(map(len, news))
         if live and cfg.refresh and since_select >= cfg.refresh:
@@ -302,5 +323,6 @@ def decode(model, full, logits, prompts: list, cfg: GenerationConfig, on_token=N
             since_select = 0
     stats = [asdict(t.stats) for t in tiers]
     decode_text = (lambda o: model.tokenizer.decode(o, skip_special_tokens=True)) if model.tokenizer else (lambda o: "")
-    return [GenerationResult(cfg.mode, len(p), o, decode_text(o), prefill_s, s, stats, len(prompts))
+    plan = auto.log if auto else [plan_entry(cfg)]
+    return [GenerationResult(cfg.mode, len(p), o, decode_text(o), prefill_s, s, stats, len(prompts), plan)
             for p, o, s in zip(prompts, outs, decode_s)]

@@ -6,30 +6,15 @@ HF decode tokens/s = (N - 1) / (t(N new tokens) - t(1 new token)), the prefill c
 ours comes from the engine's own prefill/decode split. Both are greedy fp32, so their tokens must agree.
 """
 import json
-import os
-import platform
 import time
 
 import torch
 
+from .calibration import machine
 from .engine import GenerationConfig, generate
 from .models import load_model
 from .runtime import set_threads
 from .textio import encode
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def real_text_ids(tokenizer, n: int) -> list:

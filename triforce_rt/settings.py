@@ -29,6 +29,7 @@ def setting(default, kind, help: str, lo=None, hi=None, lo_open=False, choices=N
 class Mode:
     tiers: tuple  # drafting tier kinds, bottom first: each drafts for the next, the last one for the target
     help: str
+    auto: bool = False  # the tiers are a pool: the plan (which of them draft, and γ) is chosen while decoding
 
 
 MODES = {
@@ -40,12 +41,19 @@ MODES = {
     "ngram": Mode(("ngram",), "n-gram lookup in the context → target (prompt-lookup decoding)"),
     "triforce-ngram": Mode(("drafter", "ngram", "retrieval"), "n-gram lookup, or the tiny drafter where the lookup "
                            "finds no match → target + retrieval cache → target"),
+    "self-spec-ngram": Mode(("retrieval", "ngram"), "n-gram lookup, or the target + retrieval cache where the lookup "
+                            "finds no match → target"),
+    "auto": Mode(("retrieval", "ngram"), "chooses among ar, ngram, self-spec and self-spec-ngram, and gamma2, from "
+                 "step costs measured on this machine and the acceptance it observes; switches between rounds",
+                 auto=True),
 }
 TIER_SETTINGS = {"drafter": ("sinks", "window", "draft_dtype"), "ngram": ("ngram",),
-                 "retrieval": ("budget", "chunk_size", "refresh", "draft_dtype"),
-                 "streaming": ("budget", "chunk_size", "sinks", "window", "draft_dtype")}
+                 "retrieval": ("budget", "chunk_size", "refresh", "draft_dtype", "draft_quant"),
+                 "streaming": ("budget", "chunk_size", "sinks", "window", "draft_dtype", "draft_quant")}
+SELF_DRAFTING = ("retrieval", "streaming")  # tiers that run the target's own weights (draft_dtype, draft_quant)
 DRAFTER_MODES = tuple(m for m, spec in MODES.items() if "drafter" in spec.tiers)
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTS = ("none", "q8", "q4")
 
 
 def gamma_name(tiers: tuple, i: int) -> str:
@@ -57,6 +65,10 @@ def relevant(mode: str) -> set:
     """The settings that change what a mode computes (sampling aside)."""
     tiers = MODES[mode].tiers
     return {k for t in tiers for k in TIER_SETTINGS[t]} | {gamma_name(tiers, i) for i in range(len(tiers))}
+
+
+def self_drafting_modes() -> list:
+    return [m for m, spec in MODES.items() if set(SELF_DRAFTING) & set(spec.tiers)]
 
 
 def uses_retrieval(mode: str) -> bool:
@@ -86,6 +98,9 @@ class GenerationConfig:
     ngram: int = setting(3, int, "longest n-gram the lookup tier matches (down to 2)", lo=2, spec=True, sweep=True)
     draft_dtype: str | None = setting(None, str, "dtype of the drafting tiers (default: the target's); "
                                       "verification keeps the output exact", choices=DTYPES, spec=True, sweep=True)
+    draft_quant: str = setting("none", str, "weights of the self-drafting tiers: the target's (none), or a copy in "
+                               "8-bit (q8: Q8_0) or 4-bit (q4: Q4_0) blocks on the CPU kernels; verification keeps "
+                               "the output exact", choices=QUANTS, spec=True, sweep=True)
     temperature: float = setting(0.0, float, "0 = greedy", lo=0.0, sweep=True, line=True)
     top_p: float = setting(1.0, float, "nucleus sampling: keep the smallest set of tokens with this much "
                            "probability, in (0, 1]", lo=0.0, hi=1.0, lo_open=True, sweep=True, line=True)
@@ -133,3 +148,10 @@ def check_config(cfg: GenerationConfig) -> None:
         check_setting(name, getattr(cfg, name))
     if cfg.budget is not None and cfg.budget < cfg.chunk_size:
         raise UserError(f"budget ({cfg.budget} tokens) must hold at least one chunk of chunk_size={cfg.chunk_size}")
+    if cfg.draft_quant != "none":
+        if not set(SELF_DRAFTING) & set(MODES[cfg.mode].tiers):
+            raise UserError(f"draft_quant {cfg.draft_quant}: mode '{cfg.mode}' has no tier that drafts with the "
+                            f"target's weights (those that do: {', '.join(self_drafting_modes())})")
+        if cfg.draft_dtype:
+            raise UserError("draft_quant and draft_dtype exclude each other: a quantized drafting copy computes in "
+                            "float32")

@@ -66,6 +66,9 @@ def summary_line(res) -> str:
         rates = ", ".join(f"{t['name']} {t['accepted']}/{t['drafted']}"
                           + (f" (α {alpha(t):.2f})" if alpha(t) is not None else "") for t in res.tiers[:-1])
         line += f" | accepted {rates}; {res.tokens_per_target_call:.2f} tok/target call"
+    if len(res.plan) > 1 or res.plan and res.plan[0]["mode"] != res.mode:  # --mode auto: its plan and switches
+        line += " | plan " + " → ".join(f"{e['mode']}" + (f" γ{e['gamma2']}" if e.get("gamma2") else "")
+                                        + f" at {e['at']}" for e in res.plan)
     return line
 
 

@@ -49,7 +49,17 @@ class Tokens:
 
 class Hierarchy:
     def __init__(self, tiers: list[Tier], sp: SamplingParams, generator: torch.Generator, tokens: Tokens):
-        self.tiers, self.sp, self.gen, self.tok = tiers, sp, generator, tokens
+        self.pool = list(tiers)  # every tier built, the target last
+        self.tiers, self.sp, self.gen, self.tok = list(tiers), sp, generator, tokens  # those drafting now
+
+    def use(self, tiers: list) -> None:
+        """Draft with these tiers of the pool from the next round on (a sub-stack, the target last; --mode auto).
+        A retrieval tier that rejoins is re-selected from the target's cache; an idle tier's count is never past
+        the committed tokens, and nothing else of it changes while it idles."""
+        for t in tiers:
+            if t not in self.tiers and isinstance(getattr(t, "cache", None), RetrievalCache):
+                self.reselect(t)
+        self.tiers = list(tiers)
 
     def round(self, k: int, limits: list) -> tuple[list, list]:
         """Per row: 1..limits[b] tokens of tier k after its sequence (appended to it), and the distributions p_k
@@ -122,20 +132,23 @@ class Hierarchy:
     def rollback(self, row: int, n: int) -> None:
         """Row's sequence back to its first n tokens, in the buffer and every tier (the last one pending)."""
         self.tok.n[row] = n
-        for t in self.tiers:
+        for t in self.pool:
             t.truncate(row, n - 1)
 
     def keep(self, rows: list) -> None:
-        """Continue with these batch rows only (the others finished)."""
+        """Continue with these batch rows only (the others finished), in every tier of the pool."""
         self.tok.keep(rows)
-        for t in self.tiers:
+        for t in self.pool:
             t.keep(rows)
 
     def refresh(self) -> None:
         """Re-select every retrieval cache from the target's cache, which holds each committed sequence but its
         last token; the selection query is the target's latest one (FullCache.last_q). Tails start again."""
-        top = self.tiers[-1]
         for t in self.tiers:
             if isinstance(getattr(t, "cache", None), RetrievalCache):
-                t.cache.select(top.cache, top.pos)
-                t.pos = list(top.pos)
+                self.reselect(t)
+
+    def reselect(self, tier: Tier) -> None:
+        top = self.tiers[-1]
+        tier.cache.select(top.cache, top.pos)
+        tier.pos = list(top.pos)

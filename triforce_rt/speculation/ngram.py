@@ -35,6 +35,13 @@ class NgramTier:
         """Per row, up to n tokens continuing seqs[b] (an int array; none when no n-gram of length >= min_n
         recurs)."""
         t0 = time.perf_counter()
+        out = self.lookup(seqs, n)
+        self.stats.calls += 1
+        self.stats.seconds += time.perf_counter() - t0
+        return out
+
+    def lookup(self, seqs: list, n: int) -> list:
+        """draft() without counting a call (--mode auto watches the lookup while it does not draft)."""
         out = []
         for seq in seqs:
             arr, toks = np.asarray(seq), []
@@ -44,8 +51,6 @@ class NgramTier:
                     toks = arr[start : start + n].tolist()
                     break
             out.append(toks)
-        self.stats.calls += 1
-        self.stats.seconds += time.perf_counter() - t0
         return out
 
     def one_hot(self, draft: list, device) -> torch.Tensor:
