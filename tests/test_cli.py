@@ -11,7 +11,7 @@ from conftest import child_env, stdlib_text
 from triforce_rt.cli import main
 
 JSON_KEYS = {"mode", "prompt_tokens", "new_tokens", "tokens", "text", "prefill_seconds", "decode_seconds",
-             "decode_tokens_per_second", "tiers", "tokens_per_target_call"}
+             "decode_tokens_per_second", "tiers", "tokens_per_target_call", "plan"}
 
 
 def run_cli(capsys, *argv):
@@ -22,11 +22,12 @@ def run_cli(capsys, *argv):
 
 def test_json_output(capsys, tiny_folder):
     rc, out, err = run_cli(capsys, "generate", "--model", tiny_folder, "--prompt", "def f(x):", "--max-new-tokens", "6",
-                           "--ignore-eos", "--json")
+                           "--ignore-eos", "--json", "--mode", "ar")
     assert rc == 0
     obj = json.loads(out.strip().splitlines()[-1])
     assert JSON_KEYS <= set(obj)
     assert obj["mode"] == "ar" and obj["new_tokens"] == len(obj["tokens"]) == 6
+    assert obj["plan"] == [{"at": 0, "mode": "ar"}]
     assert [t["name"] for t in obj["tiers"]] == ["target"]
     assert set(obj["tiers"][0]) == {"name", "drafted", "accepted", "rejected", "calls", "seconds"}
 

@@ -15,6 +15,7 @@ from triforce_rt.models import ModelConfig
 from triforce_rt.models.loader import from_state_dict
 from triforce_rt.sampling import SamplingParams, probs
 from triforce_rt.speculation import Hierarchy, NgramTier, Tokens, verify_sample
+from triforce_rt.speculation.auto import Auto
 
 SPEC_MODES = [m for m in MODES if m != "ar"]
 
@@ -138,10 +139,13 @@ def reduced_vocabulary(drafter, keep: list):
     return from_state_dict(cfg, sd).eval().setup_rope()
 
 
-def sampled_pairs(mode, sp, flawed=False, keep=None, rows=50, kernels=lambda model: None):
+def sampled_pairs(mode, sp, flawed=False, keep=None, rows=50, kernels=lambda model: None, costs=None,
+                  each_draw=lambda i: None):
     """DRAWS times: the first two tokens after PROMPT through the real tiers, `rows` draws per batched step (the
     batch rows are independent sequences); then every tier rolls back. keep: restrict the drafter to these tokens.
-    kernels: applied to both models (e.g. models.kernels.use_numba)."""
+    kernels: applied to both models (e.g. models.kernels.use_numba). costs: step costs for --mode auto, whose plan
+    is then chosen before every round (Auto, as the engine drives it); each_draw(i) runs before batch i of draws (a
+    test may change the costs there). Returns the plan log too."""
     target, drafter = random_pair(3, vocab=V, sharpen=8.0)
     if keep is not None:
         drafter = reduced_vocabulary(drafter, keep)
@@ -153,24 +157,31 @@ def sampled_pairs(mode, sp, flawed=False, keep=None, rows=50, kernels=lambda mod
     if flawed:
         tiers[1].verify = resample_from_p
     hierarchy = Hierarchy(tiers, sp, torch.Generator().manual_seed(0), Tokens([PROMPT] * rows, 64))
+    auto = costs and Auto(hierarchy, costs, cfg.gamma2, refresh=False)
     counts = torch.zeros(V * V)
-    for _ in range(DRAWS // rows):
+    for i in range(DRAWS // rows):
+        each_draw(i)
         toks = [[] for _ in range(rows)]
         while min(map(len, toks)) < 2:  # whole rounds (every tier drafts its full γ); a row ahead runs on
-            news, _ = hierarchy.round(len(tiers) - 1, [cfg.max_new_tokens] * rows)
+            if auto:
+                auto.choose(0)
+                auto.before()
+            news, _ = hierarchy.round(len(hierarchy.tiers) - 1, [cfg.max_new_tokens] * rows)
+            if auto:
+                auto.after(news)
             for t, new in zip(toks, news):
                 t += new
         for t in toks:
             counts[t[0] * V + t[1]] += 1
         for b in range(rows):
             hierarchy.rollback(b, len(PROMPT))
-    return counts, two_token_law(target, sp), [t.stats for t in tiers[:-1]]
+    return counts, two_token_law(target, sp), [t.stats for t in tiers[:-1]], auto and auto.log
 
 
 @pytest.mark.parametrize("mode,sp", [(m, SamplingParams(1.0)) for m in SPEC_MODES]
                          + [("triforce", SamplingParams(0.8, top_p=0.9, top_k=5))], ids=str)
 def test_sampling_follows_the_target_exactly(mode, sp):
-    counts, law, stats = sampled_pairs(mode, sp)
+    counts, law, stats, _ = sampled_pairs(mode, sp)
     # Both branches of the rule run many times at every drafting tier: drafts are accepted and rejected.
     # (An n-gram tier proposes continuations of random text, so its acceptance is low, but not zero.)
     assert all(s.accepted >= 200 and s.rejected >= 200 for s in stats), stats
@@ -180,7 +191,7 @@ def test_sampling_follows_the_target_exactly(mode, sp):
 def test_reduced_vocabulary_drafter_stays_exact():
     """q = 0 outside the 5 kept tokens of 8: the residual rule still gives exactly the target's law, through both
     drafting tiers."""
-    counts, law, stats = sampled_pairs("triforce", SamplingParams(1.0), keep=[0, 2, 3, 5, 6])
+    counts, law, stats, _ = sampled_pairs("triforce", SamplingParams(1.0), keep=[0, 2, 3, 5, 6])
     assert 0.2 < stats[0].accepted / stats[0].drafted < 0.98, stats
     assert pooled_chisquare(counts, law) > ALPHA
 
@@ -197,7 +208,7 @@ def test_reduced_vocabulary_logits_are_minus_infinity_elsewhere():
 
 
 def test_triforce_middle_tier_flaw_is_caught():
-    counts, law, _ = sampled_pairs("triforce", SamplingParams(1.0), flawed=True)
+    counts, law, _, _ = sampled_pairs("triforce", SamplingParams(1.0), flawed=True)
     assert pooled_chisquare(counts, law) < ALPHA
 
 

@@ -147,7 +147,7 @@ def test_rows_not_whole_blocks_stay_on_torch():
 
 def test_sampling_follows_the_target_exactly_on_numba():
     """8 rows a step, so every tier's steps (at most 8 x 4 rows) stay on the numba kernels."""
-    counts, law, stats = sampled_pairs("triforce", SamplingParams(1.0), rows=8, kernels=use_numba)
+    counts, law, stats, _ = sampled_pairs("triforce", SamplingParams(1.0), rows=8, kernels=use_numba)
     assert all(s.accepted >= 200 and s.rejected >= 200 for s in stats), stats
     assert pooled_chisquare(counts, law) > ALPHA
 

@@ -13,7 +13,6 @@ from ..errors import UserError
 from ..runtime import Runtime
 
 QUANTS = {"q8": "Q8_0", "q4": "Q4_0"}  # --draft-quant -> block format
-BLOCK_BYTES = {"Q8_0": 36, "Q4_1": 24, "Q4_0": 20}  # bytes per 32 weights as cpu_kernels holds them (fp32 scales)
 
 
 def quantized(model, quant: str):
@@ -25,10 +24,6 @@ def quantized(model, quant: str):
     if model.device.type != "cpu":
         raise UserError("--draft-quant runs the drafting copy on the CPU kernels (numba); with --device cuda use "
                         "--draft-dtype instead")
-    have = {b.fmt for b in model.weight_blocks}
-    if have and max(BLOCK_BYTES[f] for f in have) <= BLOCK_BYTES[fmt]:
-        raise UserError(f"--draft-quant {quant}: the target's weights are {', '.join(sorted(have))} blocks already, "
-                        f"no larger than {fmt}; use --draft-quant q4 or none")
     from .kernels import use_numba
     from .loader import from_state_dict
 
@@ -41,6 +36,11 @@ def quantized(model, quant: str):
         if w.dim() == 2 and w.shape[1] % QK == 0:
             sd[name] = Blocks.quantize(w, fmt)
     copy = from_state_dict(model.config, sd).eval().setup_rope(model.rope.max_len if model.rope else None)
+    if copy.weight_bytes() >= model.weight_bytes():
+        have = "/".join(sorted({b.fmt for b in model.weight_blocks})) or str(model.norm.weight.dtype)[6:]
+        raise UserError(f"--draft-quant {quant}: a {fmt} copy ({copy.weight_bytes() / 1e6:.0f} MB) would not be "
+                        f"smaller than the target's {have} weights ({model.weight_bytes() / 1e6:.0f} MB); use a "
+                        "smaller --draft-quant, or none")
     copy.runtime = Runtime(rt.tokenizer, rt.source)
     use_numba(copy)
     rt.casts[fmt] = copy
