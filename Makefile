@@ -1,5 +1,5 @@
 # make setup: torch (CPU wheel here), this package, the default model. Idempotent; quick when already done.
-# make demo:  the main job (summarize a long document, --mode triforce) on the default model.
+# make demo:  the main job (summarize a long document, --mode auto) on the default model.
 # make test:  the test suite.   make bench: AR vs HF timing.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip --disable-pip-version-check -q

@@ -1,6 +1,7 @@
 """Issue #31: every mode, `--mode auto`, with and without the quantized drafting tier, on held-out code ("explain"
 over stdlib sources) and prose ("summarize" over the Python docs) at 1K, 2K, 4K and 8K tokens, 128 new tokens,
-greedy and sampled (T = 0.6); then `make demo`'s own document (the Apache-2.0 text, summarize's chat request,
+greedy and sampled (T = 0.6; SEEDS seeds per row, since each mode samples another text and the lookup's
+acceptance varies most with the text); then `make demo`'s own document (the Apache-2.0 text, summarize's chat request,
 128 greedy tokens past any end of text) in ar, triforce, ngram and auto. One run per row, one prefill per prompt and context.
 
     python benchmarks/auto.py [TAG] [--kernels auto|torch] [--quant q4|q8] [--contexts N ...] [--no-sampled]
@@ -24,18 +25,23 @@ from triforce_rt.settings import MODES
 from triforce_rt.textio import read_text
 
 FIXED = [m for m in MODES if m not in ("ar", "auto")]
+SEEDS = (0, 1, 2)  # of each sampled row
+SAMPLED = ("ngram", "self-spec", "self-spec-ngram", "triforce", "auto", "self-spec {q}", "auto {q}")
 
 
-def variants(quant: str) -> list:
-    """(label, settings): every fixed mode, auto, and the self-drafting modes and auto on the quantized copy."""
+def variants(quant: str, greedy: bool) -> list:
+    """(label, settings): every fixed mode, auto, and the self-drafting modes and auto on the quantized copy
+    (sampled: the modes of SAMPLED, each over SEEDS)."""
     rows = [(m, {"mode": m}) for m in FIXED] + [("auto", {"mode": "auto"})]
-    return rows + [(f"{m} {quant}", {"mode": m, "draft_quant": quant}) for m in ("self-spec", "triforce", "auto")]
+    rows += [(f"{m} {quant}", {"mode": m, "draft_quant": quant}) for m in ("self-spec", "triforce", "auto")]
+    return rows if greedy else [r for r in rows if r[0] in {v.format(q=quant) for v in SAMPLED}]
 
 
-def row(label, res, ar, n_ctx, prompt, temperature) -> dict:
+def row(label, res, ar, n_ctx, prompt, temperature, seed=0) -> dict:
     r = mode_row(n_ctx, res, ar, 0)
     del r["kv_bytes"]
-    r.update(label=label, prompt=prompt, temperature=temperature, plan=[(e["mode"], e.get("gamma2")) for e in res.plan])
+    r.update(label=label, prompt=prompt, temperature=temperature, seed=seed,
+             plan=[(e["mode"], e.get("gamma2")) for e in res.plan])
     if temperature:  # sampled: the tokens differ from ar's by chance, not by error
         del r["tokens_identical"]
     return r
@@ -54,10 +60,12 @@ def run(contexts, prompts, temperatures, quant: str, kernels: str, threads=2, ou
         for n_ctx in contexts:
             decode = one_prefill(model, chat_prompt(model.tokenizer, instruction, text, n_ctx), 128)[0]
             for t in temperatures:
-                ar = decode(mode="ar", temperature=t)
-                report["rows"].append(row("ar", ar, ar, n_ctx, prompt, t))
-                for label, settings in variants(quant):
-                    report["rows"].append(row(label, decode(drafter, temperature=t, **settings), ar, n_ctx, prompt, t))
+                for seed in SEEDS if t else (0,):
+                    ar = decode(mode="ar", temperature=t, seed=seed)
+                    report["rows"].append(row("ar", ar, ar, n_ctx, prompt, t, seed))
+                    for label, settings in variants(quant, greedy=not t):
+                        res = decode(drafter, temperature=t, seed=seed, **settings)
+                        report["rows"].append(row(label, res, ar, n_ctx, prompt, t, seed))
             del decode
     ids = request(model.tokenizer, INSTRUCTION, read_text(corpus_path("licenses/Apache-2.0")))
     decode = one_prefill(model, ids, 128)[0]
@@ -74,29 +82,34 @@ def markdown(report: dict) -> str:
     lines = [f"`--mode auto` and the quantized drafting tier ({q}), {report['model']} on {report['kernels']} kernels "
              f"(weights {report['weights_bytes'] / 1e6:.0f} MB), {report['new_tokens']} new tokens, {m['cpu']}, "
              f"{m['threads']} threads, torch {m['torch']}. One run per row; every ratio is against `ar` on the same "
-             "prefill and sampling temperature.", "",
+             f"prefill, temperature and seed. Sampled rows (T = 0.6): the mean ratio over seeds {list(SEEDS)} (each mode "
+             "samples its own text, and how often the lookup matches varies most with it).", "",
              "### Summary: per prompt, context and temperature", "",
-             "| prompt | context | T | ar tok/s | best fixed mode | its × ar | auto × ar | auto / best | auto plan "
+             "| prompt | context | T | ar tok/s | best fixed mode | its × ar | auto × ar | auto / best | auto plan (seed 0) "
              f"| self-spec α | self-spec {q} α | auto {q} × ar |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups = dict.fromkeys((r["prompt"], r["context"], r["temperature"]) for r in rows)
     for key in groups:
-        g = {r["label"]: r for r in rows if (r["prompt"], r["context"], r["temperature"]) == key}
-        fixed = [r for label, r in g.items() if label not in ("ar", "auto", f"auto {q}")]
-        best = max(fixed, key=lambda r: r["vs_ar"])
-        alpha = lambda label: next(t["alpha"] for t in g[label]["tiers"] if t["name"] == "retrieval")
-        plan = " → ".join(f"{p}" + (f" γ{gm}" if gm else "") for p, gm in g["auto"]["plan"])
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {g['ar']['tok_s']} | {best['label']} | {best['vs_ar']}x "
-                     f"| {g['auto']['vs_ar']}x | {g['auto']['vs_ar'] / best['vs_ar']:.2f} | {plan} "
-                     f"| {alpha('self-spec')} | {alpha(f'self-spec {q}')} | {g[f'auto {q}']['vs_ar']}x |")
+        runs = {}  # label -> its rows (one per seed)
+        for r in rows:
+            if (r["prompt"], r["context"], r["temperature"]) == key:
+                runs.setdefault(r["label"], []).append(r)
+        mean = lambda label, f: round(sum(f(r) for r in runs[label]) / len(runs[label]), 2)
+        ratio = lambda label: mean(label, lambda r: r["vs_ar"])
+        alpha = lambda label: mean(label, lambda r: next(t["alpha"] for t in r["tiers"] if t["name"] == "retrieval"))
+        best = max((label for label in runs if label not in ("ar", "auto", f"auto {q}")), key=ratio)
+        plan = " → ".join(f"{p}" + (f" γ{gm}" if gm else "") for p, gm in runs["auto"][0]["plan"])
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {mean('ar', lambda r: r['tok_s'])} | {best} "
+                     f"| {ratio(best)}x | {ratio('auto')}x | {ratio('auto') / ratio(best):.2f} | {plan} "
+                     f"| {alpha('self-spec')} | {alpha(f'self-spec {q}')} | {ratio(f'auto {q}')}x |")
     lines += ["", "### `make demo`'s document (summarize, greedy)", "",
               "| mode | tok/s | × ar | identical | plan |", "|---|---|---|---|---|"]
     for r in report["demo"]:
         lines.append(f"| {r['label']} | {r['tok_s']} | {r['vs_ar']}x | {r['tokens_identical']} "
                      f"| {' → '.join(p for p, _ in r['plan'])} |")
-    lines += ["", "### Every row", "", "| prompt | context | T | mode | tok/s | × ar | identical | tok/target call "
-              "| tiers: accepted/drafted, α, ms/call |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "### Every row", "", "| prompt | context | T | seed | mode | tok/s | × ar | identical | tok/target call "
+              "| tiers: accepted/drafted, α, ms/call |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['prompt']} | {r['context']} | {r['temperature']} | {r['label']} | {r['tok_s']} "
+        lines.append(f"| {r['prompt']} | {r['context']} | {r['temperature']} | {r['seed']} | {r['label']} | {r['tok_s']} "
                      f"| {r['vs_ar']}x | {r.get('tokens_identical', '-')} | {r['tokens_per_target_call']} "
                      f"| {tiers_text(r['tiers'])} |")
     return "\n".join(lines)

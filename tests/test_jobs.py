@@ -36,7 +36,7 @@ def test_summarize_a_real_document(capsys, tmp_path):
     text = out.read_text()
     assert len(text.strip()) > 20
     last = err.strip().splitlines()[-1]
-    assert last.startswith("[triforce]") and "accepted drafter" in last and "tok/s" in last
+    assert last.startswith("[auto]") and "accepted retrieval" in last and "| plan " in last and "tok/s" in last
 
 
 def test_summarize_several_files_streams_each_under_its_name(capsys, tiny512, tmp_path):

@@ -3,7 +3,9 @@
 Session prefills the prompts once into the target's cache; Session.decode(cfg) runs the generate loop from there,
 as often as asked (each decode starts from the prefill's state). generate() and generate_batch() are one session
 decoded once. The modes and their tiers are the table settings.MODES; build_tiers() makes them with one builder
-per tier kind. A result holds tokens, text and per-tier stats; on_token(row, id) streams each token as it is chosen.
+per tier kind. For --mode auto they are a pool, and speculation/auto.py chooses before each round which of them
+draft. A result holds tokens, text, per-tier stats and the plan; on_token(row, id) streams each token as it is
+chosen.
 """
 import math
 import time
