@@ -18,16 +18,18 @@ from triforce_rt.speculation.auto import PLANS, kept
 
 
 def test_sampling_follows_the_target_exactly_through_switches():
-    """The step costs change between batches of draws, so Auto's best plan and γ change hundreds of times; the
-    first two tokens still follow the target's exact law."""
+    """The step costs change before every round, so Auto's plan and γ change hundreds of times, between draws and
+    within them (after a one-token round, the next round drafts with other tiers: a retrieval tier rejoins the
+    sequence mid-way); the first two tokens still follow the target's exact law."""
     costs = {"target": {1: 1.0, 2: 1.25, 4: 1.6}, "retrieval": 0.3, "select": 0.0}
 
     def change(i):
-        costs["retrieval"] = [0.05, 5.0, 0.2][i % 3]  # retrieval cheap (self-spec), dear (ar), between
+        costs["retrieval"] = [0.05, 5.0, 0.2, 5.0, 5.0][i % 5]  # retrieval cheap (self-spec), dear (ar), between
         costs["target"][4] = [1.6, 3.0][i % 2]  # a long verification cheap or dear: γ moves
-    counts, law, stats, log = sampled_pairs("auto", SamplingParams(1.0), costs=costs, each_draw=change)
+    counts, law, stats, log = sampled_pairs("auto", SamplingParams(1.0), costs=costs, each_round=change)
     plans = collections.Counter(e["mode"] for e in log)
     assert plans["ar"] >= 50 and plans["self-spec"] >= 50, plans
+    assert sum(e["at"] == 1 and e["mode"] != "ar" for e in log) >= 50  # drafting again after one token of ar
     assert len({e["gamma2"] for e in log if e["mode"] != "ar"}) >= 2
     assert stats[0].accepted >= 200 and stats[0].rejected >= 200, stats
     assert pooled_chisquare(counts, law) > ALPHA

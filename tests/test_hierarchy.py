@@ -140,12 +140,12 @@ def reduced_vocabulary(drafter, keep: list):
 
 
 def sampled_pairs(mode, sp, flawed=False, keep=None, rows=50, kernels=lambda model: None, costs=None,
-                  each_draw=lambda i: None):
+                  each_round=lambda i: None):
     """DRAWS times: the first two tokens after PROMPT through the real tiers, `rows` draws per batched step (the
     batch rows are independent sequences); then every tier rolls back. keep: restrict the drafter to these tokens.
     kernels: applied to both models (e.g. models.kernels.use_numba). costs: step costs for --mode auto, whose plan
-    is then chosen before every round (Auto, as the engine drives it); each_draw(i) runs before batch i of draws (a
-    test may change the costs there). Returns the plan log too."""
+    is then chosen before every round (Auto, as the engine drives it); each_round(i) runs before round i (a test
+    may change the costs there). Returns the plan log too."""
     target, drafter = random_pair(3, vocab=V, sharpen=8.0)
     if keep is not None:
         drafter = reduced_vocabulary(drafter, keep)
@@ -159,12 +159,14 @@ def sampled_pairs(mode, sp, flawed=False, keep=None, rows=50, kernels=lambda mod
     hierarchy = Hierarchy(tiers, sp, torch.Generator().manual_seed(0), Tokens([PROMPT] * rows, 64))
     auto = costs and Auto(hierarchy, costs, cfg.gamma2, refresh=False)
     counts = torch.zeros(V * V)
-    for i in range(DRAWS // rows):
-        each_draw(i)
+    rounds = 0
+    for _ in range(DRAWS // rows):
         toks = [[] for _ in range(rows)]
         while min(map(len, toks)) < 2:  # whole rounds (every tier drafts its full γ); a row ahead runs on
+            each_round(rounds)
+            rounds += 1
             if auto:
-                auto.choose(0)
+                auto.choose(min(map(len, toks)))
                 auto.before()
             news, _ = hierarchy.round(len(hierarchy.tiers) - 1, [cfg.max_new_tokens] * rows)
             if auto:

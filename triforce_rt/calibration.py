@@ -127,7 +127,7 @@ def costs_for(target, retrieval, rows: list, gamma_max: int, budget: int) -> dic
         how = f"cached in {path()}"
     t = ", ".join(f"T={T} {1000 * s:.1f} ms" for T, s in costs["target"].items())
     log.info(f"[auto] step costs ({how}): target {t}; retrieval step {1000 * costs['retrieval']:.1f} ms; "
-                f"re-selection {1000 * costs['select']:.1f} ms")
+             f"re-selection {1000 * costs['select']:.1f} ms")
     return costs
 
 
