@@ -140,18 +140,18 @@ def reduced_vocabulary(drafter, keep: list):
 
 
 def sampled_pairs(mode, sp, flawed=False, keep=None, rows=50, kernels=lambda model: None, costs=None,
-                  each_round=lambda i: None):
+                  each_round=lambda i: None, **settings):
     """DRAWS times: the first two tokens after PROMPT through the real tiers, `rows` draws per batched step (the
     batch rows are independent sequences); then every tier rolls back. keep: restrict the drafter to these tokens.
     kernels: applied to both models (e.g. models.kernels.use_numba). costs: step costs for --mode auto, whose plan
     is then chosen before every round (Auto, as the engine drives it); each_round(i) runs before round i (a test
-    may change the costs there). Returns the plan log too."""
+    may change the costs there). settings: more GenerationConfig fields (draft_quant). Returns the plan log too."""
     target, drafter = random_pair(3, vocab=V, sharpen=8.0)
     if keep is not None:
         drafter = reduced_vocabulary(drafter, keep)
     kernels(target), kernels(drafter)
     cfg = GenerationConfig(max_new_tokens=16, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, mode=mode,
-                           budget=4, chunk_size=2, sinks=2, window=6, gamma1=2, gamma2=3)
+                           budget=4, chunk_size=2, sinks=2, window=6, gamma1=2, gamma2=3, **settings)
     ctx = PROMPT[:-1]  # the last prompt token stays pending, as after any round
     tiers = start(target, drafter, ctx, cfg, batch=rows)
     if flawed:

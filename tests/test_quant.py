@@ -3,14 +3,16 @@ weights, so the tokens do not change); what it quantizes, what it refuses, and t
 streamed weights."""
 import pytest
 import torch
-from conftest import stdlib_text
+from conftest import pooled_chisquare, stdlib_text
 from test_cli import run_cli
+from test_hierarchy import ALPHA, sampled_pairs
 
 from cpu_kernels import Blocks
 from triforce_rt import load_model
 from triforce_rt.engine import GenerationConfig, generate
 from triforce_rt.errors import UserError
 from triforce_rt.models.quant import quantized
+from triforce_rt.sampling import SamplingParams
 from triforce_rt.settings import check_config
 
 
@@ -46,6 +48,16 @@ def test_quantized_tier_keeps_smollm2_greedy_equal_to_ar(smol):
         assert res.tokens == ar, mode
     retrieval = res.tiers[0]
     assert retrieval["name"] == "retrieval"
+
+
+@pytest.mark.parametrize("mode,quant", [("self-spec", "q4"), ("triforce", "q8")])
+def test_sampling_through_a_quantized_tier_follows_the_target_exactly(mode, quant):
+    """The retrieval tier drafts from a Q4_0 / Q8_0 copy of the tiny target (its q differs from the target's p more
+    than its own weights' would); the first two tokens still follow the target's law."""
+    counts, law, stats, _ = sampled_pairs(mode, SamplingParams(1.0), draft_quant=quant)
+    retrieval = stats[-1]
+    assert retrieval.name == "retrieval" and retrieval.accepted >= 200 and retrieval.rejected >= 200, stats
+    assert pooled_chisquare(counts, law) > ALPHA
 
 
 def test_quantized_copy_stays_resident_beside_streamed_weights():
