@@ -8,6 +8,7 @@ import yaml
 
 from triforce_rt.cli import main
 from triforce_rt.experiment import load, run_experiment
+from triforce_rt.experiment.runner import plan
 from triforce_rt.jsonl import read_records
 
 
@@ -61,6 +62,16 @@ def test_impossible_setting_fails_before_loading(tmp_path, capsys):
                             "max_new_tokens": 8})
     assert main(["run", path]) == 2
     assert "at least one chunk" in capsys.readouterr().err  # not "model not found": nothing was loaded
+
+
+def test_a_sweep_key_applies_only_to_the_modes_that_read_it(tmp_path, capsys):
+    """draft_quant means nothing to ar (it has no self-drafting tier): ar runs once and is not refused."""
+    path = write(tmp_path, {**BASE, "model": "/no/such/model", "modes": ["ar", "self-spec"],
+                            "sweep": {"draft_quant": ["none", "q4"]}})
+    rows = plan(load(path), [("textwrap.py", [])])
+    assert [(r["mode"], r["params"]) for r in rows] == [("ar", {}), ("self-spec", {"draft_quant": "none"}),
+                                                        ("self-spec", {"draft_quant": "q4"})]
+    assert main(["run", path]) == 2 and "model not found" in capsys.readouterr().err  # past the settings check
 
 
 def test_quick_run_writes_results_and_resumes(tmp_path, tiny_folder):

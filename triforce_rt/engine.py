@@ -217,6 +217,8 @@ class Session:
             check_config(cfg)
             for ids in prompts:
                 check_fits(model, len(ids), cfg)
+            if cfg.draft_quant != "none":  # made (or refused) before the prefill's time is spent
+                quantized(model, cfg.draft_quant)
         if model.runtime.kv_offload and len(prompts) > 1:
             raise UserError("a KV cache offloaded to host memory decodes one sequence at a time (use --batch-size 1)")
         self.model, self.prompts, self.capacity = model, prompts, capacity(prompts, cfgs)

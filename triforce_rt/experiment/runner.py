@@ -58,6 +58,12 @@ def prompt_ids(exp: Experiment, tokenizer, doc: list, n: int | None) -> list:
     return chat_prompt(tokenizer, instruction, doc, n)
 
 
+def mode_params(mode: str, point: dict) -> dict:
+    """The sweep values of point that change what mode computes (a baseline: the sampling ones); the others would
+    repeat the same run, or name a setting the mode cannot take (draft_quant for ar)."""
+    return {k: v for k, v in point.items() if k in SAMPLING or (mode in MODES and k in relevant(mode))}
+
+
 def plan(exp: Experiment, docs: list) -> list:
     """Every row as (key dict): document, context, mode, its relevant sweep values, repeat."""
     contexts = exp.sweep.get("context", [exp.prompt.tokens])
@@ -67,8 +73,7 @@ def plan(exp: Experiment, docs: list) -> list:
                                                       range(exp.repeats)):
         point = dict(zip(keys, values))
         for mode in list(exp.modes) + list(exp.baselines):
-            # the sweep keys that change what the mode computes; other keys would repeat the same run
-            params = {k: v for k, v in point.items() if k in SAMPLING or (mode in MODES and k in relevant(mode))}
+            params = mode_params(mode, point)
             row = {"document": name, "context": ctx, "mode": mode, "params": params, "repeat": r}
             key = json.dumps(row, sort_keys=True)
             if key not in seen:
@@ -90,7 +95,7 @@ def run_experiment(exp: Experiment, out: str | None = None, is_quick: bool = Fal
                             top_k=exp.top_k, seed=exp.seed, ignore_eos=exp.ignore_eos)
     for mode in exp.modes:  # impossible settings fail before any model loads
         for point in itertools.product(*([(k, v) for v in vs] for k, vs in exp.sweep.items() if k != "context")):
-            check_config(replace(base, mode=mode, **dict(point)))
+            check_config(replace(base, mode=mode, **mode_params(mode, dict(point))))
     path = os.path.join(out, "results.jsonl")
     try:
         done = {json.dumps(r["key"], sort_keys=True) for r in read_records(path, "key")}
