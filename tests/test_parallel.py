@@ -20,10 +20,11 @@ def test_split_covers_every_item_once():
             assert max(b - a for a, b in parts) - min(b - a for a, b in parts) <= 1
 
 
-@pytest.mark.parametrize("mode", ["ar", "triforce"])
+@pytest.mark.parametrize("mode", ["ar", "triforce", "auto"])
 def test_tp2_gloo_equals_one_process(smol, tmp_path, mode):
     """SmolLM2's 3 kv heads split 2 + 1, its MLP 768 + 768; triforce adds the retrieval tier (sharded target
-    weights, per-rank chunk selection over local heads) and the shipped drafter (whole on each rank)."""
+    weights, per-rank chunk selection over local heads) and the shipped drafter (whole on each rank); auto's ranks
+    share rank 0's step costs (cached or measured), so they choose the same plans."""
     ids = smol.tokenizer(stdlib_text("textwrap.py")).input_ids[:900]
     prompt = tmp_path / "prompt.txt"
     prompt.write_text(smol.tokenizer.decode(ids))

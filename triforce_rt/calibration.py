@@ -115,11 +115,12 @@ def measure(target, retrieval, rows: list, gamma_max: int) -> dict:
 
 def costs_for(target, retrieval, rows: list, gamma_max: int, budget: int) -> dict:
     """The cached costs for this setting, or a fresh measurement (then cached); logged at INFO (--verbose)."""
-    k = key(target.model, retrieval.model, len(rows), budget, max(map(len, rows)), gamma_max)
-    costs = load(k) if target.model.source else None  # a model built in memory has no name to cache it under
-    if costs is None:
-        costs = measure(target, retrieval, rows, gamma_max)
-        if target.model.source:
+    model = target.model
+    k = key(model, retrieval.model, len(rows), budget, max(map(len, rows)), gamma_max)
+    costs = from_rank0(model, load(k) if model.source else None)  # a model built in memory has no name to cache it
+    if costs is None:  # every rank measures (the forwards are collective) and takes rank 0's figures
+        costs = from_rank0(model, measure(target, retrieval, rows, gamma_max))
+        if model.source:
             save(k, costs)
         how = "measured"
     else:
@@ -129,6 +130,18 @@ def costs_for(target, retrieval, rows: list, gamma_max: int, budget: int) -> dic
     log.info(f"[auto] step costs ({how}): target {t}; retrieval step {1000 * costs['retrieval']:.1f} ms; "
              f"re-selection {1000 * costs['select']:.1f} ms")
     return costs
+
+
+def from_rank0(model, obj):
+    """obj as rank 0 holds it, on every rank of a tensor-parallel model (--tp: the ranks run the same forwards and
+    must make the same choices, so they share one set of costs); obj itself otherwise."""
+    if not model.runtime.tensor_parallel:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def interpolate(points: dict, T: int) -> float:
