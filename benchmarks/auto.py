@@ -2,7 +2,8 @@
 over stdlib sources) and prose ("summarize" over the Python docs) at 1K, 2K, 4K and 8K tokens, 128 new tokens,
 greedy and sampled (T = 0.6; SEEDS seeds per row, since each mode samples another text and the lookup's
 acceptance varies most with the text); then `make demo`'s own document (the Apache-2.0 text, summarize's chat request,
-128 greedy tokens past any end of text) in ar, triforce, ngram and auto. One run per row, one prefill per prompt and context.
+128 greedy tokens past any end of text) in ar, triforce, ngram and auto. One run per row, one prefill per prompt
+and context.
 
     python benchmarks/auto.py [TAG] [--kernels auto|torch] [--quant q4|q8] [--contexts N ...] [--no-sampled]
 
@@ -82,11 +83,11 @@ def markdown(report: dict) -> str:
     lines = [f"`--mode auto` and the quantized drafting tier ({q}), {report['model']} on {report['kernels']} kernels "
              f"(weights {report['weights_bytes'] / 1e6:.0f} MB), {report['new_tokens']} new tokens, {m['cpu']}, "
              f"{m['threads']} threads, torch {m['torch']}. One run per row; every ratio is against `ar` on the same "
-             f"prefill, temperature and seed. Sampled rows (T = 0.6): the mean ratio over seeds {list(SEEDS)} (each mode "
-             "samples its own text, and how often the lookup matches varies most with it).", "",
+             f"prefill, temperature and seed. Sampled rows (T = 0.6): the mean ratio over seeds {list(SEEDS)} "
+             "(each mode samples its own text, and how often the lookup matches varies most with it).", "",
              "### Summary: per prompt, context and temperature", "",
-             "| prompt | context | T | ar tok/s | best fixed mode | its × ar | auto × ar | auto / best | auto plan (seed 0) "
-             f"| self-spec α | self-spec {q} α | auto {q} × ar |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| prompt | context | T | ar tok/s | best fixed mode | its × ar | auto × ar | auto / best "
+             f"| auto plan (seed 0) | self-spec α | self-spec {q} α | auto {q} × ar |", "|---" * 12 + "|"]
     groups = dict.fromkeys((r["prompt"], r["context"], r["temperature"]) for r in rows)
     for key in groups:
         runs = {}  # label -> its rows (one per seed)
@@ -106,12 +107,12 @@ def markdown(report: dict) -> str:
     for r in report["demo"]:
         lines.append(f"| {r['label']} | {r['tok_s']} | {r['vs_ar']}x | {r['tokens_identical']} "
                      f"| {' → '.join(p for p, _ in r['plan'])} |")
-    lines += ["", "### Every row", "", "| prompt | context | T | seed | mode | tok/s | × ar | identical | tok/target call "
-              "| tiers: accepted/drafted, α, ms/call |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "### Every row", "", "| prompt | context | T | seed | mode | tok/s | × ar | identical "
+              "| tok/target call | tiers: accepted/drafted, α, ms/call |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['prompt']} | {r['context']} | {r['temperature']} | {r['seed']} | {r['label']} | {r['tok_s']} "
-                     f"| {r['vs_ar']}x | {r.get('tokens_identical', '-')} | {r['tokens_per_target_call']} "
-                     f"| {tiers_text(r['tiers'])} |")
+        lines.append(f"| {r['prompt']} | {r['context']} | {r['temperature']} | {r['seed']} | {r['label']} "
+                     f"| {r['tok_s']} | {r['vs_ar']}x | {r.get('tokens_identical', '-')} "
+                     f"| {r['tokens_per_target_call']} | {tiers_text(r['tiers'])} |")
     return "\n".join(lines)
 
 

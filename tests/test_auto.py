@@ -67,7 +67,8 @@ def test_step_costs_are_measured_once_then_cached(smol, monkeypatch, tmp_path, c
     assert "(measured)" in lines[0] and "cached in" in lines[1], lines
     table = json.loads((tmp_path / "calibration.json").read_text())
     assert len(table) == 1 and set(next(iter(table.values()))) == {"target", "retrieval", "select"}
-    assert first.tokens == second.tokens == generate(smol, ids, GenerationConfig(max_new_tokens=8, ignore_eos=True)).tokens
+    ar = generate(smol, ids, GenerationConfig(max_new_tokens=8, ignore_eos=True))
+    assert first.tokens == second.tokens == ar.tokens
 
 
 def test_auto_is_the_default_with_its_plan_in_json_and_summary(capsys, tiny_folder):
