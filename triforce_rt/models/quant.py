@@ -12,12 +12,12 @@ from cpu_kernels import QK, Blocks
 from ..errors import UserError
 from ..runtime import Runtime
 
-QUANTS = {"q8": "Q8_0", "q4": "Q4_0"}  # --draft-quant -> block format
+BLOCK_FORMAT = {"q8": "Q8_0", "q4": "Q4_0"}  # --draft-quant -> block format (settings.QUANTS)
 
 
 def quantized(model, quant: str):
     """model's drafting copy in the format of quant ('q8' | 'q4'), made once and kept (model.runtime.casts)."""
-    fmt = QUANTS[quant]
+    fmt = BLOCK_FORMAT[quant]
     rt = model.runtime
     if fmt in rt.casts:
         return rt.casts[fmt]
