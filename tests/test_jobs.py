@@ -13,6 +13,7 @@ from conftest import tiny_with_smol_tokenizer
 from triforce_rt.cli import main
 from triforce_rt.distill.corpus import path
 from triforce_rt.jsonl import read_records
+from triforce_rt.speculation.auto import PLANS
 
 LICENSE = path("licenses/Apache-2.0")  # about 2,600 SmolLM2 tokens, from the shipped corpus
 
@@ -127,6 +128,7 @@ def test_batch_malformed_lines_get_error_records(capsys, tiny512, tmp_path):
     assert "missing 'prompt'" in recs["np"]["error"]
     assert "exceeds the model's context" in recs["long"]["error"]
     assert recs["r1"]["new_tokens"] == 7 and recs["msg"]["new_tokens"] == 4 and recs["r4"]["tiers"]
+    assert recs["r1"]["mode"] == "auto" and recs["r1"]["plan"][0]["mode"] in PLANS  # the default, and its plan
     assert len(recs) == 9
     # stderr is not a terminal here, as under nohup: the bar shows, drawn at its start and end, not per record
     assert 1 <= len(re.findall(r"batch:\s+\d+%", err)) <= 3, err
