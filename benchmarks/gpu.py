@@ -23,8 +23,8 @@ writes benchmarks/results/gpu-TAG.{json,md}. Parts:
    verification; against transformers + accelerate device_map offload on the same GPU where accelerate is
    installed; then weights and the full KV cache both streamed (offload.KVStream) at a longer context.
    Projected `draft` mode: E(α, γ) · ar / (γ · tier1 + target(γ + 1)).
-4. End to end on the real default model (SmolLM2-135M GGUF, bf16) at ~8K context: ar, self-spec, triforce,
-   graphs off and on, tokens compared with ar.
+4. End to end on the real default model (SmolLM2-135M GGUF, bf16) at ~8K context: ar, self-spec, triforce and
+   auto (its plan chosen from step costs measured on the GPU), graphs off and on, tokens compared with ar.
 --smoke runs every part on tiny shapes (CPU or GPU) to check the script itself.
 """
 import argparse
@@ -270,13 +270,13 @@ def end_to_end(spec: str, ctx: int, new_tokens: int, device) -> list:
     rows, ar = [], None
     for graphs in (False, True):
         model.runtime.cuda_graphs = drafter.runtime.cuda_graphs = graphs
-        for mode in ("ar", "self-spec", "triforce"):
+        for mode in ("ar", "self-spec", "triforce", "auto"):
             cfg = GenerationConfig(mode=mode, max_new_tokens=new_tokens, ignore_eos=True)
             generate(model, ids[: 512], GenerationConfig(mode=mode, max_new_tokens=8), drafter=drafter)  # warm-up
             res = generate(model, ids, cfg, drafter=drafter)
             ar = res.tokens if mode == "ar" and not graphs else ar
             rows.append({"mode": mode, "graphs": graphs, "context": len(ids), "tok_s": round(res.decode_tokens_per_second, 1),
-                         "tokens_identical": res.tokens == ar, "tiers": res.tiers})
+                         "tokens_identical": res.tokens == ar, "tiers": res.tiers, "plan": res.plan})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "tiers"}), file=sys.stderr)
     for r in rows:
         base = next(x for x in rows if x["mode"] == "ar" and not x["graphs"])

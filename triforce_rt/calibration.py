@@ -87,7 +87,9 @@ def timed(tier, rows: list, T: int, need: int) -> float:
     for b, p in enumerate(pos):
         filler.n[b] = p + T
     t0 = time.perf_counter()
-    tier.feed(filler, [need] * len(rows))
+    logits = tier.feed(filler, [need] * len(rows))
+    if logits.is_cuda:  # the forward is queued, not done, until the device catches up
+        torch.cuda.synchronize(logits.device)
     tier.pos = pos
     return time.perf_counter() - t0
 
@@ -105,6 +107,8 @@ def measure(target, retrieval, rows: list, gamma_max: int) -> dict:
     def select():
         t0 = time.perf_counter()
         retrieval.cache.select(full, list(target.pos))
+        if retrieval.cache.k.is_cuda:
+            torch.cuda.synchronize(retrieval.cache.k.device)
         return time.perf_counter() - t0
 
     costs["select"] = median(select)
