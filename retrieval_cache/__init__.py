@@ -3,7 +3,7 @@
 FullCache (every token), StreamingCache (sinks + window), RetrievalCache (top-k chunks of a FullCache);
 NoCache (attention within one forward, for training).
 All share one protocol: begin(positions, rope) once per forward, attend(layer, q, k, v) per layer, and
-keep(rows) to drop finished batch rows. Caches are batched and addressed by position (a query at p sees slots of
+keep(rows) to drop finished batch rows and join(other) to append another cache's rows. Caches are batched and addressed by position (a query at p sees slots of
 positions <= p), so rolling back rejected tokens is the caller's count and moves no data.
 """
 from .attention import KERNELS, attend, causal_mask, rotate, use_kernel

@@ -11,7 +11,8 @@ class FullCache(BatchRows):
     Protocol shared by all caches (every one is addressed by position, per row):
       begin(positions [B, T], rope)  once per forward: RoPE for the step, which slots are written and visible;
       attend(layer, q, k, v)         per layer, q/k/v before RoPE: writes k, v and returns attention;
-      keep(rows)                     drops the other batch rows (a finished sequence leaves the batch).
+      keep(rows)                     drops the other batch rows (a finished sequence leaves the batch);
+      join(other)                    appends the rows of a cache of the same sizes (a sequence joins the batch).
     static=True makes begin() shape-fixed and free of host syncs, as a captured CUDA graph needs: attention
     runs over every slot, masked by position, and the bounds checks are left to the caller.
     There is no length: a query at position p sees the slots of positions <= p, so a rejected draft's slots are
@@ -51,6 +52,13 @@ class FullCache(BatchRows):
             self.mask = None  # one token per row, all at the same position: every slot up to it is visible
         else:  # [B, 1, T, end]: slot s visible to the query at position p iff s <= p
             self.mask = (torch.arange(self.end, device=positions.device) <= positions[:, :, None])[:, None]
+
+    def join(self, other: "FullCache") -> None:
+        if self.store or other.store:
+            raise ValueError("a KV cache offloaded to host memory holds one sequence: it cannot join a batch")
+        if other.max_len != self.max_len:
+            raise ValueError(f"cannot join FullCaches of {self.max_len} and {other.max_len} slots")
+        super().join(other)
 
     def settle(self) -> None:
         """Make k, v hold every token written so far (a store writes the latest step back lazily)."""

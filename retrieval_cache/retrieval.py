@@ -86,6 +86,17 @@ class RetrievalCache(BatchRows):
         self.base.copy_(L)
         self.final = min(lengths) // c
 
+    def join(self, other: "RetrievalCache") -> None:
+        """Append other's rows (selected from their own FullCache, with the same budget, chunk and tail sizes).
+        The chunk means stay valid: the joined rows' FullCache rows hold the same keys once joined to the batch's."""
+        if (other.c, other.n_sel, other.tail) != (self.c, self.n_sel, self.tail):
+            raise ValueError("cannot join RetrievalCaches of different budget, chunk size or tail")
+        if self.chunks is None or other.chunks is None:
+            raise ValueError("RetrievalCache.select must run before a join")
+        super().join(other)
+        self.all_valid = self.all_valid and other.all_valid
+        self.final = min(self.final, other.final)
+
     def begin(self, positions: torch.Tensor, rope) -> None:
         if self.chunks is None:
             raise ValueError("RetrievalCache.select must run before the first step")

@@ -1,4 +1,5 @@
-"""Dropping batch rows from a cache: the one operation every cache shares for a shrinking batch."""
+"""Batch rows of a cache: dropping finished rows, and appending the rows of another cache of the same shape
+(continuous batching: a prefilled sequence joins a batch that is decoding)."""
 import torch
 
 
@@ -10,4 +11,14 @@ class BatchRows:
         for name, axis in self.ROWS.items():
             t = getattr(self, name)
             if t is not None:
-                setattr(self, name, t.index_select(axis, torch.tensor(rows, device=t.device)))
+                setattr(self, name, t.index_select(axis, torch.tensor(rows, dtype=torch.long, device=t.device)))
+
+    def join(self, other: "BatchRows") -> None:
+        """Append other's rows after this cache's (same class and sizes but the batch; copies each batched
+        tensor once)."""
+        for name, axis in self.ROWS.items():
+            a, b = getattr(self, name), getattr(other, name)
+            if (a is None) != (b is None):
+                raise ValueError(f"cannot join caches: '{name}' is set in one of them only")
+            if a is not None:
+                setattr(self, name, torch.cat([a, b.to(a.device)], dim=axis))

@@ -96,6 +96,36 @@ def test_batched_greedy_equals_each_prompt_alone(case):
     assert len({len(a) for a in alone}) > 1  # the rows did finish at different steps
 
 
+@pytest.mark.parametrize("case", list(sweep_cases(6)), ids=lambda c: f"seed{c['seed']}-kv{c['n_kv']}")
+def test_continuous_batching_equals_each_prompt_alone(case):
+    """Seven prompts of different lengths and max_new_tokens, two or three decoding at a time: a row that ends
+    (EOS met at different steps, or its own limit) is replaced by the next prompt, prefilled in chunks between
+    rounds and joined to the batch's tiers. In every mode each result equals ar on its prompt alone; the static
+    schedule too."""
+    from triforce_rt import scheduler
+
+    target, drafter = random_pair(case["seed"], case["n_kv"])
+    g = torch.Generator().manual_seed(case["seed"])
+    lengths = (case["prompt_len"], 12, 97, 40, 150, 21, 64)
+    prompts = [torch.randint(0, 64, (n,), generator=g).tolist() for n in lengths]
+    cfg = dict(case["cfg"], prefill_chunk=32)
+    cfg["budget"] = max(cfg["budget"], cfg["chunk_size"])
+    cfg["window"] = cfg["window"] or 60 - cfg["sinks"]
+    free = generate(target, prompts[1], mode_config("ar", ignore_eos=True, max_new_tokens=40, **cfg)).tokens
+    target.config.eos_token_ids = [free[len(free) // 2]]
+    limits = [40, 30, 7, 40, 1, 25, 40]
+    alone = [generate(target, p, mode_config("ar", max_new_tokens=n, **cfg)).tokens for p, n in zip(prompts, limits)]
+    assert len({len(a) for a in alone}) > 2
+    for mode, B, schedule in [(m, 2 + case["seed"] % 2, "continuous") for m in MODES] + [("self-spec", 3, "static")]:
+        got = {}
+        reqs = [scheduler.Request(i, p, mode_config(mode, max_new_tokens=n, **cfg))
+                for i, (p, n) in enumerate(zip(prompts, limits))]
+        scheduler.run(target, reqs, B, lambda k, r: got.setdefault(k, r), drafter=drafter, schedule=schedule)
+        assert all(not isinstance(r, Exception) for r in got.values()), (mode, got)
+        assert [got[i].tokens for i in range(len(prompts))] == alone, (mode, schedule)
+        assert 2 <= max(r.batch_size for r in got.values()) <= B  # continuous: a prompt joined a batch decoding
+
+
 def test_smollm2_greedy_spec_modes_equal_ar(smol, tiny_drafter):
     """A real 1,600-token prompt; the triforce drafter is a tiny random model with SmolLM2's vocabulary."""
     ids = smol.tokenizer(stdlib_text("textwrap.py")).input_ids[:1600]

@@ -144,22 +144,28 @@ def test_batch_malformed_lines_get_error_records(capsys, tiny512, tmp_path):
 
 
 def test_batched_lines_equal_one_at_a_time(capsys, tiny512, tmp_path):
-    """--batch-size 3: lines with the same settings decode together (ragged prompts, self-spec) and give the same
-    greedy records as one at a time; a line with other settings or an error line splits the groups."""
+    """--batch-size 3: lines that share their settings but for max_new_tokens decode together (ragged prompts,
+    self-spec), continuously (a line that ends is replaced at once) or three at a time, and give the same greedy
+    records as one at a time; a line with other settings (a seed) is scheduled apart, an error line is its record."""
     src = tmp_path / "in.jsonl"
     lines = [{"id": f"r{i}", "prompt": "Item " + "the quick brown fox " * (1 + 3 * i)} for i in range(7)]
     lines[4]["max_new_tokens"] = 5
+    lines[5]["seed"] = 3
     src.write_text("\n".join(map(json.dumps, lines[:6])) + '\n{"id": "bad"\n' + json.dumps(lines[6]) + "\n")
     recs = {}
-    for b in (1, 3):
-        out = tmp_path / f"out{b}.jsonl"
+    for b, schedule in ((1, "continuous"), (3, "continuous"), (3, "static")):
+        out = tmp_path / f"out{b}{schedule}.jsonl"
         rc, _, err = run(capsys, "batch", str(src), "--out", str(out), "--model", tiny512, "--ignore-eos",
-                         "--mode", "self-spec", "--max-new-tokens", "12", "--batch-size", str(b))
+                         "--mode", "self-spec", "--max-new-tokens", "12", "--batch-size", str(b),
+                         "--schedule", schedule)
         assert rc == 1, err  # the malformed line's error record
-        recs[b] = {r["id"]: r for r in read_records(str(out))}
-    assert {k: r.get("tokens") for k, r in recs[1].items()} == {k: r.get("tokens") for k, r in recs[3].items()}
-    assert [recs[3][f"r{i}"]["batch_size"] for i in range(7)] == [3, 3, 3, 1, 1, 1, 1]
-    assert "not JSON" in recs[3]["line:7"]["error"]
+        recs[b, schedule] = {r["id"]: r for r in read_records(str(out))}
+    tokens = [{k: r.get("tokens") for k, r in got.items()} for got in recs.values()]
+    assert tokens[0] == tokens[1] == tokens[2] and len(tokens[0]["r4"]) == 5
+    for schedule, most in (("continuous", {2, 3}), ("static", {3})):  # continuous: lines end as others join
+        sizes = {k: r["batch_size"] for k, r in recs[3, schedule].items() if "error" not in r}
+        assert sizes["r5"] == 1 and max(sizes.values()) in most, sizes
+    assert "not JSON" in recs[3, "static"]["line:7"]["error"]
 
 
 @pytest.mark.parametrize("batch_size", [1, 4])
@@ -253,15 +259,15 @@ def test_input_text_surprises(capsys, tiny512, tmp_path):
 def test_a_failure_while_decoding_is_the_lines_error_record(capsys, tiny512, tmp_path, monkeypatch):
     """Any exception while a line decodes (here a forced one on its prompt) becomes that line's error record, with
     its type; the job goes on and the other lines get their records."""
-    import triforce_rt.jobs.batch as batch
+    from triforce_rt import scheduler
 
-    real = batch.generate_batch
+    real = scheduler.Prefill.step
 
-    def flaky(model, prompts, cfg, **kw):
-        if len(prompts[0]) > 3:  # line b
+    def flaky(self):
+        if len(self.reqs[0].ids) > 3:  # line b
             raise RuntimeError("boom")
-        return real(model, prompts, cfg, **kw)
-    monkeypatch.setattr(batch, "generate_batch", flaky)
+        return real(self)
+    monkeypatch.setattr(scheduler.Prefill, "step", flaky)
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text('{"id": "a", "prompt": "hi"}\n{"id": "b", "prompt": "one two three four five six"}\n')
     rc, _, err = run(capsys, "batch", str(src), "--out", str(out), "--model", tiny512, "--max-new-tokens", "2")

@@ -16,6 +16,7 @@ from .errors import UserError, first_line
 from .jsonl import check_output, output_folder
 from .models.loader import drafter_folder
 from .runtime import KERNELS, set_threads
+from .scheduler import SCHEDULES
 from .settings import DRAFTER_MODES, DTYPES, GenerationConfig, check_config
 from .textio import TextStream, encode, read_text, summary_line
 
@@ -147,7 +148,10 @@ def build_parser():
            "--chat": dict(action="store_true", help="wrap each 'prompt' in the chat template ('messages' always is)"),
            "--quiet": dict(action="store_true", help="no progress bar (into a log file it updates once a minute)"),
            "--batch-size": dict(type=int, default=1, metavar="B",
-                                help="decode up to B lines with the same settings together (batched speculation)")})
+                                help="decode up to B lines with the same settings together (batched speculation)"),
+           "--schedule": dict(choices=SCHEDULES, default="continuous",
+                              help="continuous: a line that ends frees its slot for the next line at once (its "
+                                   "prefill interleaved with the others' decoding); static: B lines at a time")})
 
     d = sub.add_parser("distill", help="train a tiny drafter for a target by knowledge distillation")
     dc = DistillConfig()
@@ -264,7 +268,7 @@ def cmd_batch(args):
     done = finished(args.out)
     model, drafter = load_models(args)
     counts = run_batch(model, drafter, args.input, args.out, cfg, args.chat, progress=not args.quiet,
-                       batch_size=args.batch_size, done=done)
+                       batch_size=args.batch_size, done=done, schedule=args.schedule)
     return 1 if counts["errors"] else 0
 
 

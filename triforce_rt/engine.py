@@ -38,7 +38,7 @@ class GenerationResult:
     prefill_seconds: float
     decode_seconds: float  # from the first token to this sequence's last
     tiers: list = field(default_factory=list)  # per-tier stats (shared by the sequences decoded as one batch)
-    batch_size: int = 1  # sequences decoded together
+    batch_size: int = 1  # the most sequences decoded together while this one decoded
     plan: list = field(default_factory=list)  # the tiers drafting, then each switch of --mode auto (plan_entry)
 
     @property
@@ -87,6 +87,14 @@ def prefill(model, cache, prompts: list, chunk: int, progress: bool = False, pos
     rows); returns the logits after each row's last token [B, V]. positions[b]: where row b's tokens sit
     (default 0..len-1). Rows of different lengths are padded by repeating their last token (tier.ragged).
     on_logits(logits [B, t, V]): every position's logits, forward by forward (distillation labels them)."""
+    for logits in prefill_steps(model, cache, prompts, chunk, progress, positions, on_logits):
+        pass
+    return logits
+
+
+def prefill_steps(model, cache, prompts: list, chunk: int, progress: bool = False, positions: list | None = None,
+                  on_logits=None):
+    """prefill(), one forward per iteration: yields the logits after each row's last token so far [B, V]."""
     positions = positions or [list(range(len(p))) for p in prompts]
     ids, pos = ragged(prompts, positions, model.device)
     B, T = ids.shape
@@ -98,7 +106,7 @@ def prefill(model, cache, prompts: list, chunk: int, progress: bool = False, pos
             if on_logits:
                 on_logits(logits)
             bar.update(sum(min(n, s + step) - min(n, s) for n in lengths))
-    return logits[:, -1]
+            yield logits[:, -1]
 
 
 def drafter_tier(b: "Build", gamma: int) -> Tier:
@@ -116,7 +124,7 @@ def drafter_tier(b: "Build", gamma: int) -> Tier:
     W = cfg.window or max(1, drafter.config.max_position_embeddings - S)  # the window its training records had
     if S + W > drafter.config.max_position_embeddings:
         raise UserError(f"sinks + window ({S + W}) exceed the drafter's context ({drafter.config.max_position_embeddings})")
-    need = max(len(p) for p in prompts) + cfg.max_new_tokens + max_step
+    need = b.longest + cfg.max_new_tokens + max_step
     if drafter.rope is None or drafter.rope.max_len < need:  # true positions past its context: only distances matter
         drafter.setup_rope(max(need, drafter.config.max_position_embeddings))
     cache = drafter.new_cache(StreamingCache, S, W, max_step, batch=len(prompts))
@@ -145,7 +153,7 @@ def streaming_window(cfg: GenerationConfig, prompt_len: int) -> int:
 
 
 def streaming_tier(b: "Build", gamma: int) -> Tier:
-    window = streaming_window(b.cfg, max(b.lengths))  # checked against the context by check_fits
+    window = streaming_window(b.cfg, b.longest)  # checked against the context by check_fits
     sc = b.model_d.new_cache(StreamingCache, b.cfg.sinks, window, b.depth, batch=len(b.prompts))
     sc.fill_from(b.full, b.lengths, b.model.rope)
     return Tier("streaming", b.model_d, sc, gamma, pos=b.lengths)
@@ -165,30 +173,34 @@ def retrieval_budget(cfg: GenerationConfig, prompt_len: int) -> int:
 
 @dataclass
 class Build:
-    """What the tier builders share: the target, its prefilled cache and the settings."""
+    """What the tier builders share: the target, its prefilled cache and the settings. Caches are sized for
+    `longest` prompt tokens (default: the longest of prompts) and cfg.max_new_tokens, so that rows built apart
+    with the same sizes can join one batch."""
     model: object
     full: FullCache
     drafter: object
     prompts: list
     cfg: GenerationConfig
+    longest: int | None = None
 
     def __post_init__(self):
         self.lengths = [len(p) for p in self.prompts]
+        self.longest = max(self.longest or 0, *self.lengths)
         self.dtype = getattr(torch, self.cfg.draft_dtype) if self.cfg.draft_dtype else None
         # the target's weights for its own drafting tiers: a quantized copy, one in another dtype, or its own
         self.model_d = (quantized(self.model, self.cfg.draft_quant) if self.cfg.draft_quant != "none"
                         else self.model.with_dtype(self.dtype))
         self.depth = self.cfg.gamma1 + self.cfg.gamma2 + 2  # most tokens a tier may hold past the committed sequence
-        self.budget = retrieval_budget(self.cfg, max(self.lengths))  # one cache shape: sized by the longest prompt
+        self.budget = retrieval_budget(self.cfg, self.longest)  # one cache shape: sized by the longest prompt
 
 
-def build_tiers(model, full, drafter, prompts: list, cfg: GenerationConfig) -> list:
+def build_tiers(model, full, drafter, prompts: list, cfg: GenerationConfig, longest: int | None = None) -> list:
     """The tiers of cfg.mode in hierarchy order (the target last), built after the target's prefill of prompts
-    into `full`."""
+    into `full`, their caches sized for `longest` prompt tokens (Build)."""
     if cfg.draft_dtype and model.runtime.weight_stream:
         raise UserError("--draft-dtype cannot be combined with --offload weights: the target's drafting tiers "
                         "share its streamed weights")
-    b, kinds = Build(model, full, drafter, prompts, cfg), MODES[cfg.mode].tiers
+    b, kinds = Build(model, full, drafter, prompts, cfg, longest), MODES[cfg.mode].tiers
     tiers = [BUILDERS[kind](b, getattr(cfg, gamma_name(kinds, i))) for i, kind in enumerate(kinds)]
     return tiers + [Tier("target", model, full, pos=b.lengths)]
 
@@ -275,58 +287,110 @@ def decode(model, full, logits, prompts: list, cfg: GenerationConfig, on_token=N
            prefill_s: float = 0.0) -> list:
     """The generate loop after the target's prefill: row b of full holds prompts[b], logits [B, V] follow them.
     A row that finishes (EOS or max_new_tokens) leaves the batch; the others go on."""
-    gen = torch.Generator(device=model.device).manual_seed(cfg.seed)
-    sp, stop = cfg.sampling, (set() if cfg.ignore_eos else eos_ids(model))
-    t0 = time.perf_counter()
-    first = sample(logits, sp, gen).tolist()
-    tiers = build_tiers(model, full, drafter, prompts, cfg)
-    # Each row's sequence: its prompt and the first token; room for the new tokens and the deepest drafts.
-    tokens = Tokens([p + [t] for p, t in zip(prompts, first)], full.max_len + cfg.gamma1 + cfg.gamma2 + 2)
-    hierarchy = Hierarchy(tiers, sp, gen, tokens)
-    auto = None
-    if MODES[cfg.mode].auto:  # the pool is (retrieval, ngram, target)
-        costs = costs_for(tiers[-1], tiers[0], [tokens.row(b) for b in range(len(prompts))], cfg.gamma2,
-                          retrieval_budget(cfg, max(map(len, prompts))))
-        auto = Auto(hierarchy, costs, cfg.gamma2, bool(cfg.refresh))
-    prefill_s += time.perf_counter() - t0
-    outs, decode_s = [[] for _ in prompts], [0.0] * len(prompts)
+    dec = Decoder(model, cfg, drafter, on_token)
+    done = dec.join(full, logits, prompts, list(range(len(prompts))), prefill_s)
+    while dec.rows:
+        done += dec.round()
+    return [res for _, res in sorted(done, key=lambda d: d[0])]
 
-    def emit(row: int, new: list) -> bool:  # True once the row's generation is over
+
+@dataclass
+class Row:
+    """A sequence of a Decoder's batch."""
+    key: object  # the caller's name for it (a prompt's index, a batch line's id)
+    prompt_tokens: int
+    limit: int  # its max_new_tokens
+    stop: set  # token ids that end it
+    prefill_s: float
+    t0: float  # when its first token was chosen
+    peak: int  # the most rows decoded together while it decoded
+    out: list = field(default_factory=list)
+    decode_s: float = 0.0
+
+
+class Decoder:
+    """The generate loop over a batch of rows: each leaves when it ends, and new rows may join between rounds
+    (continuous batching). cfg: the settings the rows share; a joining row may bring its own max_new_tokens and
+    ignore_eos, no more than cfg.max_new_tokens, since every cache is sized for cfg and `longest` prompt tokens
+    (default: the first join's longest prompt) so that rows built apart have the same sizes.
+    With no row left the batch is dropped: the next join starts a new one (new tier stats, a new --mode auto)."""
+
+    def __init__(self, model, cfg: GenerationConfig, drafter=None, on_token=None, longest: int | None = None):
+        self.model, self.cfg, self.drafter, self.on_token, self.longest = model, cfg, drafter, on_token, longest
+        self.gen = torch.Generator(device=model.device).manual_seed(cfg.seed)
+        self.eos = eos_ids(model)
+        self.rows, self.h, self.auto, self.since_select = [], None, None, 0
+
+    def join(self, full, logits, prompts: list, keys: list, prefill_s: float = 0.0, cfgs: list | None = None) -> list:
+        """Add prompts (prefilled into full, logits [B, V] after each) as rows named keys, with their own cfgs
+        (default: the decoder's). Returns [(key, GenerationResult)] of rows that end with their first token."""
+        cfg, t0 = self.cfg, time.perf_counter()
+        first = sample(logits, cfg.sampling, self.gen).tolist()
+        tiers = build_tiers(self.model, full, self.drafter, prompts, cfg, self.longest)
+        self.longest = self.longest or max(map(len, prompts))
+        # Each row's sequence: its prompt and the first token; room for the new tokens and the deepest drafts.
+        tokens = Tokens([p + [t] for p, t in zip(prompts, first)], full.max_len + cfg.gamma1 + cfg.gamma2 + 2)
+        if self.h is None:
+            self.h = Hierarchy(tiers, cfg.sampling, self.gen, tokens)
+            if MODES[cfg.mode].auto:  # the pool is (retrieval, ngram, target)
+                costs = costs_for(tiers[-1], tiers[0], [tokens.row(b) for b in range(len(prompts))], cfg.gamma2,
+                                  retrieval_budget(cfg, self.longest))
+                self.auto = Auto(self.h, costs, cfg.gamma2, bool(cfg.refresh))
+        else:
+            self.h.join(tiers, tokens)
+        t1 = time.perf_counter()
+        peak = len(self.rows) + len(prompts)
+        for k, p, c in zip(keys, prompts, cfgs or [cfg] * len(prompts)):
+            self.rows.append(Row(k, len(p), c.max_new_tokens, set() if c.ignore_eos else self.eos,
+                                 prefill_s + t1 - t0, t1, peak))
+        return self.advance([[]] * (len(self.rows) - len(prompts)) + [[t] for t in first])
+
+    def round(self) -> list:
+        """One round of the tier stack for every row; returns [(key, GenerationResult)] of the rows that ended."""
+        h, auto, cfg = self.h, self.auto, self.cfg
+        if auto:
+            auto.choose(sum(len(r.out) for r in self.rows))
+            auto.before()
+        news, _ = h.round(len(h.tiers) - 1, [r.limit - len(r.out) for r in self.rows])
+        if auto:
+            auto.after(news)
+        done = self.advance(news)
+        self.since_select += max(map(len, news))
+        if self.rows and cfg.refresh and self.since_select >= cfg.refresh:
+            self.h.refresh()
+            self.since_select = 0
+        return done
+
+    def advance(self, news: list) -> list:
+        """Emit each row's new tokens; rows that end leave the batch (their results are returned)."""
+        going, done = [], []
+        for i, (row, new) in enumerate(zip(self.rows, news)):
+            row.peak = max(row.peak, len(self.rows))
+            (done if self.emit(row, new) else going).append(i)
+        results = [(self.rows[i].key, self.result(self.rows[i])) for i in done]
+        if not going:
+            self.h = self.auto = None
+            self.since_select = 0
+        elif done:
+            self.h.keep(going)
+        self.rows = [self.rows[i] for i in going]
+        return results
+
+    def emit(self, row: Row, new: list) -> bool:
+        """Append new tokens to row; True once its generation is over."""
         for t in new:
-            outs[row].append(t)
-            if on_token:
-                on_token(row, t)
-            if t in stop or len(outs[row]) == cfg.max_new_tokens:
-                decode_s[row] = time.perf_counter() - t0
+            row.out.append(t)
+            if self.on_token:
+                self.on_token(row.key, t)
+            if t in row.stop or len(row.out) == row.limit:
+                row.decode_s = time.perf_counter() - row.t0
                 return True
         return False
 
-    live = list(range(len(prompts)))  # the prompt of each batch row
-
-    def advance(news: list) -> None:  # emit each row's new tokens; finished rows leave the batch
-        nonlocal live
-        going = [i for i, (row, new) in enumerate(zip(live, news)) if not emit(row, new)]
-        if going and len(going) < len(live):
-            hierarchy.keep(going)
-        live = [live[i] for i in going]
-
-    t0 = time.perf_counter()
-    advance([[t] for t in first])
-    since_select = 0
-    while live:
-        if auto:
-            auto.choose(sum(map(len, outs)))
-            auto.before()
-        news, _ = hierarchy.round(len(hierarchy.tiers) - 1, [cfg.max_new_tokens - len(outs[r]) for r in live])
-        if auto:
-            auto.after(news)
-        advance(news)
-        since_select += max(map(len, news))
-        if live and cfg.refresh and since_select >= cfg.refresh:
-            hierarchy.refresh()
-            since_select = 0
-    stats = [asdict(t.stats) for t in tiers]
-    decode_text = (lambda o: model.tokenizer.decode(o, skip_special_tokens=True)) if model.tokenizer else (lambda o: "")
-    plan = auto.log if auto else [plan_entry(cfg)]
-    return [GenerationResult(cfg.mode, len(p), o, decode_text(o), prefill_s, s, stats, len(prompts), plan)
-            for p, o, s in zip(prompts, outs, decode_s)]
+    def result(self, row: Row) -> GenerationResult:
+        tok = self.model.tokenizer
+        text = tok.decode(row.out, skip_special_tokens=True) if tok else ""
+        stats = [asdict(t.stats) for t in self.h.pool]
+        plan = list(self.auto.log) if self.auto else [plan_entry(self.cfg)]
+        return GenerationResult(self.cfg.mode, row.prompt_tokens, row.out, text, row.prefill_s, row.decode_s, stats,
+                                row.peak, plan)

@@ -8,15 +8,18 @@ has no usable id or repeats an id gets the id "line:N". Ids already generated in
 job restarted with the same --out ends with every input id exactly once; a line whose record is an error runs again
 (its error record is dropped first), so fixing a line and re-running gives its record. `triforce batch` exits 1
 when a line of this run ends as an error record, so scripts notice.
-With --batch-size B > 1, up to B consecutive lines that share their generation settings decode together
-(engine.generate_batch: one forward per tier step for the group); their records are appended when the group ends.
+With --batch-size B > 1, up to B lines that share their generation settings (but for max_new_tokens and
+ignore_eos) decode together, one forward per tier step for the batch (scheduler.py): by default a line that ends
+frees its slot for the next one at once (--schedule continuous); --schedule static takes B lines at a time. Each
+record is appended as its line ends, so records come in the order lines end.
 """
 import json
 import sys
 import time
 from dataclasses import replace
 
-from ..engine import check_fits, generate_batch
+from .. import scheduler
+from ..engine import check_fits
 from ..errors import UserError, first_line
 from ..jsonl import append_record, drop_records, read_records
 from ..settings import SETTINGS, check_config, check_setting
@@ -111,11 +114,12 @@ def finished(out_path: str) -> dict:
 
 
 def run_batch(model, drafter, input_path: str, out_path: str, cfg, chat: bool, progress: bool,
-              batch_size: int = 1, done: dict | None = None) -> dict:
+              batch_size: int = 1, done: dict | None = None, schedule: str = "continuous") -> dict:
     """Process every input line not yet in out_path (done: finished(out_path), if already read), up to batch_size
-    sequences at a time. A line whose record there is an error runs again: its old record is dropped first, so
+    sequences at a time (scheduler.py: continuous or static). A line whose record there is an error runs again: its old record is dropped first, so
     the output keeps one record per id. Returns counts {done, errors, skipped, retried}: generated and error
     records written now, lines already generated, and error records run again."""
+    scheduler.check(model, batch_size, schedule)
     done = finished(out_path) if done is None else done
     with open(input_path, "rb") as f:
         lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
@@ -129,33 +133,23 @@ def run_batch(model, drafter, input_path: str, out_path: str, cfg, chat: bool, p
     new_tokens, t0 = 0, time.perf_counter()
     with open(out_path, "a", encoding="utf-8") as out, \
             LogBar(total=len(lines), initial=counts["skipped"], desc="batch", unit="rec", disable=not progress) as bar:
-        i = 0
-        while i < len(todo):
-            # A group: the next line alone if it failed, else the run of up to batch_size runnable lines with its config.
-            j = i + 1
-            while (todo[i][3] is None and j < len(todo) and j - i < batch_size and todo[j][3] is None
-                   and todo[j][2] == todo[i][2]):
-                j += 1
-            for record in run_group(model, drafter, todo[i:j]):
-                counts["errors" if "error" in record else "done"] += 1
-                new_tokens += record.get("new_tokens", 0)
-                append_record(out, record)
-                bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.1f}")
-                bar.update(1)
-            i = j
+
+        def write(rid: str, res) -> None:  # a record, as soon as its line ends
+            nonlocal new_tokens
+            record = ({"id": rid, "error": res if isinstance(res, str) else line_error(res)}
+                      if isinstance(res, (str, Exception)) else {"id": rid, **res.to_json()})
+            counts["errors" if "error" in record else "done"] += 1
+            new_tokens += record.get("new_tokens", 0)
+            append_record(out, record)
+            bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.1f}")
+            bar.update(1)
+
+        for rid, _, _, err in todo:
+            if err is not None:
+                write(rid, err)
+        requests = [scheduler.Request(rid, ids, rcfg) for rid, ids, rcfg, err in todo if err is None]
+        scheduler.run(model, requests, batch_size, write, drafter, schedule)
     retried = f" ({counts['retried']} error records run again)" if counts["retried"] else ""
     print(f"batch: {counts['done']} generated, {counts['errors']} errors, {counts['skipped']} already in {out_path}"
           f"{retried}", file=sys.stderr)
     return counts
-
-
-def run_group(model, drafter, group: list) -> list:
-    """Records of one group of prepared lines: one error line, or runnable lines sharing a config, decoded together."""
-    rid, _, cfg, err = group[0]
-    if err is not None:
-        return [{"id": rid, "error": err}]
-    try:
-        results = generate_batch(model, [ids for _, ids, _, _ in group], cfg, drafter=drafter)
-    except Exception as e:  # a failure while decoding (out of memory, a bug) costs this group's records, not the job
-        return [{"id": rid, "error": line_error(e)} for rid, _, _, _ in group]
-    return [{"id": rid, **res.to_json()} for (rid, _, _, _), res in zip(group, results)]

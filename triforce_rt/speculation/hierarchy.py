@@ -46,6 +46,9 @@ class Tokens:
     def keep(self, rows: list) -> None:
         self.buf, self.n = self.buf[rows], self.n[rows]
 
+    def join(self, other: "Tokens") -> None:
+        self.buf, self.n = np.concatenate([self.buf, other.buf]), np.concatenate([self.n, other.n])
+
 
 class Hierarchy:
     def __init__(self, tiers: list[Tier], sp: SamplingParams, generator: torch.Generator, tokens: Tokens):
@@ -140,6 +143,13 @@ class Hierarchy:
         self.tok.keep(rows)
         for t in self.pool:
             t.keep(rows)
+
+    def join(self, tiers: list, tokens: Tokens) -> None:
+        """Append sequences that join the batch: tiers, the pool built for them (the same kinds and sizes) over
+        their own prefill, and their token buffers. Their rows come after the batch's, in every tier of the pool."""
+        self.tok.join(tokens)
+        for t, o in zip(self.pool, tiers, strict=True):
+            t.join(o)
 
     def refresh(self) -> None:
         """Re-select every retrieval cache from the target's cache, which holds each committed sequence but its

@@ -63,3 +63,6 @@ class NgramTier:
 
     def keep(self, rows: list) -> None:
         """Nothing to gather: the lookup reads the hierarchy's buffer."""
+
+    def join(self, other: "NgramTier") -> None:
+        """Nothing to append: the lookup reads the hierarchy's buffer."""

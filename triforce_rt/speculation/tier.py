@@ -72,6 +72,12 @@ class Tier:
         self.cache.keep(rows)
         self.step.reset()  # the cache's tensors were replaced
 
+    def join(self, other: "Tier") -> None:
+        """Append the rows of other (the same tier kind, built for sequences that join the batch)."""
+        self.pos += other.pos
+        self.cache.join(other.cache)
+        self.step.reset()
+
     def verify(self, drafts, q, p, generator):
         """The sampling rule this tier applies to the drafts of the tier below (a test swaps it for a flawed one)."""
         return verify_sample(drafts, q, p, generator)
