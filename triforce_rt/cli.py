@@ -151,7 +151,11 @@ def build_parser():
                                 help="decode up to B lines with the same settings together (batched speculation)"),
            "--schedule": dict(choices=SCHEDULES, default="continuous",
                               help="continuous: a line that ends frees its slot for the next line at once (its "
-                                   "prefill interleaved with the others' decoding); static: B lines at a time")})
+                                   "prefill interleaved with the others' decoding); static: B lines at a time"),
+           "--workers": dict(type=int, metavar="N", help="spread the lines over N model replicas, Ray actors on "
+                             "this machine or on --ray-address's cluster (needs pip install 'triforce-rt[ray]')"),
+           "--ray-address": dict(metavar="HOST:PORT", help="run the --workers on this running Ray cluster (default "
+                                 "with --workers: a local cluster started for the job)")})
 
     d = sub.add_parser("distill", help="train a tiny drafter for a target by knowledge distillation")
     dc = DistillConfig()
@@ -265,6 +269,14 @@ def cmd_batch(args):
     check_output(args.out, [args.input])
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1 (got {args.batch_size})")
+    if args.workers is not None or args.ray_address:
+        from .jobs.workers import run_workers
+
+        if args.offload in ("kv", "all") and args.batch_size > 1:
+            raise UserError("a KV cache offloaded to host memory decodes one sequence at a time (use --batch-size 1)")
+        args.workers = 1 if args.workers is None else args.workers
+        counts = run_workers(args, progress=not args.quiet)
+        return 1 if counts["errors"] else 0
     done = finished(args.out)
     model, drafter = load_models(args)
     counts = run_batch(model, drafter, args.input, args.out, cfg, args.chat, progress=not args.quiet,

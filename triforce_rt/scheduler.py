@@ -61,6 +61,7 @@ class Prefill:
 
 
 def check(model, batch_size: int, schedule: str) -> None:
+    """The scheduling settings, as one-line errors (model: the target; its KV offload decodes one row)."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
     if schedule not in SCHEDULES:

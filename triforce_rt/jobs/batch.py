@@ -113,14 +113,10 @@ def finished(out_path: str) -> dict:
         raise UserError(f"cannot resume from {out_path}: {e}") from None
 
 
-def run_batch(model, drafter, input_path: str, out_path: str, cfg, chat: bool, progress: bool,
-              batch_size: int = 1, done: dict | None = None, schedule: str = "continuous") -> dict:
-    """Process every input line not yet in out_path (done: finished(out_path), if already read), up to batch_size
-    sequences at a time (scheduler.py: continuous or static). A line whose record there is an error runs again: its old record is dropped first, so
-    the output keeps one record per id. Returns counts {done, errors, skipped, retried}: generated and error
-    records written now, lines already generated, and error records run again."""
-    scheduler.check(model, batch_size, schedule)
-    done = finished(out_path) if done is None else done
+def pending(input_path: str, out_path: str, done: dict) -> tuple:
+    """(lines, items, counts): the input's non-blank lines; (id, request or None, error or None) of each line to
+    run (not in out_path yet, or there as an error record, which is dropped now); counts {done, errors, skipped,
+    retried} with the skipped lines and the retried error records."""
     with open(input_path, "rb") as f:
         lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
     seen = set()
@@ -128,28 +124,67 @@ def run_batch(model, drafter, input_path: str, out_path: str, cfg, chat: bool, p
     retry = {rid for _, rid, _, _ in parsed if done.get(rid)}
     if retry:
         drop_records(out_path, "id", retry)
-    todo = [prepare(model, cfg, chat, rid, req, err) for _, rid, req, err in parsed if rid not in done or rid in retry]
-    counts = {"done": 0, "errors": 0, "skipped": len(lines) - len(todo), "retried": len(retry)}
-    new_tokens, t0 = 0, time.perf_counter()
-    with open(out_path, "a", encoding="utf-8") as out, \
-            LogBar(total=len(lines), initial=counts["skipped"], desc="batch", unit="rec", disable=not progress) as bar:
+    items = [(rid, req, err) for _, rid, req, err in parsed if rid not in done or rid in retry]
+    return lines, items, {"done": 0, "errors": 0, "skipped": len(lines) - len(items), "retried": len(retry)}
 
-        def write(rid: str, res) -> None:  # a record, as soon as its line ends
-            nonlocal new_tokens
-            record = ({"id": rid, "error": res if isinstance(res, str) else line_error(res)}
-                      if isinstance(res, (str, Exception)) else {"id": rid, **res.to_json()})
-            counts["errors" if "error" in record else "done"] += 1
-            new_tokens += record.get("new_tokens", 0)
-            append_record(out, record)
-            bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.1f}")
-            bar.update(1)
 
-        for rid, _, _, err in todo:
-            if err is not None:
-                write(rid, err)
-        requests = [scheduler.Request(rid, ids, rcfg) for rid, ids, rcfg, err in todo if err is None]
-        scheduler.run(model, requests, batch_size, write, drafter, schedule)
-    retried = f" ({counts['retried']} error records run again)" if counts["retried"] else ""
-    print(f"batch: {counts['done']} generated, {counts['errors']} errors, {counts['skipped']} already in {out_path}"
-          f"{retried}", file=sys.stderr)
+def record(rid: str, res) -> dict:
+    """A line's output record: its GenerationResult's fields, or {"id", "error"} for an error (a message or an
+    exception)."""
+    if isinstance(res, (str, Exception)):
+        return {"id": rid, "error": res if isinstance(res, str) else line_error(res)}
+    return {"id": rid, **res.to_json()}
+
+
+class Output:
+    """The job's output file: write(id, result) appends a line's record (a GenerationResult, or an error: a message
+    or an exception) durably, counts it and moves the progress bar."""
+
+    def __init__(self, out_path: str, lines: int, counts: dict, progress: bool):
+        self.path, self.counts, self.new_tokens, self.t0 = out_path, counts, 0, time.perf_counter()
+        self.file = open(out_path, "a", encoding="utf-8")
+        self.bar = LogBar(total=lines, initial=counts["skipped"], desc="batch", unit="rec", disable=not progress)
+
+    def write(self, rid: str, res) -> None:
+        rec = res if isinstance(res, dict) else record(rid, res)  # a dict: a record a Ray worker made
+        self.counts["errors" if "error" in rec else "done"] += 1
+        self.new_tokens += rec.get("new_tokens", 0)
+        append_record(self.file, rec)
+        self.bar.set_postfix(tok_s=f"{self.new_tokens / (time.perf_counter() - self.t0):.1f}")
+        self.bar.update(1)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+        self.file.close()
+        c = self.counts
+        retried = f" ({c['retried']} error records run again)" if c["retried"] else ""
+        print(f"batch: {c['done']} generated, {c['errors']} errors, {c['skipped']} already in {self.path}{retried}",
+              file=sys.stderr)
+
+
+def generate_lines(model, drafter, cfg, chat: bool, items: list, batch_size: int, schedule: str, write) -> None:
+    """Each item's result through write(id, result): its error (a line that cannot run: at once), else its
+    GenerationResult as its line ends, up to batch_size lines decoding together (scheduler.py)."""
+    requests = []
+    for rid, ids, rcfg, err in (prepare(model, cfg, chat, *item) for item in items):
+        if err is not None:
+            write(rid, err)
+        else:
+            requests.append(scheduler.Request(rid, ids, rcfg))
+    scheduler.run(model, requests, batch_size, write, drafter, schedule)
+
+
+def run_batch(model, drafter, input_path: str, out_path: str, cfg, chat: bool, progress: bool,
+              batch_size: int = 1, done: dict | None = None, schedule: str = "continuous") -> dict:
+    """Process every input line not yet in out_path (done: finished(out_path), if already read), up to batch_size
+    sequences at a time (scheduler.py: continuous or static). A line whose record there is an error runs again:
+    its old record is dropped first, so the output keeps one record per id. Returns counts {done, errors, skipped,
+    retried}: generated and error records written now, lines already generated, and error records run again."""
+    scheduler.check(model, batch_size, schedule)
+    lines, items, counts = pending(input_path, out_path, finished(out_path) if done is None else done)
+    with Output(out_path, len(lines), counts, progress) as out:
+        generate_lines(model, drafter, cfg, chat, items, batch_size, schedule, out.write)
     return counts
