@@ -1,16 +1,169 @@
-"""Batched decoding (issue #7): B sequences decoded together against the same B prompts one at a time, for ar,
-self-spec, streaming-spec and triforce (the shipped drafter), on SmolLM2-135M fp32, 2 threads, 64 greedy tokens.
+"""Batched decoding.
 
     python benchmarks/batch.py [TAG] [--batch 4] [--contexts 4096 8064] [--prompt summarize|explain] [--refresh N]
-writes benchmarks/results/batch-TAG.{json,md} (TAG defaults to cpu). One run, ratios within it.
+(issue #7) B sequences decoded together against the same B prompts one at a time, for ar, self-spec,
+streaming-spec and triforce (the shipped drafter), on SmolLM2-135M fp32, 2 threads, 64 greedy tokens; writes
+benchmarks/results/batch-TAG.{json,md} (TAG defaults to cpu).
+
+    python benchmarks/batch.py mixed [--requests 32] [--shortest 512] [--longest 8064] [--batches 4 8]
+        [--modes ar auto] [--ray-requests 8]
+(issue #33) a `triforce batch` job over a mixed workload: requests about held-out documents, prompt lengths spread
+evenly from --shortest to --longest tokens in a shuffled order, 64 greedy new tokens each, on the default model.
+Static groups against continuous batching at each B and mode (throughput = all new tokens / the job's wall time,
+prefill included, since a job's user waits for both); KV bytes the target's cache reserves against the bytes of
+the tokens it holds; then 1 Ray worker against 2 (a local cluster started by the command; its wall time).
+Writes benchmarks/results/batch-mixed-TAG.{json,md}. One run, ratios within it.
 """
 import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
 
-from drivers import PROMPTS, batch_markdown, result_path, run_batch, script_args, write_markdown
-from triforce_rt.engine import GenerationConfig
+import torch
+
+from drivers import PROMPTS, batch_markdown, heldout_ids, result_path, run_batch, script_args, write_markdown
+from triforce_rt.engine import GenerationConfig, capacity
+from triforce_rt.jobs.batch import run_batch as batch_job
+from triforce_rt.jsonl import read_records
+from triforce_rt.measure import machine, publish
+from triforce_rt.models import load_model
 from triforce_rt.models.loader import default_drafter
 
+
+def mixed_lines(tokenizer, n: int, shortest: int, longest: int, new_tokens: int) -> list:
+    """n batch input lines (chat messages) asking to summarize held-out documents of shortest..longest tokens."""
+    instruction, source = PROMPTS["summarize"]
+    doc = heldout_ids(tokenizer, longest + 64 * n, source)
+    lengths = [round(shortest + (longest - shortest) * i / max(1, n - 1)) for i in range(n)]
+    random.Random(0).shuffle(lengths)
+    lines = []
+    for i, length in enumerate(lengths):
+        text = tokenizer.decode(doc[64 * i : 64 * i + length - 40])  # the chat template adds about 30 tokens
+        lines.append({"id": f"q{i:02d}", "messages": [{"role": "user", "content": instruction + text}],
+                      "max_new_tokens": new_tokens})
+    return lines
+
+
+def job(model, path: str, cfg, batch: int, schedule: str) -> tuple:
+    """(wall seconds, records) of one `triforce batch` job over path, in-process."""
+    out = tempfile.mktemp(suffix=".jsonl")
+    t0 = time.perf_counter()
+    batch_job(model, None, path, out, cfg, chat=False, progress=False, batch_size=batch, schedule=schedule)
+    wall = time.perf_counter() - t0
+    records = read_records(out)
+    os.remove(out)
+    return wall, records
+
+
+def ray_job(path: str, workers: int, batch: int, threads: int) -> tuple:
+    """(wall seconds of the CLI command, records) of `triforce batch --workers N` over path, a new local cluster."""
+    import subprocess
+
+    out = tempfile.mktemp(suffix=".jsonl")
+    cmd = [sys.executable, "-m", "triforce_rt", "batch", path, "--out", out, "--mode", "ar", "--ignore-eos",
+           "--batch-size", str(batch), "--workers", str(workers), "--threads", str(threads), "--quiet"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.perf_counter() - t0
+    records = read_records(out)
+    os.remove(out)
+    return wall, records
+
+
+def run_mixed(args) -> dict:
+    torch.set_num_threads(args.threads)
+    model = load_model("default")
+    lines = mixed_lines(model.tokenizer, args.requests, args.shortest, args.longest, args.new_tokens)
+    path = tempfile.mktemp(suffix=".jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines)
+    kv_token = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * model.config.head_dim * 4
+    report = {"benchmark": "batch-mixed", "model": "default", "kernels": model.runtime.kernels,
+              "requests": args.requests, "shortest": args.shortest, "longest": args.longest,
+              "new_tokens": args.new_tokens, "machine": machine(), "kv_bytes_per_token": kv_token, "rows": [],
+              "ray": []}
+    job(model, path, GenerationConfig(max_new_tokens=2), 2, "continuous")  # warm-up (kernels compiled, calibration)
+    reference = None
+    for mode in args.modes:
+        cfg = GenerationConfig(mode=mode, max_new_tokens=args.new_tokens, ignore_eos=True)
+        for B in args.batches:
+            walls = {}
+            for schedule in ("static", "continuous"):
+                wall, records = job(model, path, cfg, B, schedule)
+                tokens = {r["id"]: r["tokens"] for r in records}
+                reference = reference or tokens
+                held = sum(r["prompt_tokens"] + r["new_tokens"] for r in records)
+                slots = capacity([[0] * max(r["prompt_tokens"] for r in records)], [cfg])
+                walls[schedule] = wall
+                row = {"mode": mode, "batch": B, "schedule": schedule, "wall_s": round(wall, 1),
+                       "new_tok_s": round(sum(r["new_tokens"] for r in records) / wall, 2),
+                       "requests_per_min": round(60 * len(records) / wall, 2),
+                       "vs_static": round(walls["static"] / wall, 2),
+                       "errors": sum("error" in r for r in records),
+                       "tokens_identical": tokens == reference,
+                       "prefill_s": round(sum(r["prefill_seconds"] for r in records), 1),
+                       "kv_reserved_vs_held": round(slots * len(records) / held, 2),
+                       "plans": sorted({p["mode"] for r in records for p in r.get("plan", [])})}
+                report["rows"].append(row)
+                print(json.dumps(row), flush=True)
+    ray_path = path + ".ray.jsonl"
+    with open(ray_path, "w") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines[: args.ray_requests])
+    for workers in (1, 2):
+        wall, records = ray_job(ray_path, workers, args.batches[0], max(1, args.threads // workers))
+        row = {"workers": workers, "requests": len(records), "wall_s": round(wall, 1),
+               "new_tok_s": round(sum(r["new_tokens"] for r in records) / wall, 2),
+               "ids_once": sorted(r["id"] for r in records) == sorted(line["id"] for line in lines[: args.ray_requests]),
+               "tokens_identical": all(r["tokens"] == reference[r["id"]] for r in records)}
+        report["ray"].append(row)
+        print(json.dumps(row), flush=True)
+    os.remove(path), os.remove(ray_path)
+    return report
+
+
+def mixed_markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"`triforce batch` over {report['requests']} requests (summarize a held-out document; prompts of "
+             f"{report['shortest']}..{report['longest']} tokens, spread evenly, shuffled), {report['new_tokens']} "
+             f"greedy new tokens each (ignore_eos), default model ({report['kernels']} kernels), {m['cpu']}, "
+             f"{m['threads']} threads, torch {m['torch']}. Throughput = all new tokens / the job's wall time, "
+             "prefill included. KV reserved vs held: slots the target's caches reserve (every row sized for the "
+             "longest prompt) over the tokens they hold.", "",
+             "| mode | B | schedule | wall s | new tok/s | requests/min | vs static | identical | errors "
+             "| KV reserved vs held | plans |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['mode']} | {r['batch']} | {r['schedule']} | {r['wall_s']} | {r['new_tok_s']} "
+                     f"| {r['requests_per_min']} | {r['vs_static']}x | {r['tokens_identical']} | {r['errors']} "
+                     f"| {r['kv_reserved_vs_held']}x | {', '.join(r['plans'])} |")
+    lines += ["", f"Ray: the first {report['ray'][0]['requests'] if report['ray'] else 0} requests, ar, continuous, "
+                  "`triforce batch --workers N` on a local cluster started by the command (wall time of the whole "
+                  "command: cluster start, N model loads, the job), threads split between the workers.", "",
+              "| workers | wall s | new tok/s | every id once | identical |", "|---|---|---|---|---|"]
+    lines += [f"| {r['workers']} | {r['wall_s']} | {r['new_tok_s']} | {r['ids_once']} | {r['tokens_identical']} |"
+              for r in report["ray"]]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["mixed"]:
+        ap = script_args(argparse.ArgumentParser())
+        ap.add_argument("--requests", type=int, default=32)
+        ap.add_argument("--shortest", type=int, default=512)
+        ap.add_argument("--longest", type=int, default=8064)
+        ap.add_argument("--new-tokens", type=int, default=64)
+        ap.add_argument("--batches", type=int, nargs="+", default=[4, 8])
+        ap.add_argument("--modes", nargs="+", default=["ar", "auto"])
+        ap.add_argument("--ray-requests", type=int, default=8)
+        ap.add_argument("--threads", type=int, default=2)
+        args = ap.parse_args(sys.argv[2:])
+        path = result_path("batch-mixed", args.tag)
+        report = run_mixed(args)
+        publish(report, mixed_markdown, path)
+        write_markdown(path, ap, args, "batch", mixed_markdown(report))
+        sys.exit(0)
     ap = script_args(argparse.ArgumentParser())
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 8064])
