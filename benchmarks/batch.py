@@ -31,6 +31,7 @@ from triforce_rt.jsonl import read_records
 from triforce_rt.measure import machine, publish
 from triforce_rt.models import load_model
 from triforce_rt.models.loader import default_drafter
+from triforce_rt.scheduler import Schedule
 
 
 def mixed_lines(tokenizer, n: int, shortest: int, longest: int, new_tokens: int) -> list:
@@ -51,7 +52,7 @@ def job(model, path: str, cfg, batch: int, schedule: str) -> tuple:
     """(wall seconds, records) of one `triforce batch` job over path, in-process."""
     out = tempfile.mktemp(suffix=".jsonl")
     t0 = time.perf_counter()
-    batch_job(model, None, path, out, cfg, chat=False, progress=False, batch_size=batch, schedule=schedule)
+    batch_job(model, None, path, out, cfg, chat=False, progress=False, sched=Schedule(batch, schedule))
     wall = time.perf_counter() - t0
     records = read_records(out)
     os.remove(out)

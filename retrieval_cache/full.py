@@ -60,6 +60,36 @@ class FullCache(BatchRows):
             raise ValueError(f"cannot join FullCaches of {self.max_len} and {other.max_len} slots")
         super().join(other)
 
+    # Reading the cache by chunk and by position (RetrievalCache.select, StreamingCache.fill_from); a PagedCache
+    # answers the same calls through its block table.
+    @property
+    def shape(self) -> tuple:
+        """(layers, B, Hkv, max_len, D)"""
+        return tuple(self.k.shape)
+
+    @property
+    def device(self):  # where k, v live (host memory for an offloaded cache)
+        return self.k.device
+
+    @property
+    def dtype(self):
+        return self.k.dtype
+
+    def chunk_keys(self, layer: int, c: int, lo: int, hi: int) -> torch.Tensor:
+        """Keys of chunks lo..hi-1 of c slots, every row: [B, Hkv, hi - lo, c, D] (a view)."""
+        L, B, Hkv, max_len, D = self.k.shape
+        return self.k[layer].view(B, Hkv, max_len // c, c, D)[:, :, lo:hi]
+
+    def gather_chunks(self, layer: int, idx: torch.Tensor, c: int) -> tuple:
+        """k, v [B, Hkv, n * c, D] of chunks idx [B, Hkv, n] (chunk j: slots j*c .. j*c + c - 1)."""
+        L, B, Hkv, max_len, D = self.k.shape
+        flat = (torch.arange(B * Hkv, device=idx.device).view(B, Hkv, 1) * (max_len // c) + idx).view(-1)
+        return tuple(t[layer].view(-1, c, D).index_select(0, flat).view(B, Hkv, -1, D) for t in (self.k, self.v))
+
+    def at(self, row: int, positions: torch.Tensor) -> tuple:
+        """k, v [layers, Hkv, n, D] of row's slots at positions [n] (a CPU index)."""
+        return self.k[:, row, :, positions], self.v[:, row, :, positions]
+
     def settle(self) -> None:
         """Make k, v hold every token written so far (a store writes the latest step back lazily)."""
         if self.store:

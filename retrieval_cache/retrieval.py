@@ -41,8 +41,8 @@ class RetrievalCache(BatchRows):
         chunks reach this cache's device."""
         full.settle()
         q = full.last_q if q is None else q
-        Lyr, B, Hkv, max_len, D = full.k.shape
-        c, dev, own = self.c, full.k.device, self.k.device
+        Lyr, B, Hkv, max_len, D = full.shape
+        c, dev, own = self.c, full.device, self.k.device
         if max_len % c:
             raise ValueError(f"FullCache capacity {max_len} must be a multiple of the chunk size {c}")
         L = torch.tensor(lengths, device=dev)  # [B]
@@ -58,11 +58,11 @@ class RetrievalCache(BatchRows):
             self.base = torch.zeros(B, dtype=torch.long, device=own)
         self.chunks.zero_()
         if full is not self.source or self.mean_k.shape[1] != B or min(lengths) // c < self.final:
-            self.mean_k = full.k.new_zeros(Lyr, B, Hkv, max_len // c, D)
+            self.mean_k = torch.zeros(Lyr, B, Hkv, max_len // c, D, dtype=full.dtype, device=dev)
             self.source, self.final = full, 0
         lo = self.final  # chunks lo .. n_chunks-1 are (re)averaged
         for layer in range(Lyr):  # one layer at a time: a first select reads every key
-            kc = full.k[layer].view(B, Hkv, max_len // c, c, D)[:, :, lo:n_chunks]
+            kc = full.chunk_keys(layer, c, lo, n_chunks)
             kc = kc * live[:, None, lo:, :, None]  # zero the stale slots past each row's length
             self.mean_k[layer, :, :, lo:n_chunks] = kc.sum(3) / counts[:, None, lo:, None]
         mean_k = self.mean_k[:, :, :, :n_chunks]  # [Lyr, B, Hkv, n_chunks, D]
@@ -71,12 +71,10 @@ class RetrievalCache(BatchRows):
         score[..., 0] = float("inf")  # chunk 0 always kept
         idx = score.topk(n_sel, dim=-1).indices.sort(dim=-1).values  # [Lyr, B, Hkv, n_sel]
         self.chunks[..., :n_sel] = idx
-        # index_select over whole chunks, one layer at a time (small temporaries): flat id = (b*Hkv + h) * n + chunk
-        flat = (torch.arange(B * Hkv, device=dev).view(B, Hkv, 1) * (max_len // c) + idx).view(Lyr, -1)
-        for layer in range(Lyr):
-            for src, dst in ((full.k, self.k), (full.v, self.v)):
-                g = src[layer].view(-1, c, D).index_select(0, flat[layer])
-                dst[layer, :, :, : n_sel * c] = g.view(B, Hkv, n_sel * c, D)
+        for layer in range(Lyr):  # whole chunks, one layer at a time (small temporaries)
+            k, v = full.gather_chunks(layer, idx[layer], c)
+            self.k[layer, :, :, : n_sel * c] = k
+            self.v[layer, :, :, : n_sel * c] = v
         # Gathered slots past a row's length (a partial last chunk, fewer chunks than n_sel) are masked.
         slot_pos = self.chunks[..., None] * c + torch.arange(c, device=own)  # [Lyr, B, Hkv, n_sel, c]
         L = L.to(own)

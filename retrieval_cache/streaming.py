@@ -83,10 +83,12 @@ class StreamingCache(BatchRows):
         for b, L in enumerate(lengths):
             S = min(self.S, L)
             cos, sin = rope.cos_sin(torch.arange(S, device=dev)[None])
-            self.sink_k[:, b, :, :S] = rotate(full.k[:, b, :, :S].to(dev), cos, -sin)  # R(-i) R(i) k = k
-            self.sink_v[:, b, :, :S] = full.v[:, b, :, :S].to(dev)
+            k, v = full.at(b, torch.arange(S))
+            self.sink_k[:, b, :, :S] = rotate(k.to(dev), cos, -sin)  # R(-i) R(i) k = k
+            self.sink_v[:, b, :, :S] = v.to(dev)
             w = torch.arange(max(S, L - self.W), L)  # positions of the window (a CPU index serves any device)
             slots = (w % self.R).to(dev)
             self.ring_pos[b, slots] = w.to(dev)
-            self.ring_k[:, b, :, slots] = full.k[:, b, :, w].to(dev, dt)
-            self.ring_v[:, b, :, slots] = full.v[:, b, :, w].to(dev, dt)
+            k, v = full.at(b, w)
+            self.ring_k[:, b, :, slots] = k.to(dev, dt)
+            self.ring_v[:, b, :, slots] = v.to(dev, dt)

@@ -211,3 +211,54 @@ def test_bad_retrieval_settings():
         RetrievalCache(1, H_KV, D, budget=4, chunk_size=8, tail=2)
     with pytest.raises(ValueError, match="tail"):
         RetrievalCache(1, H_KV, D, budget=8, chunk_size=8, tail=0)
+
+
+# ---- PagedCache -------------------------------------------------------------------------------------------------
+
+def test_paged_cache_equals_full_cache_and_gives_blocks_back():
+    """Two rows prefilled apart (each a PagedCache over one pool) then joined, stepping with a rejected speculation:
+    every output equals a FullCache holding the same rows, bit for bit; a retrieval selection and a streaming fill
+    read through the block table exactly what they read from the FullCache; a row that leaves gives its blocks
+    back; the pool grows when short, up to its limit."""
+    from retrieval_cache import BlockPool, PagedCache, PoolFull
+
+    layers, bs, c = 2, 2, 4
+    pool = BlockPool(layers, H_KV, D, block=bs, n_blocks=3, limit=60)
+    seqs, lens = [tokens(40, seed=21), tokens(40, seed=22)], [23, 14]
+    full = FullCache(layers, H_KV, D, max_len=64, batch=2)
+    paged = None
+    for b, ((q, k, v), L) in enumerate(zip(seqs, lens)):
+        row = PagedCache(pool, max_len=64)
+        step(row, q[:L], k[:L], v[:L], 0, layers)
+        one = FullCache(layers, H_KV, D, max_len=64)
+        step(one, q[:L], k[:L], v[:L], 0, layers)
+        full.k[:, b], full.v[:, b] = one.k[:, 0], one.v[:, 0]
+        full.last_q = one.last_q if b == 0 else torch.cat([full.last_q, one.last_q], 1)
+        paged = row if paged is None else (paged.join(row) or paged)
+    assert pool.n_blocks > 3 and paged.blocks_held == 12 + 7
+    pos = torch.stack([torch.arange(L, L + 3) for L in lens])
+    stack = lambda i, s: torch.stack([x[i][L + s : L + s + 3] for x, L in zip(seqs, lens)]).transpose(1, 2)
+    for cache in (full, paged):  # a rejected speculation of 3 tokens, then the accepted ones at the same positions
+        cache.begin(pos, ROPE)
+        [cache.attend(layer, stack(0, 5), stack(1, 5), stack(2, 5)) for layer in range(layers)]
+        cache.begin(pos, ROPE)
+        cache.out = cache.attend(1, stack(0, 0), stack(1, 0), stack(2, 0))
+    assert torch.equal(full.out, paged.out) and torch.equal(full.last_q, paged.last_q)
+    q_sel = torch.randn(layers, 2, H_Q, D, generator=torch.Generator().manual_seed(4))
+    picks = []
+    for source in (full, paged):
+        rc = RetrievalCache(layers, H_KV, D, budget=12, chunk_size=c, tail=4, batch=2)
+        rc.select(source, [L + 3 for L in lens], q_sel)
+        sc = StreamingCache(layers, H_KV, D, sinks=2, window=5, max_step=4, batch=2)
+        sc.fill_from(source, [L + 3 for L in lens], ROPE)
+        seen = rc.valid[..., None]  # gathered slots past a row's end are masked, whatever they hold
+        picks.append((rc.chunks, rc.k[:, :, :, :12] * seen, rc.v[:, :, :, :12] * seen, rc.valid, sc.sink_k, sc.ring_k,
+                      sc.ring_v, sc.ring_pos))
+    assert all(torch.equal(a, b) for a, b in zip(*picks))
+    free = len(pool.free)
+    paged.keep([1])
+    assert len(pool.free) == free + 13 and paged.blocks_held == 9
+    with pytest.raises(PoolFull, match="60 blocks at most"):
+        pool.take(len(pool.free) + 60)
+    with pytest.raises(ValueError, match="must divide the retrieval chunk size"):
+        RetrievalCache(layers, H_KV, D, budget=12, chunk_size=1, tail=4).select(paged, [17], q_sel[:, 1:])

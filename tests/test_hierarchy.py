@@ -100,8 +100,8 @@ def test_batched_greedy_equals_each_prompt_alone(case):
 def test_continuous_batching_equals_each_prompt_alone(case):
     """Seven prompts of different lengths and max_new_tokens, two or three decoding at a time: a row that ends
     (EOS met at different steps, or its own limit) is replaced by the next prompt, prefilled in chunks between
-    rounds and joined to the batch's tiers. In every mode each result equals ar on its prompt alone; the static
-    schedule too."""
+    rounds and joined to the batch's tiers. In every mode each result equals ar on its prompt alone, with the
+    target's KV preallocated or paged (blocks of half a chunk); the static schedule too."""
     from triforce_rt import scheduler
 
     target, drafter = random_pair(case["seed"], case["n_kv"])
@@ -116,14 +116,38 @@ def test_continuous_batching_equals_each_prompt_alone(case):
     limits = [40, 30, 7, 40, 1, 25, 40]
     alone = [generate(target, p, mode_config("ar", max_new_tokens=n, **cfg)).tokens for p, n in zip(prompts, limits)]
     assert len({len(a) for a in alone}) > 2
-    for mode, B, schedule in [(m, 2 + case["seed"] % 2, "continuous") for m in MODES] + [("self-spec", 3, "static")]:
+    paged = [(m, 3, "continuous", cfg["chunk_size"] // 2 or 1) for m in MODES]  # KV blocks of half a chunk
+    for mode, B, schedule, kv_block in ([(m, 2 + case["seed"] % 2, "continuous", 0) for m in MODES] + paged
+                                        + [("self-spec", 3, "static", 0), ("self-spec", 3, "static", 1)]):
         got = {}
         reqs = [scheduler.Request(i, p, mode_config(mode, max_new_tokens=n, **cfg))
                 for i, (p, n) in enumerate(zip(prompts, limits))]
-        scheduler.run(target, reqs, B, lambda k, r: got.setdefault(k, r), drafter=drafter, schedule=schedule)
+        scheduler.run(target, reqs, scheduler.Schedule(B, schedule, kv_block), lambda k, r: got.setdefault(k, r),
+                      drafter=drafter)
         assert all(not isinstance(r, Exception) for r in got.values()), (mode, got)
-        assert [got[i].tokens for i in range(len(prompts))] == alone, (mode, schedule)
+        assert [got[i].tokens for i in range(len(prompts))] == alone, (mode, schedule, kv_block)
         assert 2 <= max(r.batch_size for r in got.values()) <= B  # continuous: a prompt joined a batch decoding
+
+
+def test_a_full_kv_pool_queues_requests_instead_of_failing_them():
+    """Paged KV capped at about two rows' blocks: the next request waits until a row ends (all results equal ar
+    alone, never more than two rows at once); a request that alone needs more than the cap gets its error."""
+    from triforce_rt import scheduler
+
+    target, _ = random_pair(5)
+    c = target.config
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 64, (n,), generator=g).tolist() for n in (40, 60, 30, 50, 45, 220)]
+    cfg = GenerationConfig(mode="self-spec", max_new_tokens=20, ignore_eos=True, chunk_size=4, budget=8)
+    alone = [generate(target, p, cfg).tokens for p in prompts[:5]]
+    per_block = 2 * c.num_hidden_layers * c.num_key_value_heads * 4 * c.head_dim * 4  # blocks of 4 fp32 tokens
+    cap = (2 * (60 + 20 + cfg.gamma2 + 1) // 4 + 2) * per_block / 2**30  # two of the longest rows
+    got = {}
+    scheduler.run(target, [scheduler.Request(i, p, cfg) for i, p in enumerate(prompts)],
+                  scheduler.Schedule(4, "continuous", 4, cap), lambda k, r: got.setdefault(k, r))
+    assert [got[i].tokens for i in range(5)] == alone
+    assert max(got[i].batch_size for i in range(5)) == 2
+    assert "KV blocks of 4 tokens; the pool holds" in str(got[5])
 
 
 def test_smollm2_greedy_spec_modes_equal_ar(smol, tiny_drafter):

@@ -274,3 +274,17 @@ def test_a_failure_while_decoding_is_the_lines_error_record(capsys, tiny512, tmp
     recs = {r["id"]: r for r in read_records(str(out))}
     assert rc == 1 and recs["a"]["new_tokens"] == 2, err
     assert [r.get("error") for r in recs.values() if "error" in r] == ["RuntimeError: boom"], recs
+
+
+def test_bad_schedule_settings_are_one_line(capsys, tiny512, tmp_path):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(src, 2)
+    base = ["batch", str(src), "--out", str(out), "--model", tiny512]
+    for flags, want in ((["--mode", "self-spec", "--kv-block", "3"], "--kv-block 3 must divide the retrieval chunk "
+                                                                     "size (8) of mode 'self-spec'"),
+                        (["--kv-memory", "1"], "--kv-memory needs --kv-block"),
+                        (["--kv-block", "-1"], "--kv-block must be 0"),
+                        (["--batch-size", "2", "--offload", "kv"], "decodes one sequence at a time")):
+        rc, _, err = run(capsys, *base, *flags)
+        assert rc == 2 and want in err and len(err.strip().splitlines()) == 1, (flags, err)
+    assert not out.exists()

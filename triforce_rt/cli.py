@@ -152,6 +152,12 @@ def build_parser():
            "--schedule": dict(choices=SCHEDULES, default="continuous",
                               help="continuous: a line that ends frees its slot for the next line at once (its "
                                    "prefill interleaved with the others' decoding); static: B lines at a time"),
+           "--kv-block": dict(type=int, default=0, metavar="N",
+                              help="page the target's KV cache in blocks of N tokens, taken as tokens arrive and "
+                                   "given back when a line ends (0: a preallocated cache per line, sized for the "
+                                   "longest); N must divide --chunk-size in the modes with a retrieval tier"),
+           "--kv-memory": dict(type=float, metavar="GB", help="with --kv-block: at most this much KV; a line waits "
+                               "until the blocks it may need are free"),
            "--workers": dict(type=int, metavar="N", help="spread the lines over N model replicas, Ray actors on "
                              "this machine or on --ray-address's cluster (needs pip install 'triforce-rt[ray]')"),
            "--ray-address": dict(metavar="HOST:PORT", help="run the --workers on this running Ray cluster (default "
@@ -262,25 +268,25 @@ def cmd_summarize(args):
 
 def cmd_batch(args):
     from .jobs.batch import finished, run_batch
+    from .scheduler import check_block, schedule_of
 
     cfg = generation_config(args)
     if not os.path.isfile(args.input):
         raise UserError(f"input file not found: {args.input}")
     check_output(args.out, [args.input])
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1 (got {args.batch_size})")
+    sched = schedule_of(args)
+    sched.check(args.offload in ("kv", "all"))
+    check_block(cfg, sched.kv_block)  # (a line may not change the mode or the chunk size)
     if args.workers is not None or args.ray_address:
         from .jobs.workers import run_workers
 
-        if args.offload in ("kv", "all") and args.batch_size > 1:
-            raise UserError("a KV cache offloaded to host memory decodes one sequence at a time (use --batch-size 1)")
         args.workers = 1 if args.workers is None else args.workers
         counts = run_workers(args, progress=not args.quiet)
         return 1 if counts["errors"] else 0
     done = finished(args.out)
     model, drafter = load_models(args)
-    counts = run_batch(model, drafter, args.input, args.out, cfg, args.chat, progress=not args.quiet,
-                       batch_size=args.batch_size, done=done, schedule=args.schedule)
+    counts = run_batch(model, drafter, args.input, args.out, cfg, args.chat, progress=not args.quiet, sched=sched,
+                       done=done)
     return 1 if counts["errors"] else 0
 
 

@@ -368,11 +368,11 @@ class Decoder:
             row.peak = max(row.peak, len(self.rows))
             (done if self.emit(row, new) else going).append(i)
         results = [(self.rows[i].key, self.result(self.rows[i])) for i in done]
+        if done:
+            self.h.keep(going)  # (a paged cache gives the rows' blocks back)
         if not going:
             self.h = self.auto = None
             self.since_select = 0
-        elif done:
-            self.h.keep(going)
         self.rows = [self.rows[i] for i in going]
         return results
 

@@ -52,4 +52,5 @@ class Runtime:
 
     def graphs_allowed(self, cache, dynamic_rope: bool) -> bool:
         """The one decision: graphs asked for, nothing blocks them, and the cache is not streamed from the host."""
-        return self.cuda_graphs and self.graphs_blocker(dynamic_rope) is None and getattr(cache, "store", None) is None
+        return (self.cuda_graphs and self.graphs_blocker(dynamic_rope) is None and getattr(cache, "store", None) is None
+                and getattr(cache, "pool", None) is None)  # a paged cache takes blocks as it goes: a host decision

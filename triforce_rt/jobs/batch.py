@@ -10,8 +10,9 @@ job restarted with the same --out ends with every input id exactly once; a line 
 when a line of this run ends as an error record, so scripts notice.
 With --batch-size B > 1, up to B lines that share their generation settings (but for max_new_tokens and
 ignore_eos) decode together, one forward per tier step for the batch (scheduler.py): by default a line that ends
-frees its slot for the next one at once (--schedule continuous); --schedule static takes B lines at a time. Each
-record is appended as its line ends, so records come in the order lines end.
+frees its slot for the next one at once (--schedule continuous); --schedule static takes B lines at a time;
+--kv-block N pages the target's KV cache (--kv-memory caps it). Each record is appended as its line ends, so
+records come in the order lines end.
 """
 import json
 import sys
@@ -165,26 +166,27 @@ class Output:
               file=sys.stderr)
 
 
-def generate_lines(model, drafter, cfg, chat: bool, items: list, batch_size: int, schedule: str, write) -> None:
+def generate_lines(model, drafter, cfg, chat: bool, items: list, sched: scheduler.Schedule, write) -> None:
     """Each item's result through write(id, result): its error (a line that cannot run: at once), else its
-    GenerationResult as its line ends, up to batch_size lines decoding together (scheduler.py)."""
+    GenerationResult as its line ends, scheduled by sched (scheduler.py)."""
     requests = []
     for rid, ids, rcfg, err in (prepare(model, cfg, chat, *item) for item in items):
         if err is not None:
             write(rid, err)
         else:
             requests.append(scheduler.Request(rid, ids, rcfg))
-    scheduler.run(model, requests, batch_size, write, drafter, schedule)
+    scheduler.run(model, requests, sched, write, drafter)
 
 
 def run_batch(model, drafter, input_path: str, out_path: str, cfg, chat: bool, progress: bool,
-              batch_size: int = 1, done: dict | None = None, schedule: str = "continuous") -> dict:
-    """Process every input line not yet in out_path (done: finished(out_path), if already read), up to batch_size
-    sequences at a time (scheduler.py: continuous or static). A line whose record there is an error runs again:
+              sched: scheduler.Schedule | None = None, done: dict | None = None) -> dict:
+    """Process every input line not yet in out_path (done: finished(out_path), if already read), scheduled by
+    sched (scheduler.py; default: one line at a time). A line whose record there is an error runs again:
     its old record is dropped first, so the output keeps one record per id. Returns counts {done, errors, skipped,
     retried}: generated and error records written now, lines already generated, and error records run again."""
-    scheduler.check(model, batch_size, schedule)
+    sched = sched or scheduler.Schedule()
+    sched.check(model.runtime.kv_offload)
     lines, items, counts = pending(input_path, out_path, finished(out_path) if done is None else done)
     with Output(out_path, len(lines), counts, progress) as out:
-        generate_lines(model, drafter, cfg, chat, items, batch_size, schedule, out.write)
+        generate_lines(model, drafter, cfg, chat, items, sched, out.write)
     return counts

@@ -16,6 +16,7 @@ import threading
 from collections import deque
 
 from ..errors import UserError, first_line
+from ..scheduler import schedule_of
 from .batch import Output, finished, generate_lines, pending, record
 
 CHUNK = 4  # lines per hand-out, in batch sizes: enough to keep a worker's batch full, small enough to balance
@@ -68,7 +69,7 @@ class BatchWorker:
 
         def work():
             try:
-                generate_lines(self.model, self.drafter, self.cfg, a.chat, items, a.batch_size, a.schedule,
+                generate_lines(self.model, self.drafter, self.cfg, a.chat, items, schedule_of(a),
                                lambda rid, res: records.append(record(rid, res)))
             except BaseException as e:  # noqa: BLE001 (raised to the driver below)
                 error.append(e)
@@ -90,6 +91,7 @@ def run_workers(args, progress: bool) -> dict:
     ray = import_ray()
     if args.workers < 1:
         raise UserError(f"--workers must be at least 1 (got {args.workers})")
+    schedule_of(args).check(args.offload in ("kv", "all"))
     if args.ray_address:
         check_address(args.ray_address)
     done = finished(args.out)
