@@ -92,13 +92,17 @@ class Prefill:
             store = KVStream if model.runtime.kv_offload else None
             self.full = model.new_cache(FullCache, slots, batch=len(reqs), store=store)
         self.forwards = prefill_steps(model, self.full, [r.ids for r in reqs], chunk)
-        self.left = math.ceil(max(len(r.ids) for r in reqs) / max(1, chunk // len(reqs)))
+        self.step_tokens = max(1, chunk // len(reqs))
+        self.left = math.ceil(max(len(r.ids) for r in reqs) / self.step_tokens)
+        self.held, self.steps = 0, 0  # prompt tokens in the cache so far; forwards run
         self.seconds = time.perf_counter() - t0
 
     def step(self) -> bool:
         """One forward; True once every prompt is in the cache (logits: [B, V] after each)."""
         t0 = time.perf_counter()
         self.logits = next(self.forwards)
+        self.steps += 1
+        self.held = sum(min(len(r.ids), self.steps * self.step_tokens) for r in self.reqs)
         self.left -= 1
         if not self.left:
             self.forwards.close()
@@ -110,18 +114,29 @@ class Prefill:
             self.full.release()
 
 
-def run(model, requests: list, sched: Schedule, on_result, drafter=None) -> None:
+@dataclass
+class KVUse:
+    """The most bytes the target's KV caches reserved at once, and the most their tokens filled."""
+    reserved: int = 0
+    held: int = 0
+
+    def see(self, reserved: int, held: int) -> None:
+        self.reserved, self.held = max(self.reserved, reserved), max(self.held, held)
+
+
+def run(model, requests: list, sched: Schedule, on_result, drafter=None) -> KVUse:
     """Generate every request; on_result(key, GenerationResult or Exception) as each one ends (an exception: that
-    request failed, the others go on)."""
+    request failed, the others go on). Returns the target's KV use."""
     sched.check(model.runtime.kv_offload)
-    groups = {}
+    groups, use = {}, KVUse()
     for r in requests:
         groups.setdefault(astuple(shared(r.cfg)), []).append(r)
     for reqs in groups.values():
-        run_group(model, reqs, sched, on_result, drafter)
+        run_group(model, reqs, sched, on_result, drafter, use)
+    return use
 
 
-def run_group(model, reqs: list, sched: Schedule, on_result, drafter) -> None:
+def run_group(model, reqs: list, sched: Schedule, on_result, drafter, use: KVUse) -> None:
     """Requests that share their settings, sched.batch at a time."""
     cfg = replace(reqs[0].cfg, max_new_tokens=max(r.cfg.max_new_tokens for r in reqs), ignore_eos=False)
     try:
@@ -136,6 +151,8 @@ def run_group(model, reqs: list, sched: Schedule, on_result, drafter) -> None:
     slots = capacity([[0] * longest], [cfg])
     B, static = sched.batch, sched.kind == "static"
     pool = Pool(model, sched, slots, B) if sched.kv_block else None
+    c = model.config
+    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * model.norm.weight.element_size()
     pending, filling = deque(reqs), None
     fresh = lambda: Decoder(model, cfg, drafter, longest=longest)  # noqa: E731
     dec = fresh()
@@ -144,6 +161,11 @@ def run_group(model, reqs: list, sched: Schedule, on_result, drafter) -> None:
         if pool:
             pool.done(key)
         on_result(key, res)
+
+    def see_kv() -> None:
+        rows = len(dec.rows) + (len(filling.reqs) if filling else 0)
+        held = sum(r.prompt_tokens + len(r.out) for r in dec.rows) + (filling.held if filling else 0)
+        use.see(pool.blocks.bytes if pool else rows * slots * per_token, held * per_token)
 
     def fail(keys: list, e: Exception) -> None:
         for key in dict.fromkeys(keys):
@@ -171,6 +193,7 @@ def run_group(model, reqs: list, sched: Schedule, on_result, drafter) -> None:
                     report(key, res)
                 joining = None
             if dec.rows:
+                see_kv()  # (before the round: rows about to end still hold their tokens)
                 for key, res in dec.round():
                     report(key, res)
         except Exception as e:  # a failure while decoding (out of memory, a bug) costs the requests in flight only
@@ -181,6 +204,7 @@ def run_group(model, reqs: list, sched: Schedule, on_result, drafter) -> None:
             if dec.h is not None:
                 dec.h.pool[-1].cache.keep([])  # a paged cache's blocks back to the pool
             dec, filling = fresh(), None
+        see_kv()
 
 
 class Pool:
