@@ -107,7 +107,7 @@ def run_mixed(args) -> dict:
     ray_path = tempfile.mktemp(suffix=".jsonl")
     with open(ray_path, "w") as f:
         f.writelines(json.dumps(line) + "\n" for line in lines[: args.ray_requests])
-    for workers in (1, 2):
+    for workers in (1, 2) if args.ray_requests else ():
         wall, records = ray_job(ray_path, workers, 4, max(1, args.threads // workers))
         row = {"workers": workers, "requests": len(records), "wall_s": round(wall, 1),
                "new_tok_s": round(sum(r["new_tokens"] for r in records) / wall, 2),
@@ -137,6 +137,8 @@ def mixed_markdown(report: dict) -> str:
                      f"| {r['wall_s']} | {r['new_tok_s']} | {r['requests_per_min']} | {vs} | {r['tokens_identical']} "
                      f"| {r['errors']} | {r['kv_reserved_mb']} | {r['kv_held_mb']} | {r['kv_reserved_vs_held']}x "
                      f"| {', '.join(r['plans'])} |")
+    if not report["ray"]:
+        return "\n".join(lines)
     lines += ["", f"Ray: the first {report['ray'][0]['requests'] if report['ray'] else 0} requests, ar, B = 4, "
                   "continuous, `triforce batch --workers N` on a local cluster started by the command (wall time of "
                   "the whole command: cluster start, N model loads, the job), threads split between the workers.", "",

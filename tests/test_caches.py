@@ -222,7 +222,7 @@ def test_paged_cache_equals_full_cache_and_gives_blocks_back():
     back; the pool grows when short, up to its limit."""
     from retrieval_cache import BlockPool, PagedCache, PoolFull
 
-    layers, bs, c = 2, 2, 4
+    layers, bs, c = 2, 4, 8  # (bs != H_KV: a layout mix-up would show)
     pool = BlockPool(layers, H_KV, D, block=bs, n_blocks=3, limit=60)
     seqs, lens = [tokens(40, seed=21), tokens(40, seed=22)], [23, 14]
     full = FullCache(layers, H_KV, D, max_len=64, batch=2)
@@ -235,7 +235,7 @@ def test_paged_cache_equals_full_cache_and_gives_blocks_back():
         full.k[:, b], full.v[:, b] = one.k[:, 0], one.v[:, 0]
         full.last_q = one.last_q if b == 0 else torch.cat([full.last_q, one.last_q], 1)
         paged = row if paged is None else (paged.join(row) or paged)
-    assert pool.n_blocks > 3 and paged.blocks_held == 12 + 7
+    assert pool.n_blocks > 3 and paged.blocks_held == 6 + 4
     pos = torch.stack([torch.arange(L, L + 3) for L in lens])
     stack = lambda i, s: torch.stack([x[i][L + s : L + s + 3] for x, L in zip(seqs, lens)]).transpose(1, 2)
     for cache in (full, paged):  # a rejected speculation of 3 tokens, then the accepted ones at the same positions
@@ -247,17 +247,17 @@ def test_paged_cache_equals_full_cache_and_gives_blocks_back():
     q_sel = torch.randn(layers, 2, H_Q, D, generator=torch.Generator().manual_seed(4))
     picks = []
     for source in (full, paged):
-        rc = RetrievalCache(layers, H_KV, D, budget=12, chunk_size=c, tail=4, batch=2)
+        rc = RetrievalCache(layers, H_KV, D, budget=24, chunk_size=c, tail=4, batch=2)
         rc.select(source, [L + 3 for L in lens], q_sel)
         sc = StreamingCache(layers, H_KV, D, sinks=2, window=5, max_step=4, batch=2)
         sc.fill_from(source, [L + 3 for L in lens], ROPE)
         seen = rc.valid[..., None]  # gathered slots past a row's end are masked, whatever they hold
-        picks.append((rc.chunks, rc.k[:, :, :, :12] * seen, rc.v[:, :, :, :12] * seen, rc.valid, sc.sink_k, sc.ring_k,
+        picks.append((rc.chunks, rc.k[:, :, :, :24] * seen, rc.v[:, :, :, :24] * seen, rc.valid, sc.sink_k, sc.ring_k,
                       sc.ring_v, sc.ring_pos))
     assert all(torch.equal(a, b) for a, b in zip(*picks))
     free = len(pool.free)
     paged.keep([1])
-    assert len(pool.free) == free + 13 and paged.blocks_held == 9
+    assert len(pool.free) == free + 7 and paged.blocks_held == 5
     with pytest.raises(PoolFull, match="60 blocks at most"):
         pool.take(len(pool.free) + 60)
     with pytest.raises(ValueError, match="must divide the retrieval chunk size"):

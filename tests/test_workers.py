@@ -30,6 +30,8 @@ def test_bad_worker_settings_are_one_line(capsys, tiny, tmp_path, monkeypatch):
     rc, _, err = run(capsys, *base, "--workers", "1", "--ray-address", "127.0.0.1:9")  # nothing listens on port 9
     assert rc == 2 and "cannot reach the Ray cluster at 127.0.0.1:9" in err and len(err.strip().splitlines()) == 1
     assert time.perf_counter() - t0 < 10
+    rc, _, err = run(capsys, *base[:-4], "--model", str(tmp_path / "nope"), "--workers", "2")
+    assert rc == 2 and "model not found" in err and len(err.strip().splitlines()) == 1, err  # before Ray starts
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     rc, _, err = run(capsys, *base, "--workers", "2")
     assert rc == 2 and "pip install 'triforce-rt[ray]'" in err and len(err.strip().splitlines()) == 1, err

@@ -325,6 +325,8 @@ class Decoder:
         """Add prompts (prefilled into full, logits [B, V] after each) as rows named keys, with their own cfgs
         (default: the decoder's). Returns [(key, GenerationResult)] of rows that end with their first token."""
         cfg, t0 = self.cfg, time.perf_counter()
+        if any(c.max_new_tokens > cfg.max_new_tokens for c in cfgs or []):
+            raise ValueError("a joining row's max_new_tokens exceeds what the decoder's caches are sized for")
         first = sample(logits, cfg.sampling, self.gen).tolist()
         tiers = build_tiers(self.model, full, self.drafter, prompts, cfg, self.longest)
         self.longest = self.longest or max(map(len, prompts))

@@ -175,9 +175,11 @@ def run_group(model, reqs: list, sched: Schedule, on_result, drafter, use: KVUse
         free = B - len(dec.rows)
         if filling is None and pending and (free == B if static else free > 0):
             take = [pending[i] for i in range(min(free if static else 1, len(pending)))]
-            if pool is None or pool.admit(take, busy=bool(dec.rows)):
-                for _ in take:
-                    pending.popleft()
+            while pool and take and not pool.admit(take):  # as many as the pool can promise blocks to
+                take.pop()
+            for _ in take:
+                pending.popleft()
+            if take:
                 try:
                     filling = Prefill(model, take, slots, cfg.prefill_chunk, pool and pool.blocks)
                 except Exception as e:  # out of memory for its cache: this request's error, the others go on
@@ -222,7 +224,7 @@ class Pool:
     def need(self, r: Request) -> int:
         return self.blocks.blocks_for(len(r.ids) + r.cfg.max_new_tokens + r.cfg.gamma2 + 1)
 
-    def admit(self, reqs: list, busy: bool) -> bool:
+    def admit(self, reqs: list) -> bool:
         need = sum(map(self.need, reqs))
         if sum(self.promised.values()) + need > self.blocks.limit:
             self.refusal = UserError(f"needs {need} KV blocks of {self.blocks.block} tokens; the pool holds "

@@ -95,8 +95,12 @@ def run_workers(args, progress: bool) -> dict:
     if args.ray_address:
         check_address(args.ray_address)
     done = finished(args.out)
-    if not args.ray_address and not args.threads:  # the replicas share this machine's cores
-        args.threads = max(1, (os.cpu_count() or 1) // args.workers)
+    if not args.ray_address:
+        from ..models.loader import resolve
+
+        resolve(args.model)  # a bad path is one line before any worker starts; a GGUF is converted once, here
+        if not args.threads:  # the replicas share this machine's cores
+            args.threads = max(1, (os.cpu_count() or 1) // args.workers)
     ray.init(address=args.ray_address, num_cpus=None if args.ray_address else max(args.workers, os.cpu_count() or 1),
              include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
              object_store_memory=None if args.ray_address else 100 * 2**20)
