@@ -26,7 +26,7 @@ import time
 import torch
 
 from drivers import PROMPTS, batch_markdown, heldout_ids, result_path, run_batch, script_args, write_markdown
-from triforce_rt.engine import GenerationConfig, capacity
+from triforce_rt.engine import GenerationConfig
 from triforce_rt import scheduler
 from triforce_rt.jobs.batch import prepare, record
 from triforce_rt.jsonl import read_records
