@@ -92,8 +92,8 @@ class Prefill:
             store = KVStream if model.runtime.kv_offload else None
             self.full = model.new_cache(FullCache, slots, batch=len(reqs), store=store)
         self.forwards = prefill_steps(model, self.full, [r.ids for r in reqs], chunk)
-        self.step_tokens = max(1, chunk // len(reqs))
-        self.left = math.ceil(max(len(r.ids) for r in reqs) / self.step_tokens)
+        self.step_tokens = max(1, chunk // len(reqs))  # prefill_steps' split of a chunk over the rows
+        self.total = math.ceil(max(len(r.ids) for r in reqs) / self.step_tokens)  # forwards in all
         self.held, self.steps = 0, 0  # prompt tokens in the cache so far; forwards run
         self.seconds = time.perf_counter() - t0
 
@@ -103,11 +103,10 @@ class Prefill:
         self.logits = next(self.forwards)
         self.steps += 1
         self.held = sum(min(len(r.ids), self.steps * self.step_tokens) for r in self.reqs)
-        self.left -= 1
-        if not self.left:
+        if self.steps == self.total:
             self.forwards.close()
         self.seconds += time.perf_counter() - t0
-        return not self.left
+        return self.steps == self.total
 
     def drop(self) -> None:
         if isinstance(self.full, PagedCache):
@@ -150,9 +149,9 @@ def run_group(model, reqs: list, sched: Schedule, on_result, drafter, use: KVUse
     longest = max(len(r.ids) for r in reqs)
     slots = capacity([[0] * longest], [cfg])
     B, static = sched.batch, sched.kind == "static"
-    pool = Pool(model, sched, slots, B) if sched.kv_block else None
-    c = model.config
+    c = model.config  # KV bytes of one token: k and v, every layer
     per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * model.norm.weight.element_size()
+    pool = Pool(model, sched, slots, B, per_token) if sched.kv_block else None
     pending, filling = deque(reqs), None
     fresh = lambda: Decoder(model, cfg, drafter, longest=longest)  # noqa: E731
     dec = fresh()
@@ -213,11 +212,9 @@ class Pool:
     """The block pool of one batch and its admission rule: a request is admitted when the blocks it may need fit
     beside those promised to the requests in flight, within the pool's cap."""
 
-    def __init__(self, model, sched: Schedule, slots: int, batch: int):
-        L, Hkv, D = model.config.num_hidden_layers, model.config.num_key_value_heads, model.config.head_dim
-        per_block = 2 * L * Hkv * sched.kv_block * D * model.norm.weight.element_size()
+    def __init__(self, model, sched: Schedule, slots: int, batch: int, per_token: int):
         most = math.ceil(slots / sched.kv_block) * batch  # every row at the longest: never short
-        cap = most if sched.kv_memory_gb is None else int(sched.kv_memory_gb * 2**30 // per_block)
+        cap = most if sched.kv_memory_gb is None else int(sched.kv_memory_gb * 2**30 // (per_token * sched.kv_block))
         self.blocks = model.new_cache(BlockPool, sched.kv_block, 1, limit=cap)
         self.promised, self.refusal = {}, None
 

@@ -127,7 +127,7 @@ class Dispatch:
     def __init__(self, ray, workers: list, items: list, chunk: int, out: Output):
         self.ray, self.workers, self.out = ray, workers, out
         self.queue = deque(items[i : i + chunk] for i in range(0, len(items), chunk))
-        self.written, self.lock, self.dead, self.failure = set(), threading.Lock(), 0, None
+        self.written, self.lock, self.failure = set(), threading.Lock(), None
 
     def run(self) -> None:
         threads = [threading.Thread(target=self.serve, args=(w,), daemon=True) for w in self.workers]
@@ -161,7 +161,6 @@ class Dispatch:
                     rest = [item for item in chunk if item[0] not in self.written]
                     if rest:
                         self.queue.appendleft(rest)
-                    self.dead += 1
                 return
             except ray.exceptions.RayTaskError as e:  # the worker raised: its chunk's lines left get error records
                 with self.lock:
