@@ -18,7 +18,9 @@ from triforce_rt.distill.train import evaluate  # noqa: E402
 from triforce_rt.engine import GenerationConfig, Session, generate, generate_batch  # noqa: E402
 from triforce_rt.measure import chat_prompt, machine, publish  # noqa: E402
 from triforce_rt.models import load_model  # noqa: E402
-from triforce_rt.models.loader import default_drafter  # noqa: E402
+from triforce_rt.models.head import RecurrentHead  # noqa: E402
+from triforce_rt.models.loader import default_drafter, load_drafter  # noqa: E402
+from triforce_rt.settings import HEAD_MODES, MODES, gamma_name  # noqa: E402
 from triforce_rt.textio import tier_stats  # noqa: E402
 
 
@@ -106,55 +108,66 @@ def refresh_markdown(report: dict) -> str:
 
 
 def named_drafters(specs: list | None) -> dict:
-    """--drafter NAME=PATH ... as {NAME: PATH}; the shipped drafter as 'default' when none are given."""
+    """--drafter NAME=PATH ... as {NAME: PATH}; the shipped drafter as 'default' and the shipped recurrent head as
+    'head' when none are given."""
     pairs = [s.split("=", 1) for s in specs or []]
     if any(len(p) != 2 for p in pairs):
         raise SystemExit("error: --drafter takes NAME=PATH")
-    return dict(pairs) or {"default": default_drafter()}
+    return dict(pairs) or {"default": default_drafter(), "head": default_drafter(head=True)}
 
 
 def run_drafters(drafters: dict, spec="default", contexts=(2048, 8064), docs=3, new_tokens=128, threads=2,
-                 modes=("draft", "triforce"), prompts=("explain", "summarize"), out=None) -> dict:
-    """Drafters side by side ({label: path}), each in each mode at default settings against AR, on the documents of
-    run_refresh: the drafter tier's α (against the target in draft, against tier 2 in triforce) and its cost."""
+                 modes=("draft", "triforce"), prompts=("explain", "summarize"), gammas=(None,), out=None) -> dict:
+    """Drafters side by side ({label: path}: tiny drafters, in `modes`, or recurrent heads, in the redrafter modes),
+    each mode at default settings but for the drafter's γ (gammas; None = the default) against AR, on the documents
+    of run_refresh: the drafter tier's α (against the target alone, against tier 2 under it) and its cost."""
     torch.set_num_threads(threads)
     model = load_model(spec, dtype=torch.float32)
-    loaded = {name: load_model(path, dtype=torch.float32) for name, path in drafters.items()}
+    loaded = {name: load_drafter(path, model, dtype=torch.float32) for name, path in drafters.items()}
     generate(model, list(range(1, 65)), GenerationConfig(max_new_tokens=4, ignore_eos=True))  # warm-up
     report = {"benchmark": "drafters", "model": spec, "dtype": "float32", "drafters": drafters,
               "new_tokens": new_tokens, "machine": machine(), "rows": []}
-    variants = [({"drafter": name}, d, {"mode": m}) for name, d in loaded.items() for m in modes]
+    variants = []
+    for name, d in loaded.items():
+        for m in HEAD_MODES if isinstance(d, RecurrentHead) else modes:
+            own = gamma_name(MODES[m].tiers, 0)  # the drafter is the bottom tier
+            variants += [({"drafter": name, "gamma": g or "default"}, d, {"mode": m, **({own: g} if g else {})})
+                         for g in gammas]
     report["rows"] = document_rows(model, contexts, docs, prompts, new_tokens, variants)
     publish(report, drafters_markdown, out)
     return report
 
 
 def drafters_markdown(report: dict) -> str:
-    """Per context, mode and drafter: the drafter tier's α over the documents (median, min, max), its mean cost
-    per call and its largest share of an AR step (AR step = 1000 · vs_ar / tok_s ms), and speed against AR
-    (geometric mean); then every row."""
+    """Per context, mode, drafter and its γ: the drafter tier's α over the documents (median, min, max), its mean
+    cost per call and its largest share of an AR step (AR step = 1000 · vs_ar / tok_s ms), tokens per target call
+    (mean) and speed against AR (geometric mean); then every row."""
     m, rows = report["machine"], report["rows"]
     n_docs = len({(r["prompt"], r["doc"]) for r in rows})
-    tier = lambda r: next(t for t in r["tiers"] if t["name"] == "drafter")
+    tier = lambda r: r["tiers"][0]  # the drafter's (the bottom tier)
     lines = [f"Drafters, {report['model']} {report['dtype']}, greedy, {report['new_tokens']} new tokens, default "
              f"settings, {n_docs} documents, {m['cpu']}, {m['threads']} threads, torch {m['torch']}. Drafters: "
              + ", ".join(f"{k} = `{v}`" for k, v in report["drafters"].items()) + ". The drafter's α is against "
-             "the target in draft and against tier 2 (the target on its retrieval cache) in triforce.", "",
-             "| context | mode | drafter | drafter α: median | min | max | ms/drafter call | max share of an AR step "
-             "| vs ar: geo-mean | all identical |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for key in dict.fromkeys((r["context"], r["mode"], r["drafter"]) for r in rows):
-        group = [r for r in rows if (r["context"], r["mode"], r["drafter"]) == key]
+             "the tier it drafts for: the target in draft and redrafter, tier 2 (the target on its retrieval cache) "
+             "in triforce and triforce-redrafter. γ: the drafter's tokens per verification (default: gamma2 = 6 "
+             "alone, gamma1 = 4 under tier 2). A head's call is one step of its recurrence.", "",
+             "| context | mode | drafter | γ | drafter α: median | min | max | ms/drafter call | max share of an AR "
+             "step | tok/target call | vs ar: geo-mean | all identical |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key in dict.fromkeys((r["context"], r["mode"], r["drafter"], r.get("gamma", "default")) for r in rows):
+        group = [r for r in rows if (r["context"], r["mode"], r["drafter"], r.get("gamma", "default")) == key]
         a = sorted(tier(r)["alpha"] for r in group)
         ms = sum(tier(r)["ms_per_call"] for r in group) / len(group)
         share = max(tier(r)["ms_per_call"] * r["tok_s"] / (1000 * r["vs_ar"]) for r in group)
+        per_call = sum(r["tokens_per_target_call"] for r in group) / len(group)
         geo = math.exp(sum(math.log(r["vs_ar"]) for r in group) / len(group))
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {statistics.median(a):.2f} | {a[0]:.2f} | {a[-1]:.2f} "
-                     f"| {ms:.1f} | {100 * share:.0f}% | {geo:.2f}x | {all(r['tokens_identical'] for r in group)} |")
-    lines += ["", "| prompt | doc | context | drafter | mode | tok/s | vs ar | tiers: α, ms/call |",
-              "|---|---|---|---|---|---|---|---|"]
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {statistics.median(a):.2f} | {a[0]:.2f} "
+                     f"| {a[-1]:.2f} | {ms:.1f} | {100 * share:.0f}% | {per_call:.2f} | {geo:.2f}x "
+                     f"| {all(r['tokens_identical'] for r in group)} |")
+    lines += ["", "| prompt | doc | context | drafter | γ | mode | tok/s | vs ar | tiers: α, ms/call |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['prompt']} | {r['doc']} | {r['context']} | {r['drafter']} | {r['mode']} | {r['tok_s']} "
-                     f"| {r['vs_ar']}x | {tiers_text(r['tiers'])} |")
+        lines.append(f"| {r['prompt']} | {r['doc']} | {r['context']} | {r['drafter']} | {r.get('gamma', 'default')} "
+                     f"| {r['mode']} | {r['tok_s']} | {r['vs_ar']}x | {tiers_text(r['tiers'])} |")
     return "\n".join(lines)
 
 

@@ -2,8 +2,10 @@
 reports render (the numbers themselves are for benchmarks/, on SmolLM2)."""
 import torch
 from conftest import tiny_with_smol_tokenizer
+from test_hierarchy import random_head
 
 from drivers import drafters_markdown, refresh_markdown, run_drafters, run_refresh
+from triforce_rt import load_model
 
 
 def test_drafters_and_refresh_benchmarks_run_and_match_ar(tmp_path_factory, smol, tiny_folder):
@@ -12,14 +14,19 @@ def test_drafters_and_refresh_benchmarks_run_and_match_ar(tmp_path_factory, smol
     # the small-op tests after it many times slower
     kw = dict(spec=target, contexts=(160, 320), docs=2, new_tokens=12, prompts=("explain",),
               threads=torch.get_num_threads())
-    report = run_drafters({"a": tiny_folder, "b": tiny_folder}, out=str(tmp_path_factory.mktemp("b") / "d.json"), **kw)
+    head = str(tmp_path_factory.mktemp("head"))
+    random_head(load_model(target)).save(head, {})
+    report = run_drafters({"a": tiny_folder, "h": head}, out=str(tmp_path_factory.mktemp("b") / "d.json"),
+                          gammas=(None, 3), **kw)
     rows = report["rows"]
-    assert len(rows) == 2 * 2 * 2 * 2  # documents x contexts x drafters x modes
+    assert len(rows) == 2 * 2 * 2 * 2 * 2  # documents x contexts x drafters x their 2 modes x gammas
     assert all(r["tokens_identical"] for r in rows)
-    assert {r["mode"] for r in rows} == {"draft", "triforce"}
-    assert all(any(t["name"] == "drafter" and t["calls"] > 0 for t in r["tiers"]) for r in rows)
+    assert {r["mode"] for r in rows} == {"draft", "triforce", "redrafter", "triforce-redrafter"}
+    assert all(r["tiers"][0]["name"] == ("head" if r["drafter"] == "h" else "drafter") and r["tiers"][0]["calls"] > 0
+               for r in rows)
     text = drafters_markdown(report)
-    assert "| 320 | triforce | b |" in text and "2 documents" in text
+    assert "| 320 | triforce | a | default |" in text and "| 320 | triforce-redrafter | h | 3 |" in text
+    assert "2 documents" in text
     report = run_refresh(drafter=tiny_folder, **kw)
     assert len(report["rows"]) == 2 * 2 * 3 * 2 and all(r["tokens_identical"] for r in report["rows"])
     assert "| 160 | triforce-ngram | 1 |" in refresh_markdown(report)

@@ -99,6 +99,43 @@ def test_cuda_out_of_memory_suggests_offload(capsys, monkeypatch):
 def test_no_default_drafter_for_another_model(capsys, tiny_folder):
     rc, out, err = run_cli(capsys, "generate", "--model", tiny_folder, "--prompt", "hi", "--mode", "triforce")
     assert rc == 2 and "no default drafter exists for this model" in err and "triforce distill" in err
+    rc, out, err = run_cli(capsys, "generate", "--model", tiny_folder, "--prompt", "hi", "--mode", "redrafter")
+    assert rc == 2 and "no default drafter exists" in err and "triforce distill --kind head" in err
+
+
+@pytest.fixture(scope="module")
+def tiny_head(tiny_folder, tmp_path_factory):
+    """A (random) recurrent head for tiny_folder's model, saved as `triforce distill --kind head` saves one."""
+    from test_hierarchy import random_head
+
+    from triforce_rt import load_model
+
+    folder = str(tmp_path_factory.mktemp("head"))
+    random_head(load_model(tiny_folder)).save(folder, {})
+    return folder
+
+
+def test_redrafter_cli_equals_ar(capsys, tiny_folder, tiny_head):
+    base = ["generate", "--model", tiny_folder, "--prompt", "def f(x):", "--max-new-tokens", "12", "--ignore-eos",
+            "--json"]
+    rc, ar, _ = run_cli(capsys, *base)
+    for mode in ("redrafter", "triforce-redrafter"):
+        rc, out, err = run_cli(capsys, *base, "--mode", mode, "--drafter", tiny_head)
+        assert rc == 0, err
+        assert json.loads(out)["tokens"] == json.loads(ar)["tokens"]
+        assert json.loads(out)["tiers"][0]["name"] == "head"
+
+
+@pytest.mark.parametrize("mode,which,needle", [
+    ("redrafter", "model", "needs a recurrent draft head"),
+    ("draft", "head", "needs a model"),
+    ("redrafter", "missing", "drafter not found"),
+])
+def test_drafter_of_the_wrong_kind(capsys, tiny_folder, tiny_head, mode, which, needle):
+    path = {"model": tiny_folder, "head": tiny_head, "missing": "/no/such/head"}[which]
+    rc, out, err = run_cli(capsys, "generate", "--model", tiny_folder, "--prompt", "hi", "--mode", mode,
+                           "--drafter", path)
+    assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -110,6 +147,9 @@ def test_no_default_drafter_for_another_model(capsys, tiny_folder):
     (["--epochs", "nan"], "finite --epochs > 0"),
     (["--lr", "-1"], "--lr > 0"),
     (["--out", "/etc/hostname/d"], "cannot create that folder"),
+    (["--kind", "head", "--copy-layers", "first"], "--kind head takes neither"),
+    (["--kind", "head", "--seq-len", "6", "--depth", "5"], "--seq-len > --depth + 1"),
+    (["--kind", "head", "--depth", "0"], "--depth must be at least 1"),
 ])
 def test_distill_bad_input_one_line_exit_2(capsys, argv, needle, tmp_path):
     rc, out, err = run_cli(capsys, "distill", "--out", str(tmp_path / "d"), *argv)

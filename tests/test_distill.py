@@ -309,3 +309,24 @@ def test_teacher_cache_follows_the_target_weights(tiny_folder, tmp_path, monkeyp
     os.utime(weights, (weights.stat().st_atime, weights.stat().st_mtime + 60))
     d.teacher_data(load_model(str(target), dtype=torch.float32), cfg, progress=False)
     assert calls == ["train", "heldout", "train", "heldout"]
+
+
+def test_distilled_head_learns_loads_and_keeps_greedy_exact(tiny_folder, tmp_path):
+    """--kind head: the teacher pass keeps the target's hidden states, the head's loss falls, and the saved head drafts
+    through --drafter's loader in both redrafter modes with the output identical to ar."""
+    from triforce_rt.models.head import load_head
+
+    cfg = tiny_cfg(tiny_folder, tmp_path / "head", kind="head", tokens=1280, seq_len=64, depth=3, answer_frac=0.0,
+                   epochs=3, lr=3e-3)
+    metrics = distill(cfg, progress=False)
+    assert metrics["train_loss_last"] < metrics["train_loss_first"]
+    assert len(metrics["agreement"]) == 3 and 0 <= metrics["mean_run"] <= 3
+    target = load_model(tiny_folder)
+    head = load_head(str(tmp_path / "head"), target)
+    assert 0 < len(head.vocab_ids) <= 300
+    ids = target.tokenizer(stdlib_text("textwrap.py")).input_ids[:24]
+    cfg = dict(max_new_tokens=24, ignore_eos=True)
+    ar = generate(target, ids, GenerationConfig(**cfg))
+    for mode in ("redrafter", "triforce-redrafter"):
+        res = generate(target, ids, GenerationConfig(mode=mode, budget=8, **cfg), drafter=head)
+        assert res.tokens == ar.tokens and res.tiers[0]["name"] == "head" and res.tiers[0]["drafted"] > 0, mode

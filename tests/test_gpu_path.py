@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import child_env, stdlib_text
 from test_caches import H_KV, ROPE, step, tokens
-from test_hierarchy import random_pair
+from test_hierarchy import random_pair, with_head
 
 from cuda_graphs import StepGraphs
 from retrieval_cache import FullCache, RetrievalCache, StreamingCache, use_kernel
@@ -65,6 +65,7 @@ def test_static_tiers_give_ar_tokens_in_every_mode(seed):
     target.config.eos_token_ids = [free[len(free) // 2]]
     alone = [generate(target, p, GenerationConfig(**cfg)).tokens for p in prompts]
     target.runtime.cuda_graphs = drafter.runtime.cuda_graphs = True
+    drafter = with_head(target, drafter, seed)
     for mode in MODES:
         got = generate_batch(target, prompts, GenerationConfig(mode=mode, **cfg), drafter=drafter)
         assert [r.tokens for r in got] == alone, mode

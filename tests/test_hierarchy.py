@@ -12,9 +12,10 @@ from retrieval_cache import FullCache, RetrievalCache, StreamingCache, rotate
 from triforce_rt.engine import GenerationConfig, Session, generate, generate_batch
 from triforce_rt.settings import MODES, SELF_DRAFTING
 from triforce_rt.models import ModelConfig
+from triforce_rt.models.head import RecurrentHead
 from triforce_rt.models.loader import from_state_dict
 from triforce_rt.sampling import SamplingParams, probs
-from triforce_rt.speculation import Hierarchy, NgramTier, Tokens, verify_sample
+from triforce_rt.speculation import HeadTier, Hierarchy, NgramTier, Tokens, verify_sample
 from triforce_rt.speculation.auto import Auto
 
 SPEC_MODES = [m for m in MODES if m != "ar"]
@@ -33,6 +34,23 @@ def random_pair(seed, n_kv=2, vocab=64, sharpen=1.0):
         target.norm.weight.mul_(sharpen)
         drafter.norm.weight.mul_(sharpen)
     return target, drafter
+
+
+def random_head(target, seed=0, keep=None):
+    """A recurrent draft head for target: the target's head rows (of every token, or of keep), then random
+    recurrence and features, so that its drafts are sometimes right and sometimes not."""
+    V, D = target.config.vocab_size, target.config.hidden_size
+    head = RecurrentHead(D, V, len(keep or range(V))).initialize(target.head.detach(), torch.tensor(keep or range(V)))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for w in (head.W.weight, head.U.weight, head.fc1.weight, head.fc2.weight):
+            w.copy_(torch.randn(w.shape, generator=g) * 0.2)
+    return head.eval()
+
+
+def with_head(target, drafter, seed=0):
+    """What the modes draft with: the tiny drafter and a recurrent head (each tier builder takes its own kind)."""
+    return [drafter, random_head(target, seed)]
 
 
 def start(target, drafter, ctx, cfg, batch=1):
@@ -68,6 +86,7 @@ def test_greedy_every_mode_equals_ar(case):
     if cfg["budget"] < cfg["chunk_size"]:
         cfg["budget"] = cfg["chunk_size"]
     ar = generate(target, prompt, mode_config("ar", **cfg)).tokens
+    drafter = with_head(target, drafter, case["seed"])
     for mode in SPEC_MODES:
         res = generate(target, prompt, mode_config(mode, **cfg), drafter=drafter)
         assert res.tokens == ar, mode
@@ -89,6 +108,7 @@ def test_batched_greedy_equals_each_prompt_alone(case):
     free = generate(target, prompts[1], mode_config("ar", ignore_eos=True, **cfg)).tokens
     target.config.eos_token_ids = [free[len(free) // 2]]
     alone = [generate(target, p, mode_config("ar", **cfg)).tokens for p in prompts]
+    drafter = with_head(target, drafter, case["seed"])
     for mode in MODES:
         got = generate_batch(target, prompts, mode_config(mode, **cfg), drafter=drafter)
         assert [r.tokens for r in got] == alone, mode
@@ -116,6 +136,7 @@ def test_continuous_batching_equals_each_prompt_alone(case):
     limits = [40, 30, 7, 40, 1, 25, 40]
     alone = [generate(target, p, mode_config("ar", max_new_tokens=n, **cfg)).tokens for p, n in zip(prompts, limits)]
     assert len({len(a) for a in alone}) > 2
+    drafter = with_head(target, drafter, case["seed"])
     paged = [(m, 3, "continuous", cfg["chunk_size"] // 2 or 1) for m in MODES]  # KV blocks of half a chunk
     for mode, B, schedule, kv_block in ([(m, 2 + case["seed"] % 2, "continuous", 0) for m in MODES] + paged
                                         + [("self-spec", 3, "static", 0), ("self-spec", 3, "static", 1)]):
@@ -207,7 +228,7 @@ def sampled_pairs(mode, sp, flawed=False, keep=None, rows=50, kernels=lambda mod
     cfg = GenerationConfig(max_new_tokens=16, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, mode=mode,
                            budget=4, chunk_size=2, sinks=2, window=6, gamma1=2, gamma2=3, **settings)
     ctx = PROMPT[:-1]  # the last prompt token stays pending, as after any round
-    tiers = start(target, drafter, ctx, cfg, batch=rows)
+    tiers = start(target, [drafter, random_head(target, keep=keep)], ctx, cfg, batch=rows)
     if flawed:
         tiers[1].verify = resample_from_p
     hierarchy = Hierarchy(tiers, sp, torch.Generator().manual_seed(0), Tokens([PROMPT] * rows, 64))
@@ -284,6 +305,9 @@ def assert_holds_prefix(tier, seq, row=0):
     """Row `row` of tier.cache holds seq[:tier.pos[row]], at the right positions, in every slot a query can see."""
     if isinstance(tier, NgramTier):  # it holds nothing: it reads the hierarchy's buffer
         return
+    if isinstance(tier, HeadTier):  # an anchor (if any) is a hidden state of the committed prefix
+        assert tier.pos[row] <= len(seq) - 1
+        return
     n = tier.pos[row]
     assert n <= len(seq) - 1  # the last token is pending
     c = tier.cache
@@ -313,7 +337,7 @@ def test_rollback_leaves_exactly_the_accepted_prefix(mode):
     cfg = GenerationConfig(max_new_tokens=60, mode=mode, budget=16, chunk_size=4, sinks=2, window=10, gamma1=3,
                            gamma2=5, temperature=1.0, refresh=0)
     B = 3
-    tiers = start(target, drafter, prompt[:-1], cfg, batch=B)
+    tiers = start(target, with_head(target, drafter), prompt[:-1], cfg, batch=B)
     hierarchy = Hierarchy(tiers, cfg.sampling, torch.Generator().manual_seed(2), Tokens([prompt] * B, 256))
     seqs, rejected = [list(prompt) for _ in range(B)], 0
     for i in range(12):
@@ -326,6 +350,11 @@ def test_rollback_leaves_exactly_the_accepted_prefix(mode):
             assert hierarchy.tok.row(b).tolist() == seqs[b]
             for tier in tiers:
                 assert_holds_prefix(tier, seqs[b], b)
+            if mode == "redrafter":  # anchored at the target's hidden state that chose the last token
+                head, n = tiers[0], len(seqs[b]) - 1
+                assert head.pos[b] == n
+                want = target.hidden(torch.tensor([seqs[b][:n]]), torch.arange(n)[None], target.new_cache(FullCache, n))
+                torch.testing.assert_close(head.h[b], want[0, -1], rtol=1e-4, atol=1e-4)
     assert len({tuple(s) for s in seqs}) == B  # the rows went their own ways
     assert rejected >= 3
 

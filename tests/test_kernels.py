@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import child_env, hf_model, ours
 from gguf import GGMLQuantizationType, GGUFWriter, dequantize, quantize
-from test_hierarchy import ALPHA, SPEC_MODES, mode_config, random_pair, sampled_pairs, sweep_cases
+from test_hierarchy import ALPHA, SPEC_MODES, mode_config, random_pair, sampled_pairs, sweep_cases, with_head
 
 from cpu_kernels import FORMATS, Blocks, linear
 from triforce_rt import GenerationConfig, generate, load_model
@@ -128,6 +128,7 @@ def test_greedy_every_mode_equals_ar_on_numba(case, blocks):
     if blocks and cfg["draft_quant"] == "q8":  # Q8_0 is no smaller than the target's Q4_1: refused
         cfg["draft_quant"] = "q4"
     ar = generate(target, prompt, mode_config("ar", **cfg)).tokens
+    drafter = with_head(target, drafter, case["seed"])
     for mode in SPEC_MODES:
         assert generate(target, prompt, mode_config(mode, **cfg), drafter=drafter).tokens == ar, mode
 

@@ -14,10 +14,10 @@ from .distill.corpus import DRAWS
 from .engine import generate
 from .errors import UserError, first_line
 from .jsonl import check_output, output_folder
-from .models.loader import drafter_folder
+from .models.loader import drafter_folder, load_drafter
 from .runtime import KERNELS, set_threads
 from .scheduler import SCHEDULES
-from .settings import DRAFTER_MODES, DTYPES, GenerationConfig, check_config
+from .settings import DRAFTER_MODES, DTYPES, HEAD_MODES, GenerationConfig, check_config
 from .textio import TextStream, encode, read_text, summary_line
 
 
@@ -51,9 +51,9 @@ def add_generation_args(p, mode: str, max_new_tokens: int = 128):
     """A flag per GenerationConfig field (settings.py: its type, default and help); mode and max_new_tokens take
     the verb's defaults. Values are checked by check_config, before any model loads."""
     spec = p.add_argument_group("speculation (modes other than ar)")
-    spec.add_argument("--drafter", default="default", help="tiny drafter of triforce/draft/triforce-ngram: 'default' "
-                      "(the distilled drafter shipped for the default model) or a model path sharing the target's "
-                      "tokenizer")
+    spec.add_argument("--drafter", default="default", help="tiny drafter of triforce/draft/triforce-ngram, or recurrent draft "
+                      "head of redrafter/triforce-redrafter: 'default' (the one shipped for the default model) or a "
+                      "path (a model sharing the target's tokenizer; a head made by `triforce distill --kind head`)")
     spec.add_argument("--verbose", action="store_true", help="print --mode auto's step costs and each change of plan "
                       "to stderr")
     defaults = {"mode": mode, "max_new_tokens": max_new_tokens}
@@ -95,15 +95,16 @@ def load_models(args):
         raise UserError(str(e)) from None
     load = dict(dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle,
                 trust_remote_code=args.trust_remote_code, kernels=args.kernels)
-    drafter = drafter_folder(args.drafter, args.model) if args.mode in DRAFTER_MODES else None  # before the target
-    tp = getattr(args, "tp", 1)
+    head = args.mode in HEAD_MODES
+    drafter = drafter_folder(args.drafter, args.model, head) if args.mode in DRAFTER_MODES + HEAD_MODES else None
+    tp = getattr(args, "tp", 1)  # (the drafter's folder is checked before the target loads)
     model = load_model(args.model, **load, offload=args.offload, resident_layers=args.resident_layers, tp=tp)
-    drafter = drafter and load_model(drafter, **load)
+    drafter = drafter and load_drafter(drafter, model, **load)
     blocker = "--tp" if tp > 1 else model.runtime.graphs_blocker(model.rope.dynamic)
     if args.cuda_graphs == "on" and blocker:
         raise UserError(f"--cuda-graphs on cannot be combined with {blocker}")
     for m in (model, drafter):  # the drafter follows the target: no graphs where the target has none
-        if m is not None:
+        if m is not None and not head:
             m.runtime.cuda_graphs = cuda and args.cuda_graphs != "off" and not blocker
     return model, drafter
 
@@ -163,9 +164,15 @@ def build_parser():
            "--ray-address": dict(metavar="HOST:PORT", help="run the --workers on this running Ray cluster (default "
                                  "with --workers: a local cluster started for the job)")})
 
-    d = sub.add_parser("distill", help="train a tiny drafter for a target by knowledge distillation")
+    d = sub.add_parser("distill", help="train a drafter for a target by knowledge distillation: a tiny model, or a "
+                       "recurrent draft head")
     dc = DistillConfig()
     d.add_argument("--target", default=dc.target, help="'default' or a model path (.gguf or HF folder)")
+    d.add_argument("--kind", default=dc.kind, choices=("drafter", "head"),
+                   help="drafter: a tiny Llama that sees tokens only (the draft/triforce modes); head: a recurrent "
+                   "head on the target's hidden states (ReDrafter; the redrafter modes), trained on records that are "
+                   "their own whole context (--seq-len), initialised from the target's head rows")
+    d.add_argument("--depth", type=int, default=dc.depth, help="head: drafts unrolled per position in training")
     d.add_argument("--layers", type=int, default=dc.layers)
     d.add_argument("--hidden", type=int, default=dc.hidden, help="width; the target's width starts from its embedding rows")
     d.add_argument("--tokens", type=int, default=dc.tokens, help="teacher-labelled training positions, labelled "
@@ -296,7 +303,11 @@ def cmd_distill(args):
 
     names = {f.name for f in fields(DistillConfig)}
     cfg = DistillConfig(**{k: v for k, v in vars(args).items() if k in names})
-    for name in ("layers", "hidden", "tokens", "seq_len", "vocab", "batch"):
+    if cfg.kind == "head" and (cfg.init or cfg.copy_layers != "none" or cfg.skip_tokens):
+        raise UserError("--kind head takes neither --init, --copy-layers nor --skip-tokens")
+    if cfg.kind == "head" and cfg.seq_len <= cfg.depth + 1:
+        raise UserError(f"--kind head needs --seq-len > --depth + 1 (got {cfg.seq_len} and {cfg.depth})")
+    for name in ("layers", "hidden", "tokens", "seq_len", "vocab", "batch", "depth"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if cfg.hidden % 2:

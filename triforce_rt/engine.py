@@ -19,10 +19,12 @@ from retrieval_cache import FullCache, RetrievalCache, StreamingCache
 
 from .calibration import costs_for
 from .errors import UserError
+from .models.head import RecurrentHead
+from .models.llama import Transformer
 from .models.quant import quantized
 from .sampling import sample
 from .settings import MODES, GenerationConfig, check_config, gamma_name, uses_retrieval
-from .speculation import Hierarchy, NgramTier, Tier, Tokens
+from .speculation import HeadTier, Hierarchy, NgramTier, Tier, Tokens
 from .speculation.auto import Auto
 from .speculation.tier import ragged
 
@@ -109,11 +111,18 @@ def prefill_steps(model, cache, prompts: list, chunk: int, progress: bool = Fals
             yield logits[:, -1]
 
 
+def drafter_of(drafters, kind: type):
+    """The drafter of this kind (a Transformer: the tiny drafter; a RecurrentHead) among drafters: one of them, a
+    list of them (an experiment running modes of both), or None."""
+    return next((d for d in (drafters if isinstance(drafters, (list, tuple)) else [drafters]) if isinstance(d, kind)),
+                None)
+
+
 def drafter_tier(b: "Build", gamma: int) -> Tier:
     """The tiny drafter with a StreamingCache. Its prefill feeds the sinks and the last layers x W prompt
     tokens: with windowed attention nothing earlier reaches the window's keys, so the cache is the same as
     after streaming the whole prompt, and every query sees relative distances < S + W (its trained range)."""
-    cfg, prompts, drafter, target = b.cfg, b.prompts, b.drafter, b.model
+    cfg, prompts, drafter, target = b.cfg, b.prompts, drafter_of(b.drafter, Transformer), b.model
     if drafter is None:
         raise UserError(f"mode '{cfg.mode}' needs a drafter model")
     if drafter.config.vocab_size != target.config.vocab_size:
@@ -133,6 +142,17 @@ def drafter_tier(b: "Build", gamma: int) -> Tier:
     prefill(drafter, cache, [[p[i] for i in pos] for p, pos in zip(prompts, positions)], max_step * len(prompts),
             positions=positions)
     return Tier("drafter", drafter, cache, gamma, pos=[len(p) for p in prompts])
+
+
+def head_tier(b: "Build", gamma: int) -> HeadTier:
+    """The recurrent draft head, over the target's own token embedding; its rows start with no anchor (the first
+    round's verification anchors them)."""
+    head = drafter_of(b.drafter, RecurrentHead)
+    if head is None:
+        raise UserError(f"mode '{b.cfg.mode}' needs a recurrent draft head (--drafter)")
+    if (head.hidden, head.vocab_size) != (b.model.config.hidden_size, b.model.config.vocab_size):
+        raise UserError("the draft head was made for another model (its width or vocabulary differs)")
+    return HeadTier(head, b.model.embed_tokens, gamma, len(b.prompts))
 
 
 def ngram_tier(b: "Build", gamma: int) -> NgramTier:
@@ -159,7 +179,7 @@ def streaming_tier(b: "Build", gamma: int) -> Tier:
     return Tier("streaming", b.model_d, sc, gamma, pos=b.lengths)
 
 
-BUILDERS = {"drafter": drafter_tier, "ngram": ngram_tier, "retrieval": retrieval_tier, "streaming": streaming_tier}
+BUILDERS = {"drafter": drafter_tier, "head": head_tier, "ngram": ngram_tier, "retrieval": retrieval_tier, "streaming": streaming_tier}
 
 
 def retrieval_budget(cfg: GenerationConfig, prompt_len: int) -> int:

@@ -43,15 +43,19 @@ MODES = {
                            "finds no match → target + retrieval cache → target"),
     "self-spec-ngram": Mode(("retrieval", "ngram"), "n-gram lookup, or the target + retrieval cache where the lookup "
                             "finds no match → target"),
+    "redrafter": Mode(("head",), "recurrent draft head on the target's hidden state → target (ReDrafter, one beam)"),
+    "triforce-redrafter": Mode(("head", "retrieval"), "recurrent draft head on tier 2's hidden state → target + "
+                               "retrieval cache → target"),
     "auto": Mode(("retrieval", "ngram"), "chooses among ar, ngram, self-spec and self-spec-ngram, and gamma2, from "
                  "step costs measured on this machine and the acceptance it observes; switches between rounds",
                  auto=True),
 }
-TIER_SETTINGS = {"drafter": ("sinks", "window", "draft_dtype"), "ngram": ("ngram",),
+TIER_SETTINGS = {"drafter": ("sinks", "window", "draft_dtype"), "ngram": ("ngram",), "head": (),
                  "retrieval": ("budget", "chunk_size", "refresh", "draft_dtype", "draft_quant"),
                  "streaming": ("budget", "chunk_size", "sinks", "window", "draft_dtype", "draft_quant")}
 SELF_DRAFTING = ("retrieval", "streaming")  # tiers that run the target's own weights (draft_dtype, draft_quant)
-DRAFTER_MODES = tuple(m for m, spec in MODES.items() if "drafter" in spec.tiers)
+DRAFTER_MODES = tuple(m for m, spec in MODES.items() if "drafter" in spec.tiers)  # modes of the tiny drafter
+HEAD_MODES = tuple(m for m, spec in MODES.items() if "head" in spec.tiers)  # modes of a recurrent draft head
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTS = ("none", "q8", "q4")
 

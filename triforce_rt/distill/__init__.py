@@ -1,7 +1,9 @@
-"""`triforce distill`: a tiny drafter for a target with no small sibling, by knowledge distillation (ReDrafter-style).
+"""`triforce distill`: a drafter for a target with no small sibling, by knowledge distillation.
 
-corpus.py (real text, train / held-out split), teacher.py (the target's top-K distributions, cached on disk),
-train.py (the student and its KL loss). distill() runs the three and writes a folder load_model accepts.
+--kind drafter: a tiny Llama (train.py) that sees tokens only; --kind head: ReDrafter's recurrent head (head.py) on the
+target's hidden states. corpus.py (real text, train / held-out split), teacher.py (the target's top-K distributions,
+cached on disk; head.py's teacher pass adds the hidden states). distill() labels, trains and writes a folder that
+--drafter accepts.
 """
 import hashlib
 import json
@@ -13,7 +15,9 @@ import torch
 
 from ..errors import UserError
 from ..models.loader import cache_root, load_model, resolve, stamp, weight_files
+from ..models.head import RecurrentHead
 from .corpus import fingerprint
+from .head import evaluate_head, label_head, train_head
 from .teacher import label
 from .train import copied_layers, evaluate, init_student, pick_vocab, student_config, train
 
@@ -39,6 +43,8 @@ class DistillConfig:
     copy_layers: str = "none"  # the target layers the student starts from: none (random), first, or a list: 0,29
     draw: str = "length"  # how documents are drawn: length (in proportion to their tokens) or file (each file alike)
     skip_tokens: int = 0  # train on the blocks after the first skip_tokens positions only (e.g. to continue --init)
+    kind: str = "drafter"  # drafter (a tiny Llama) or head (a recurrent head on the target's hidden states)
+    depth: int = 5  # head: drafts unrolled per anchor in training
 
 
 BLOCK_TOKENS = 1_500_000  # teacher data is labelled and cached in blocks of this many positions
@@ -57,12 +63,19 @@ def teacher_block(model, cfg: DistillConfig, part: str, records: int, block: int
                part=part, records=records, seq_len=cfg.seq_len, sinks=cfg.sinks, top_k=cfg.top_k,
                answer_frac=cfg.answer_frac, new_tokens=cfg.new_tokens, seed=cfg.seed, draw=cfg.draw, block=block,
                corpus=corpus, version=2)
+    if cfg.kind == "head":  # records that are their own whole context, with the hidden states (no sinks)
+        key.update(kind="head", sinks=0)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(cache_root(), "distill", f"teacher-{part}-{digest}.safetensors")
     if os.path.isfile(path):
         return load_file(path)
-    data = label(model, part, records, cfg.seq_len, cfg.sinks, cfg.top_k, cfg.answer_frac, cfg.new_tokens,
-                 cfg.seed + (part == "heldout") + 7919 * block, cfg.draw, progress=progress)
+    seed = cfg.seed + (part == "heldout") + 7919 * block
+    if cfg.kind == "head":
+        data = label_head(model, part, records, cfg.seq_len, cfg.top_k, cfg.answer_frac, cfg.new_tokens, seed,
+                          cfg.draw, progress=progress)
+    else:
+        data = label(model, part, records, cfg.seq_len, cfg.sinks, cfg.top_k, cfg.answer_frac, cfg.new_tokens, seed,
+                     cfg.draw, progress=progress)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_file(data, path + ".tmp")
     os.replace(path + ".tmp", path)
@@ -139,6 +152,8 @@ def distill(cfg: DistillConfig, progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = load_model(cfg.target, dtype="bfloat16", device=device)  # labels only: bf16 is 3x faster on CPU
+    if cfg.kind == "head":
+        return distill_head(teacher, cfg, device, progress)
     student = continued_student(cfg.init, teacher, cfg.seq_len) if cfg.init else None  # checked before labelling
     tc = teacher.config
     copied = [] if cfg.init else copied_layers(cfg.copy_layers, cfg.layers, cfg.hidden, tc.num_hidden_layers,
@@ -163,4 +178,28 @@ def distill(cfg: DistillConfig, progress: bool = True) -> dict:
     if cfg.init:
         metrics["init_agreement"] = init_agreement
     save(student, teacher, cfg, metrics)
+    return metrics
+
+
+def distill_head(teacher, cfg: DistillConfig, device, progress: bool) -> dict:
+    """--kind head: the teacher pass with hidden states, then the head, initialised from the target's head rows of
+    the kept vocabulary; saved with its held-out metrics."""
+    tc = teacher.config
+    t0 = time.perf_counter()
+    data, held = teacher_data(teacher, cfg, progress)
+    label_s = time.perf_counter() - t0
+    eos = {t for t in set(tc.eos_token_ids) | {teacher.tokenizer.eos_token_id} if t is not None}
+    vocab_ids = pick_vocab(data, cfg.vocab, eos)
+    torch.manual_seed(cfg.seed)
+    head = RecurrentHead(tc.hidden_size, tc.vocab_size, len(vocab_ids), tc.rms_norm_eps)
+    head.initialize(teacher.head.detach().float().cpu(), vocab_ids).to(device)
+    embed = teacher.embed_tokens.float().requires_grad_(False)
+    t0 = time.perf_counter()
+    head, (loss_first, loss_last) = train_head(head, embed, data, cfg.epochs, cfg.batch, cfg.lr, cfg.depth, cfg.seed,
+                                               progress)
+    metrics = evaluate_head(head, embed, held, cfg.depth)
+    metrics.update(teacher_seconds=round(label_s, 1), train_seconds=round(time.perf_counter() - t0, 1),
+                   train_positions=int(data["mask"].sum()), parameters=sum(p.numel() for p in head.parameters()),
+                   train_loss_first=round(loss_first, 4), train_loss_last=round(loss_last, 4))
+    head.save(cfg.out, {"distill": asdict(cfg), "heldout": metrics})
     return metrics

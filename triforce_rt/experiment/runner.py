@@ -15,7 +15,7 @@ import torch
 from ..measure import chat_prompt, hf_decode, machine
 from ..engine import GenerationConfig, Session, generate
 from ..runtime import set_threads
-from ..settings import DRAFTER_MODES, MODES, check_config, relevant
+from ..settings import DRAFTER_MODES, HEAD_MODES, MODES, check_config, relevant
 from ..errors import UserError
 from ..jsonl import append_record, output_folder, read_records
 from ..textio import LogBar, read_text
@@ -84,7 +84,7 @@ def plan(exp: Experiment, docs: list) -> list:
 
 def run_experiment(exp: Experiment, out: str | None = None, is_quick: bool = False, progress: bool = True) -> str:
     """Run (or resume) exp; returns the output folder."""
-    from ..models.loader import drafter_folder, load_model
+    from ..models.loader import drafter_folder, load_drafter, load_model
 
     if is_quick:
         exp = quick(exp)
@@ -105,9 +105,11 @@ def run_experiment(exp: Experiment, out: str | None = None, is_quick: bool = Fal
         json.dump({**machine(), "experiment": exp.source, "quick": is_quick}, f, indent=1)
 
     model = load_model(exp.model, kernels=exp.kernels)
-    drafter = None
+    drafter = []  # the tiny drafter and the recurrent head, for the modes that draft with them
     if any(m in DRAFTER_MODES for m in exp.modes):
-        drafter = load_model(drafter_folder(exp.drafter or "default", exp.model), kernels=exp.kernels)
+        drafter.append(load_model(drafter_folder(exp.drafter or "default", exp.model), kernels=exp.kernels))
+    if any(m in HEAD_MODES for m in exp.modes):
+        drafter.append(load_drafter(drafter_folder(exp.head or "default", exp.model, head=True), model))
     docs = documents(exp, model.tokenizer)
     generate(model, docs[0][1][:16], GenerationConfig(max_new_tokens=2))  # warm-up: the first row is timed fairly
     rows = [r for r in plan(exp, docs) if json.dumps(r, sort_keys=True) not in done]

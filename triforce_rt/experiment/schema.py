@@ -32,6 +32,7 @@ class Experiment:
     prompt: Prompt
     model: str = "default"
     drafter: str | None = None
+    head: str | None = None  # the recurrent draft head of the redrafter modes (default: the one shipped)
     chat: bool = False
     instruction: str | None = None  # with chat: the request put before the document
     max_new_tokens: int = 128
@@ -110,7 +111,7 @@ def parse(raw, source: str = "") -> Experiment:
     if not kw["name"].strip() or "/" in kw["name"] or "\0" in kw["name"] or len(kw["name"]) > 100:
         raise UserError(f"name: must be a folder name of 1 to 100 characters without '/', got "
                         f"{reprlib.repr(kw['name'])}")
-    for k in ("model", "drafter", "instruction", "kernels"):
+    for k in ("model", "drafter", "head", "instruction", "kernels"):
         if raw.get(k) is not None:
             kw[k] = _check(k, raw[k], str)
     if kw.get("kernels", "auto") not in KERNELS:

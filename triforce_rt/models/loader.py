@@ -33,10 +33,12 @@ def default_gguf() -> str:
     return files[0]
 
 
-def default_drafter() -> str:
-    """The distilled drafter shipped for the default model (see triforce_rt/drafters/README.md)."""
-    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "drafters", "smollm2-135m-instruct")
-    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+def default_drafter(head: bool = False) -> str:
+    """The distilled drafter (or recurrent draft head) shipped for the default model (triforce_rt/drafters/README.md)."""
+    name, weights = ("smollm2-135m-instruct-head", "head.safetensors") if head else ("smollm2-135m-instruct",
+                                                                                       "model.safetensors")
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "drafters", name)
+    if not os.path.isfile(os.path.join(path, weights)):
         raise UserError(f"the default drafter is missing from {path}; reinstall triforce-rt or pass --drafter PATH")
     return path
 
@@ -234,12 +236,29 @@ def load_model(spec: str = "default", dtype=None, device=None, allow_pickle: boo
     return model
 
 
-def drafter_folder(spec: str, target: str) -> str:
-    """The folder of the drafter named by spec for the target named by target ('default' pairs with the default
-    model), checked before anything loads."""
+def drafter_folder(spec: str, target: str, head: bool = False) -> str:
+    """The folder of the drafter (head: the recurrent draft head) named by spec for the target named by target
+    ('default' pairs with the default model), checked before anything loads."""
+    from .head import is_head
+
+    kind = "--kind head " if head else ""
     if spec == "default":
         if target != "default":
-            raise UserError("no default drafter exists for this model; make one with `triforce distill --target "
-                            f"{target} --out DIR` and pass --drafter DIR (or use --mode self-spec / ngram)")
-        spec = default_drafter()
-    return resolve(spec, "drafter")
+            raise UserError(f"no default drafter exists for this model; make one with `triforce distill {kind}"
+                            f"--target {target} --out DIR` and pass --drafter DIR (or use --mode self-spec / ngram)")
+        spec = default_drafter(head)
+    folder = os.path.expanduser(spec) if head else resolve(spec, "drafter")
+    if not os.path.isdir(folder):
+        raise UserError(f"drafter not found: {spec}")
+    if head != is_head(folder):
+        what = "a recurrent draft head (triforce distill --kind head)" if head else "a model (a recurrent draft head " \
+            "drafts in the redrafter modes)"
+        raise UserError(f"--drafter {spec}: this mode needs {what}")
+    return folder
+
+
+def load_drafter(folder: str, target, **load):
+    """The drafter in folder (from drafter_folder): a recurrent head over target, or a model loaded as load says."""
+    from .head import is_head, load_head
+
+    return load_head(folder, target) if is_head(folder) else load_model(folder, **load)

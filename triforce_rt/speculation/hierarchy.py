@@ -13,6 +13,8 @@ After a verification every tier at or below k is truncated, per row, to the kept
 An n-gram tier (ngram.py) proposes up to γ tokens per row, or none. A row with no match asks the tier below
 the n-gram tier instead (the drafter in triforce-ngram), or, at the bottom, takes a plain step of the tier above.
 Either way a row's proposal comes from one drafter with its own q, so the rule above stays exact.
+A recurrent head (head.py) is a bottom tier without a forward: every verification above it anchors each row at the
+verifier's hidden state, from which the next draft unrolls; a row with no anchor drafts nothing (a plain step).
 """
 import numpy as np
 import torch
@@ -20,6 +22,7 @@ import torch
 from retrieval_cache import RetrievalCache
 
 from ..sampling import SamplingParams, probs
+from .head import HeadTier
 from .ngram import NgramTier
 from .tier import Tier
 from .verify import offsets, verify_greedy
@@ -90,6 +93,8 @@ class Hierarchy:
             self.tok.put(b, int(base[b]), out)
             for t in self.tiers[: k + 1]:
                 t.truncate(b, int(base[b]) + len(out) - 1)  # drop the rejected drafts and anything drafted past them
+            if k and isinstance(self.tiers[0], HeadTier):  # the hidden state that chose out[-1]
+                self.tiers[0].anchor(b, tier.hidden[at + len(out) - 1], int(base[b]) + len(out) - 1)
             news.append(out)
             ps.append(None if p is None else p[at : at + len(out)])
         return news, ps
@@ -98,8 +103,14 @@ class Hierarchy:
         """Per row, n tokens of tier k appended to its sequence, their distributions [n, V] (None when greedy) and
         the index of the tier that drafted them. Rounds run in lockstep until every row has n; a row that is ahead
         takes one-token rounds, and is cut back to n at the end. An n-gram tier returns its lookups: up to n tokens
-        per row, point masses; rows with no match take the tier below's n tokens (where there is one)."""
+        per row, point masses; rows with no match take the tier below's n tokens (where there is one). A head tier
+        returns n tokens per anchored row, none for the others."""
         tier, start = self.tiers[k], self.tok.n.copy()
+        if isinstance(tier, HeadTier):  # the bottom tier: rows without an anchor draft nothing
+            toks, qs = tier.draft(self.tok, n, self.sp, self.gen)
+            for b, t in enumerate(toks):
+                self.tok.put(b, int(start[b]), t)
+            return toks, qs, [k] * len(start)
         if isinstance(tier, NgramTier):
             toks = tier.draft([self.tok.row(b) for b in range(len(start))], n)
             src = [k] * len(start)

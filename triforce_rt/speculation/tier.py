@@ -57,7 +57,8 @@ class Tier:
         t0 = time.perf_counter()
         with torch.inference_mode():
             x = self.step(ids, positions)  # [B, T, D]
-            logits = self.model.score(x[b, t])  # [Σ need, V]: only the rows asked for reach the head
+            self.hidden = x[b, t]  # [Σ need, D]: a recurrent draft head below anchors on these (speculation/head.py)
+            logits = self.model.score(self.hidden)  # [Σ need, V]: only the rows asked for reach the head
         self.stats.seconds += time.perf_counter() - t0
         self.stats.calls += 1
         self.pos = tokens.n.tolist()

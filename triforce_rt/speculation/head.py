@@ -1,0 +1,69 @@
+"""The bottom tier of the ReDrafter modes: a recurrent head (models/head.py) drafting from a verifier's hidden state.
+
+No cache and no forward of its own model: after every verification the hierarchy anchors each row at the verifier's
+hidden state h that chose the row's last token (anchor()); pos[b] then counts the tokens h has seen, and the last
+token is pending. A draft unrolls the recurrence from there: x_1 is the pending token, each drafted token the next
+input. So drafting costs no call of the tier above. A row whose anchor is gone (a rollback before it, or a row that
+just joined) drafts nothing, and the tier above takes a plain step there, which anchors it again.
+Sampling: draft j is drawn from q_j = probs(logits_j) under the same temperature / top-k / top-p as the verifier's p;
+verify_sample accepts it with min(1, p/q), so the output stays exact (greedy: the argmax).
+"""
+import time
+
+import torch
+
+from ..sampling import probs
+from .tier import TierStats
+
+
+class HeadTier:
+    def __init__(self, head, embed, gamma: int, batch: int):
+        self.head, self.embed, self.gamma = head, embed, gamma  # embed: the target's token embedding (ids -> [.., D])
+        self.h = torch.zeros(batch, head.hidden, device=head.vocab_ids.device)  # [B, D]
+        self.pos = [-1] * batch  # tokens seen by h[b]; -1: no anchor
+        self.stats = TierStats("head")
+
+    def anchor(self, row: int, h: torch.Tensor, n: int) -> None:
+        """Row's next drafts start from h [D], the hidden state after its first n tokens."""
+        self.h[row] = h.to(self.h.dtype)
+        self.pos[row] = n
+
+    def draft(self, tokens, n: int, sp, generator) -> tuple:
+        """Per row of tokens (the hierarchy's buffers), n drafted tokens after its sequence, or none where the row has
+        no anchor at its pending token; and their distributions q [n, V] (None when greedy or none drafted)."""
+        t0 = time.perf_counter()
+        rows = [b for b, p in enumerate(self.pos) if p >= 0 and tokens.n[b] == p + 1]
+        toks, qs = [[] for _ in self.pos], [None] * len(self.pos)
+        if rows:
+            dev = self.h.device
+            x = torch.tensor([int(tokens.buf[b, tokens.n[b] - 1]) for b in rows], device=dev)  # pending tokens
+            h, s, out, q = self.h[rows], None, [], []
+            with torch.inference_mode():
+                for _ in range(n):
+                    s = self.head.step(self.embed(x).to(h.dtype), s)
+                    logits = self.head.logits(s, h)  # [b', V]
+                    if sp.greedy:
+                        x = logits.argmax(-1)
+                    else:
+                        p = probs(logits, sp)
+                        x = torch.multinomial(p, 1, generator=generator)[:, 0]
+                        q.append(p)
+                    out.append(x)
+            drafted = torch.stack(out, 1).tolist()  # [b', n]: the one host sync
+            for i, b in enumerate(rows):
+                toks[b] = drafted[i]
+                qs[b] = None if sp.greedy else torch.stack([p[i] for p in q])
+            self.stats.calls += n
+        self.stats.seconds += time.perf_counter() - t0
+        return toks, qs
+
+    def truncate(self, row: int, n: int) -> None:
+        """Keep the first n tokens: an anchor that has seen more is gone."""
+        if self.pos[row] > n:
+            self.pos[row] = -1
+
+    def keep(self, rows: list) -> None:
+        self.h, self.pos = self.h[rows], [self.pos[r] for r in rows]
+
+    def join(self, other: "HeadTier") -> None:
+        self.h, self.pos = torch.cat([self.h, other.h]), self.pos + other.pos
