@@ -53,6 +53,34 @@ class FullCache(BatchRows):
         else:  # [B, 1, T, end]: slot s visible to the query at position p iff s <= p
             self.mask = (torch.arange(self.end, device=positions.device) <= positions[:, :, None])[:, None]
 
+    def begin_tree(self, positions: torch.Tensor, rope, anc: torch.Tensor) -> None:
+        """A tree-shaped step (ReDrafter's dynamic tree attention). Token 0 of row b is its root, at its true slot
+        r = positions[b, 0]; token t > 0 is a tree node at RoPE position positions[b, t] (r + its depth) but in the
+        scratch slot r + t, and sees the slots before r and the step's tokens u with anc[b, t, u] (its ancestors and
+        itself; anc [B, T, T] bool). Once verified, move() brings the accepted path to the slots of its positions."""
+        if self.store:
+            raise ValueError("a KV cache offloaded to host memory takes no tree steps")
+        B, T = positions.shape
+        self.cos, self.sin = rope.cos_sin(positions)
+        self.rows = torch.arange(B, device=positions.device)[:, None]
+        root = positions[:, :1]  # [B, 1]
+        self.positions = root + torch.arange(T, device=positions.device)  # [B, T]: the slots written
+        self.lengths, self.end = None, int(self.positions.max()) + 1
+        if self.end > self.max_len:
+            raise ValueError(f"FullCache overflow: slot {self.end - 1} >= capacity {self.max_len}")
+        s = torch.arange(self.end, device=positions.device)
+        off = (s - root).clamp(0, T - 1)[:, None].expand(B, T, -1)  # [B, T, end]: step token of each slot
+        step = (s >= root)[:, None] & (s < root + T)[:, None]
+        self.mask = ((s < root)[:, None] | step & anc.gather(2, off))[:, None]  # [B, 1, T, end]
+
+    def move(self, row: int, src: list, dst: list) -> None:
+        """Row's slots src -> slots dst, every layer (an accepted tree path to its true slots; the sources are read
+        before any destination is written)."""
+        if src != dst:
+            s, d = torch.tensor(src, device=self.k.device), torch.tensor(dst, device=self.k.device)
+            for t in (self.k, self.v):
+                t[:, row, :, d] = t[:, row, :, s]
+
     def join(self, other: "FullCache") -> None:
         if self.store or other.store:
             raise ValueError("a KV cache offloaded to host memory holds one sequence: it cannot join a batch")

@@ -87,8 +87,9 @@ def test_greedy_every_mode_equals_ar(case):
         cfg["budget"] = cfg["chunk_size"]
     ar = generate(target, prompt, mode_config("ar", **cfg)).tokens
     drafter = with_head(target, drafter, case["seed"])
-    for mode in SPEC_MODES:
-        res = generate(target, prompt, mode_config(mode, **cfg), drafter=drafter)
+    for mode in SPEC_MODES + ["redrafter-tree"]:
+        beams = {"beams": 2 + case["seed"] % 4} if mode == "redrafter-tree" else {}  # a tree of beams
+        res = generate(target, prompt, mode_config(mode.removesuffix("-tree"), **cfg, **beams), drafter=drafter)
         assert res.tokens == ar, mode
         drafting = res.tiers[:-1]
         assert all(t["accepted"] <= t["drafted"] for t in drafting)
@@ -109,8 +110,9 @@ def test_batched_greedy_equals_each_prompt_alone(case):
     target.config.eos_token_ids = [free[len(free) // 2]]
     alone = [generate(target, p, mode_config("ar", **cfg)).tokens for p in prompts]
     drafter = with_head(target, drafter, case["seed"])
-    for mode in MODES:
-        got = generate_batch(target, prompts, mode_config(mode, **cfg), drafter=drafter)
+    for mode in list(MODES) + ["redrafter-tree"]:
+        beams = {"beams": 3} if mode == "redrafter-tree" else {}
+        got = generate_batch(target, prompts, mode_config(mode.removesuffix("-tree"), **cfg, **beams), drafter=drafter)
         assert [r.tokens for r in got] == alone, mode
         assert all(r.batch_size == 3 for r in got)
     assert len({len(a) for a in alone}) > 1  # the rows did finish at different steps
@@ -256,9 +258,12 @@ def sampled_pairs(mode, sp, flawed=False, keep=None, rows=50, kernels=lambda mod
 
 
 @pytest.mark.parametrize("mode,sp", [(m, SamplingParams(1.0)) for m in SPEC_MODES]
-                         + [("triforce", SamplingParams(0.8, top_p=0.9, top_k=5))], ids=str)
+                         + [("triforce", SamplingParams(0.8, top_p=0.9, top_k=5)), ("redrafter-tree", SamplingParams(1.0)),
+                            ("redrafter-tree", SamplingParams(0.8, top_p=0.9, top_k=5))], ids=str)
 def test_sampling_follows_the_target_exactly(mode, sp):
-    counts, law, stats, _ = sampled_pairs(mode, sp)
+    """Every drafting tier, and a tree of 3 beams of 3 tokens (shared prefixes, real rejections) verified by the
+    deterministic-candidates rule."""
+    counts, law, stats, _ = sampled_pairs(mode.removesuffix("-tree"), sp, **({"beams": 3} if "tree" in mode else {}))
     # Both branches of the rule run many times at every drafting tier: drafts are accepted and rejected.
     # (An n-gram tier proposes continuations of random text, so its acceptance is low, but not zero.)
     assert all(s.accepted >= 200 and s.rejected >= 200 for s in stats), stats
@@ -328,14 +333,15 @@ def assert_holds_prefix(tier, seq, row=0):
         torch.testing.assert_close(c.sink_k[0, row][:, sinks], layer0_keys(tier.model, seq[: len(sinks)], sinks)[0])
 
 
-@pytest.mark.parametrize("mode", SPEC_MODES)
+@pytest.mark.parametrize("mode", SPEC_MODES + ["redrafter-tree"])
 def test_rollback_leaves_exactly_the_accepted_prefix(mode):
-    """Three rows decode together; after every round each row's caches hold exactly its own accepted prefix."""
+    """Three rows decode together; after every round each row's caches hold exactly its own accepted prefix (a
+    tree's accepted path moved to its true slots)."""
     target, drafter = random_pair(7, vocab=64, sharpen=20.0)
     prompt = torch.randint(0, 64, (50,), generator=torch.Generator().manual_seed(1)).tolist()
     # refresh=0 sizes the retrieval tail for every new token: this test refreshes by hand, every 4 rounds.
-    cfg = GenerationConfig(max_new_tokens=60, mode=mode, budget=16, chunk_size=4, sinks=2, window=10, gamma1=3,
-                           gamma2=5, temperature=1.0, refresh=0)
+    cfg = GenerationConfig(max_new_tokens=60, mode=mode.removesuffix("-tree"), budget=16, chunk_size=4, sinks=2,
+                           window=10, gamma1=3, gamma2=5, temperature=1.0, refresh=0, beams=4 if "tree" in mode else 1)
     B = 3
     tiers = start(target, with_head(target, drafter), prompt[:-1], cfg, batch=B)
     hierarchy = Hierarchy(tiers, cfg.sampling, torch.Generator().manual_seed(2), Tokens([prompt] * B, 256))
@@ -350,7 +356,7 @@ def test_rollback_leaves_exactly_the_accepted_prefix(mode):
             assert hierarchy.tok.row(b).tolist() == seqs[b]
             for tier in tiers:
                 assert_holds_prefix(tier, seqs[b], b)
-            if mode == "redrafter":  # anchored at the target's hidden state that chose the last token
+            if mode.startswith("redrafter"):  # anchored at the target's hidden state that chose the last token
                 head, n = tiers[0], len(seqs[b]) - 1
                 assert head.pos[b] == n
                 want = target.hidden(torch.tensor([seqs[b][:n]]), torch.arange(n)[None], target.new_cache(FullCache, n))
@@ -398,3 +404,46 @@ def test_one_session_decodes_every_chunk_size_it_was_sized_for():
         assert session.decode(cfg, drafter=drafter)[0].tokens == generate(target, ids, cfg, drafter=drafter).tokens
     with pytest.raises(ValueError, match="not prefilled for these settings"):
         session.decode(GenerationConfig(mode="self-spec", max_new_tokens=20, chunk_size=7))
+
+
+def test_tree_step_scores_each_node_as_its_own_path():
+    """One tree-shaped forward (dynamic tree attention: nodes in scratch slots at position root + depth, each seeing
+    the prefix and its ancestors): every node's logits equal a plain forward of the prompt and that node's path, and
+    after accept() the cache holds the accepted path's keys and values at their true slots."""
+    from triforce_rt.speculation import Tier
+
+    target, _ = random_pair(2, n_kv=2)
+    prompt = torch.randint(0, 64, (30,), generator=torch.Generator().manual_seed(3)).tolist()
+    tree = [(5, -1), (9, -1), (7, 0), (3, 0), (11, 1), (2, 2), (5, 4)]  # depths 1 1 2 2 2 3 3; two 5s, two parents
+    full = target.new_cache(FullCache, 64)
+    target(torch.tensor([prompt[:-1]]), torch.arange(29)[None], full)  # all but the pending token, as after a round
+    tier = Tier("target", target, full, pos=[29])
+    logits = tier.feed_tree(Tokens([prompt], 64), [tree])
+    assert logits.shape[0] == 1 + len(tree)
+
+    def path(i):
+        return [] if i < 0 else path(tree[i][1]) + [tree[i][0]]
+
+    def plain(seq):
+        cache = target.new_cache(FullCache, 64)
+        return target(torch.tensor([seq]), torch.arange(len(seq))[None], cache)[0], cache
+
+    torch.testing.assert_close(logits[0], plain(prompt)[0][-1], rtol=1e-5, atol=1e-5)
+    for i in range(len(tree)):
+        torch.testing.assert_close(logits[1 + i], plain(prompt + path(i))[0][-1], rtol=1e-5, atol=1e-5)
+    tier.accept(0, [1, 4, 6])  # tokens 9, 11, 5 at depths 1-3, from scratch slots 31, 34, 36
+    assert tier.pos == [33]
+    _, want = plain(prompt + [9, 11, 5])
+    torch.testing.assert_close(full.k[:, :, :, :33], want.k[:, :, :, :33], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(full.v[:, :, :, :33], want.v[:, :, :, :33], rtol=1e-5, atol=1e-5)
+
+
+def test_tree_verification_takes_the_longest_matching_path():
+    """Greedy: descend while a child holds the argmax; emit the argmax where none does."""
+    from triforce_rt.speculation.verify import verify_tree
+
+    tree = [(1, -1), (2, -1), (3, 1), (0, 1), (2, 3)]
+    p = torch.zeros(1 + len(tree), 4)
+    for row, best in enumerate([2, 0, 0, 1, 3, 2]):  # root -> 2 (node 1) -> 0 (node 3) -> 3: no such child
+        p[row, best] = 1.0
+    assert verify_tree([tree, []], torch.cat([p, p[:1]]), greedy=True) == [([1, 3], 3), ([], 2)]

@@ -152,7 +152,7 @@ def head_tier(b: "Build", gamma: int) -> HeadTier:
         raise UserError(f"mode '{b.cfg.mode}' needs a recurrent draft head (--drafter)")
     if (head.hidden, head.vocab_size) != (b.model.config.hidden_size, b.model.config.vocab_size):
         raise UserError("the draft head was made for another model (its width or vocabulary differs)")
-    return HeadTier(head, b.model.embed_tokens, gamma, len(b.prompts))
+    return HeadTier(head, b.model.embed_tokens, gamma, len(b.prompts), width=b.cfg.beams)
 
 
 def ngram_tier(b: "Build", gamma: int) -> NgramTier:
@@ -233,9 +233,9 @@ def eos_ids(model) -> set:
 
 
 def capacity(prompts: list, cfgs: list) -> int:
-    """Slots of the target's cache: the longest prompt, the new tokens and one verification block, in whole
-    retrieval chunks where a mode reads its chunks (for every chunk size of cfgs)."""
-    need = max(map(len, prompts)) + max(c.max_new_tokens + c.gamma2 + 1 for c in cfgs)
+    """Slots of the target's cache: the longest prompt, the new tokens and one verification block (a tree's nodes
+    with beams), in whole retrieval chunks where a mode reads its chunks (for every chunk size of cfgs)."""
+    need = max(map(len, prompts)) + max(c.max_new_tokens + c.gamma2 * c.beams + 1 for c in cfgs)  # beams: a tree
     unit = math.lcm(*[c.chunk_size for c in cfgs if uses_retrieval(c.mode)], 1)
     return math.ceil(need / unit) * unit
 
@@ -253,6 +253,8 @@ class Session:
                 quantized(model, cfg.draft_quant)
         if model.runtime.kv_offload and len(prompts) > 1:
             raise UserError("a KV cache offloaded to host memory decodes one sequence at a time (use --batch-size 1)")
+        if model.runtime.kv_offload and any(c.beams > 1 for c in cfgs):
+            raise UserError("--beams > 1 (tree verification) cannot be combined with --offload kv")
         self.model, self.prompts, self.capacity = model, prompts, capacity(prompts, cfgs)
         t0 = time.perf_counter()
         store = KVStream if model.runtime.kv_offload else None

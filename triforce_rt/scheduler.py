@@ -73,10 +73,13 @@ def shared(cfg: GenerationConfig) -> GenerationConfig:
 
 
 def check_block(cfg: GenerationConfig, block: int) -> None:
-    """A retrieval tier reads whole chunks through the block table: the block must divide the chunk size."""
+    """A retrieval tier reads whole chunks through the block table: the block must divide the chunk size. A tree
+    step (beams > 1) writes scratch slots that only the preallocated cache has."""
     if block and uses_retrieval(cfg.mode) and cfg.chunk_size % block:
         raise UserError(f"--kv-block {block} must divide the retrieval chunk size ({cfg.chunk_size}) of mode "
                         f"'{cfg.mode}'")
+    if block and cfg.beams > 1:
+        raise UserError("--beams > 1 (tree verification) needs the preallocated KV cache: drop --kv-block")
 
 
 class Prefill:

@@ -50,7 +50,7 @@ MODES = {
                  "step costs measured on this machine and the acceptance it observes; switches between rounds",
                  auto=True),
 }
-TIER_SETTINGS = {"drafter": ("sinks", "window", "draft_dtype"), "ngram": ("ngram",), "head": (),
+TIER_SETTINGS = {"drafter": ("sinks", "window", "draft_dtype"), "ngram": ("ngram",), "head": ("beams",),
                  "retrieval": ("budget", "chunk_size", "refresh", "draft_dtype", "draft_quant"),
                  "streaming": ("budget", "chunk_size", "sinks", "window", "draft_dtype", "draft_quant")}
 SELF_DRAFTING = ("retrieval", "streaming")  # tiers that run the target's own weights (draft_dtype, draft_quant)
@@ -100,6 +100,9 @@ class GenerationConfig:
                            "after the last selection (default 1: every round; 0 = never, as TriForce)", lo=0,
                            spec=True, sweep=True)
     ngram: int = setting(3, int, "longest n-gram the lookup tier matches (down to 2)", lo=2, spec=True, sweep=True)
+    beams: int = setting(1, int, "redrafter: beams the recurrent head drafts (each of gamma2 tokens); more than 1 "
+                         "verifies them as one deduplicated tree in one target forward", lo=1, hi=64, spec=True,
+                         sweep=True)
     draft_dtype: str | None = setting(None, str, "dtype of the drafting tiers (default: the target's); "
                                       "verification keeps the output exact", choices=DTYPES, spec=True, sweep=True)
     draft_quant: str = setting("none", str, "weights of the self-drafting tiers: the target's (none), or a copy in "
@@ -152,6 +155,8 @@ def check_config(cfg: GenerationConfig) -> None:
         check_setting(name, getattr(cfg, name))
     if cfg.budget is not None and cfg.budget < cfg.chunk_size:
         raise UserError(f"budget ({cfg.budget} tokens) must hold at least one chunk of chunk_size={cfg.chunk_size}")
+    if cfg.beams > 1 and cfg.mode != "redrafter":
+        raise UserError(f"beams {cfg.beams}: only mode 'redrafter' verifies a tree of beams (got mode '{cfg.mode}')")
     if cfg.draft_quant != "none":
         if not set(SELF_DRAFTING) & set(MODES[cfg.mode].tiers):
             raise UserError(f"draft_quant {cfg.draft_quant}: mode '{cfg.mode}' has no tier that drafts with the "

@@ -122,11 +122,15 @@ class Transformer(nn.Module):
         head = self.runtime.head  # the numba kernel's packed head, or None (torch)
         return self.full_vocab(linear(x, self.head, head) if head else F.linear(x, self.head).float())
 
-    def hidden(self, input_ids, positions, cache, last_only: bool = False) -> torch.Tensor:
-        """The final-norm hidden states [B, T, D] that the head scores."""
+    def hidden(self, input_ids, positions, cache, last_only: bool = False, tree=None) -> torch.Tensor:
+        """The final-norm hidden states [B, T, D] that the head scores. tree: a tree-shaped step's ancestor mask
+        [B, T, T] (FullCache.begin_tree)."""
         if self.rope is None:
             self.setup_rope()
-        cache.begin(positions, self.rope)
+        if tree is None:
+            cache.begin(positions, self.rope)
+        else:
+            cache.begin_tree(positions, self.rope, tree)
         if self.vocab_ids is not None:
             input_ids = self.vocab_index[input_ids]
         x = self.embed_tokens(input_ids)

@@ -17,8 +17,9 @@ from .tier import TierStats
 
 
 class HeadTier:
-    def __init__(self, head, embed, gamma: int, batch: int):
+    def __init__(self, head, embed, gamma: int, batch: int, width: int = 1):
         self.head, self.embed, self.gamma = head, embed, gamma  # embed: the target's token embedding (ids -> [.., D])
+        self.width = width  # beams: 1 drafts a chain (draft()), more a tree (tree())
         self.h = torch.zeros(batch, head.hidden, device=head.vocab_ids.device)  # [B, D]
         self.pos = [-1] * batch  # tokens seen by h[b]; -1: no anchor
         self.stats = TierStats("head")
@@ -56,6 +57,39 @@ class HeadTier:
             self.stats.calls += n
         self.stats.seconds += time.perf_counter() - t0
         return toks, qs
+
+    def tree(self, tokens, width: int, n: int) -> list:
+        """Per row, beam search of `width` beams of n tokens after its sequence (by the head's log-probabilities),
+        deduplicated into a tree: [(token, parent)] in breadth-first order, parent -1 for the pending token; [] for
+        a row with no anchor at its pending token."""
+        t0 = time.perf_counter()
+        rows = [b for b, p in enumerate(self.pos) if p >= 0 and tokens.n[b] == p + 1]
+        trees = [[] for _ in self.pos]
+        if rows:
+            dev = self.h.device
+            x = torch.tensor([int(tokens.buf[b, tokens.n[b] - 1]) for b in rows], device=dev)[:, None]  # [b', 1]
+            h = self.h[rows][:, None]  # [b', 1, D]
+            s, score, seqs = None, torch.zeros(len(rows), 1, device=dev), x[..., None][..., :0]  # 1 empty beam
+            with torch.inference_mode():
+                for _ in range(n):
+                    s = self.head.step(self.embed(x).to(h.dtype), s)  # [b', beams, D]
+                    cand = score[..., None] + self.head.logits(s, h.expand_as(s)).log_softmax(-1)  # [b', beams, V]
+                    score, flat = cand.flatten(1).topk(width, dim=-1)  # [b', width]
+                    beam, x = flat // cand.shape[-1], flat % cand.shape[-1]
+                    pick = lambda t: t.gather(1, beam.view(*beam.shape, *[1] * (t.dim() - 2)).expand(-1, -1, *t.shape[2:]))  # noqa: E731
+                    s, seqs = pick(s), torch.cat([pick(seqs), x[..., None]], dim=-1)
+            for i, beams in zip(rows, seqs.tolist()):  # [width, n] each: the one host sync
+                index = {}
+                for d in range(n):
+                    for beam in beams:
+                        key = tuple(beam[: d + 1])
+                        if key not in index:
+                            index[key] = len(trees[i])
+                            trees[i].append((beam[d], index.get(key[:-1], -1)))
+            self.stats.calls += n
+            self.stats.beam_tokens += len(rows) * width * n
+        self.stats.seconds += time.perf_counter() - t0
+        return trees
 
     def truncate(self, row: int, n: int) -> None:
         """Keep the first n tokens: an anchor that has seen more is gone."""

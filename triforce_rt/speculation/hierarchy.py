@@ -25,7 +25,7 @@ from ..sampling import SamplingParams, probs
 from .head import HeadTier
 from .ngram import NgramTier
 from .tier import Tier
-from .verify import offsets, verify_greedy
+from .verify import offsets, verify_greedy, verify_tree
 
 
 class Tokens:
@@ -70,6 +70,8 @@ class Hierarchy:
     def round(self, k: int, limits: list) -> tuple[list, list]:
         """Per row: 1..limits[b] tokens of tier k after its sequence (appended to it), and the distributions p_k
         [n_b, V] they follow (None when greedy)."""
+        if k and isinstance(self.tiers[k - 1], HeadTier) and self.tiers[k - 1].width > 1:
+            return self.tree_round(k, limits)
         tier, base = self.tiers[k], self.tok.n.copy()
         g = min(self.tiers[k - 1].gamma, max(limits) - 1) if k else 0
         B = len(base)
@@ -98,6 +100,31 @@ class Hierarchy:
             news.append(out)
             ps.append(None if p is None else p[at : at + len(out)])
         return news, ps
+
+    def tree_round(self, k: int, limits: list) -> tuple[list, list]:
+        """round() of tier k over the beams of the head below it (ReDrafter): each row's beams, deduplicated into a
+        tree, are verified in one forward with a tree mask (verify_tree); the accepted path moves to its true slots.
+        The tokens' distributions are not returned (a tree round is the top tier's)."""
+        head, tier, base = self.tiers[k - 1], self.tiers[k], self.tok.n.copy()
+        g = min(head.gamma, max(limits) - 1)
+        trees = head.tree(self.tok, head.width, g) if g else [[] for _ in limits]
+        logits = tier.feed_tree(self.tok, trees)
+        verdicts = verify_tree(trees, logits if self.sp.greedy else probs(logits, self.sp), self.sp.greedy, self.gen)
+        news, at = [], 0
+        for b, (tree, (path, y), limit) in enumerate(zip(trees, verdicts, limits)):
+            if tree:
+                head.stats.drafted += len(tree)
+                head.stats.accepted += len(path)
+                head.stats.rejected += any(parent == (path[-1] if path else -1) for _, parent in tree)
+            out = ([tree[i][0] for i in path] + [y])[:limit]
+            self.tok.put(b, int(base[b]), out)
+            tier.accept(b, path)
+            for t in self.tiers[: k + 1]:
+                t.truncate(b, int(base[b]) + len(out) - 1)
+            head.anchor(b, tier.hidden[at + (1 + path[len(out) - 2] if len(out) > 1 else 0)], int(base[b]) + len(out) - 1)
+            news.append(out)
+            at += 1 + len(tree)
+        return news, [None] * len(news)
 
     def propose(self, k: int, n: int) -> tuple[list, list, list]:
         """Per row, n tokens of tier k appended to its sequence, their distributions [n, V] (None when greedy) and

@@ -21,6 +21,7 @@ class TierStats:
     rejected: int = 0  # verifications that rejected one of them (the drafts after a rejection are never examined)
     calls: int = 0  # forward calls (one per batch step)
     seconds: float = 0.0  # time in those forwards
+    beam_tokens: int = 0  # a head's beam search: tokens of its beams (drafted counts the tree's nodes after dedup)
 
 
 def ragged(ids: list, positions: list, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,6 +64,50 @@ class Tier:
         self.stats.calls += 1
         self.pos = tokens.n.tolist()
         return logits
+
+    def feed_tree(self, tokens, trees: list) -> torch.Tensor:
+        """One forward over each row's pending token (the root, which must be the only token past pos[b]) and its
+        tree's nodes, [(token, parent)] breadth-first (FullCache.begin_tree: node i of row b sits at position
+        pos[b] + its depth, in the scratch slot pos[b] + 1 + i). Returns the logits [Σ (1 + n_b), V] row after row:
+        after the root, then after each node. accept() then moves a row's accepted path to its true slots."""
+        ids, positions, steps = [], [], []
+        for b, tree in enumerate(trees):
+            p = self.pos[b]
+            assert tokens.n[b] == p + 1, "a tree step starts from a tier that holds all but the pending token"
+            depth = [0]
+            for _, parent in tree:
+                depth.append(depth[parent + 1] + 1)
+            ids.append([int(tokens.buf[b, p])] + [t for t, _ in tree])
+            positions.append([p + d for d in depth])
+            steps.append(len(depth))
+        device, T = self.model.device, max(steps)
+        anc = torch.zeros(len(trees), T, T, dtype=torch.bool)  # [B, T, T]: ancestors and self (padding: self)
+        for b, tree in enumerate(trees):
+            anc[b, 0, 0] = True
+            for i, (_, parent) in enumerate(tree):
+                anc[b, i + 1] = anc[b, parent + 1]
+                anc[b, i + 1, i + 1] = True
+            for t in range(steps[b], T):
+                anc[b, t, t] = True
+        ids, positions = ragged(ids, positions, device)
+        rows = torch.tensor([b for b, n in enumerate(steps) for _ in range(n)], device=device)
+        cols = torch.tensor([t for n in steps for t in range(n)], device=device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            x = self.model.hidden(ids, positions, self.cache, tree=anc.to(device))  # eager: shapes vary per tree
+            self.hidden = x[rows, cols]  # [Σ (1 + n_b), D]
+            logits = self.model.score(self.hidden)
+        self.stats.seconds += time.perf_counter() - t0
+        self.stats.calls += 1
+        self.roots = list(self.pos)
+        self.pos = [p + 1 for p in self.pos]  # the roots are in their slots; the nodes wait in scratch slots
+        return logits
+
+    def accept(self, row: int, path: list) -> None:
+        """After feed_tree: row's accepted nodes (indices, root to leaf) move to the slots of their positions."""
+        r = self.roots[row]
+        self.cache.move(row, [r + 1 + i for i in path], [r + 1 + k for k in range(len(path))])
+        self.pos[row] = r + 1 + len(path)
 
     def truncate(self, row: int, n: int) -> None:
         """Keep only the first n tokens of row's sequence: a rollback, which moves a count and copies nothing."""

@@ -63,3 +63,27 @@ def verify_sample(drafts: list, q: torch.Tensor, p: torch.Tensor, generator=None
         out.append((n, flat[m + at + n] if n < len(d) else flat[2 * m + b]))
         at += len(d)
     return out
+
+
+def verify_tree(trees: list, p: torch.Tensor, greedy: bool, generator=None) -> list:
+    """Several deterministic candidates per node (ReDrafter's beams as a tree). trees[b]: row b's tree, a list of
+    (token, parent) nodes in breadth-first order (parent -1: the root, the row's pending token); p [Σ (1 + n_b), V]:
+    the verifier's distributions (or logits, greedy) after the root and after each node, row after row.
+    Rule: at the root, draw y ~ p (greedy: argmax); if a child of the node holds y, descend into it and draw again;
+    else emit y. Each emitted token is a draw from p after the tokens before it, so the output follows p exactly;
+    this is the same as trying the children in order, accepting x with probability r(x) and on a rejection
+    renormalising r without x. Draws for every node are made up front (one host sync); those a row does not use are
+    independent of those it does. Per row (the accepted nodes' indices, the token emitted after them)."""
+    y = (p.argmax(-1) if greedy else torch.multinomial(p, 1, generator=generator)[:, 0]).tolist()
+    out, at = [], 0
+    for tree in trees:
+        children = {}
+        for i, (tok, parent) in enumerate(tree):
+            children.setdefault((parent, tok), i)
+        path, node = [], -1
+        while (node, y[at + 1 + node]) in children:
+            node = children[(node, y[at + 1 + node])]
+            path.append(node)
+        out.append((path, y[at + 1 + node]))
+        at += 1 + len(tree)
+    return out
