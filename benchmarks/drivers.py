@@ -117,10 +117,12 @@ def named_drafters(specs: list | None) -> dict:
 
 
 def run_drafters(drafters: dict, spec="default", contexts=(2048, 8064), docs=3, new_tokens=128, threads=2,
-                 modes=("draft", "triforce"), prompts=("explain", "summarize"), gammas=(None,), out=None) -> dict:
-    """Drafters side by side ({label: path}: tiny drafters, in `modes`, or recurrent heads, in the redrafter modes),
-    each mode at default settings but for the drafter's γ (gammas; None = the default) against AR, on the documents
-    of run_refresh: the drafter tier's α (against the target alone, against tier 2 under it) and its cost."""
+                 modes=("draft", "triforce"), prompts=("explain", "summarize"), gammas=(None,), beams=(1,),
+                 out=None) -> dict:
+    """Drafters side by side ({label: path}: tiny drafters, in `modes`, or recurrent heads, in the redrafter modes;
+    redrafter at each beam width of beams), each mode at default settings but for the drafter's γ (gammas; None = the
+    default) against AR, on the documents of run_refresh: the drafter tier's α (against the target alone, against
+    tier 2 under it) and its cost."""
     torch.set_num_threads(threads)
     model = load_model(spec, dtype=torch.float32)
     loaded = {name: load_drafter(path, model, dtype=torch.float32) for name, path in drafters.items()}
@@ -131,8 +133,9 @@ def run_drafters(drafters: dict, spec="default", contexts=(2048, 8064), docs=3, 
     for name, d in loaded.items():
         for m in HEAD_MODES if isinstance(d, RecurrentHead) else modes:
             own = gamma_name(MODES[m].tiers, 0)  # the drafter is the bottom tier
-            variants += [({"drafter": name, "gamma": g or "default"}, d, {"mode": m, **({own: g} if g else {})})
-                         for g in gammas]
+            variants += [({"drafter": name, "gamma": g or "default", "beams": w}, d,
+                          {"mode": m, "beams": w, **({own: g} if g else {})})
+                         for g in gammas for w in (beams if m == "redrafter" else (1,))]
     report["rows"] = document_rows(model, contexts, docs, prompts, new_tokens, variants)
     publish(report, drafters_markdown, out)
     return report
@@ -150,24 +153,31 @@ def drafters_markdown(report: dict) -> str:
              + ", ".join(f"{k} = `{v}`" for k, v in report["drafters"].items()) + ". The drafter's α is against "
              "the tier it drafts for: the target in draft and redrafter, tier 2 (the target on its retrieval cache) "
              "in triforce and triforce-redrafter. γ: the drafter's tokens per verification (default: gamma2 = 6 "
-             "alone, gamma1 = 4 under tier 2). A head's call is one step of its recurrence.", "",
-             "| context | mode | drafter | γ | drafter α: median | min | max | ms/drafter call | max share of an AR "
-             "step | tok/target call | vs ar: geo-mean | all identical |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for key in dict.fromkeys((r["context"], r["mode"], r["drafter"], r.get("gamma", "default")) for r in rows):
-        group = [r for r in rows if (r["context"], r["mode"], r["drafter"], r.get("gamma", "default")) == key]
+             "alone, gamma1 = 4 under tier 2). W: beams (redrafter); a tree's α is the share of examined nodes the "
+             "target descended into, and 'verified/call' its nodes per target call after deduplication (before: the "
+             "beams' tokens). A head's call is one step of its recurrence (a beam search step: all beams).", "",
+             "| context | mode | drafter | γ | W | drafter α: median | min | max | ms/drafter call | max share of an AR "
+             "step | tok/target call | verified/call (before dedup) | vs ar: geo-mean | all identical |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    key_of = lambda r: (r["context"], r["mode"], r["drafter"], r.get("gamma", "default"), r.get("beams", 1))  # noqa: E731
+    for key in dict.fromkeys(map(key_of, rows)):
+        group = [r for r in rows if key_of(r) == key]
         a = sorted(tier(r)["alpha"] for r in group)
         ms = sum(tier(r)["ms_per_call"] for r in group) / len(group)
         share = max(tier(r)["ms_per_call"] * r["tok_s"] / (1000 * r["vs_ar"]) for r in group)
         per_call = sum(r["tokens_per_target_call"] for r in group) / len(group)
         geo = math.exp(sum(math.log(r["vs_ar"]) for r in group) / len(group))
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {statistics.median(a):.2f} | {a[0]:.2f} "
-                     f"| {a[-1]:.2f} | {ms:.1f} | {100 * share:.0f}% | {per_call:.2f} | {geo:.2f}x "
-                     f"| {all(r['tokens_identical'] for r in group)} |")
-    lines += ["", "| prompt | doc | context | drafter | γ | mode | tok/s | vs ar | tiers: α, ms/call |",
-              "|---|---|---|---|---|---|---|---|---|"]
+        trees = [r["tree"] for r in group if "tree" in r]
+        verified = (f"{sum(t['nodes_per_call'] for t in trees) / len(trees):.1f} "
+                    f"({sum(t['beam_tokens_per_call'] for t in trees) / len(trees):.1f})" if trees else "")
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {key[4]} | {statistics.median(a):.2f} "
+                     f"| {a[0]:.2f} | {a[-1]:.2f} | {ms:.1f} | {100 * share:.0f}% | {per_call:.2f} | {verified} "
+                     f"| {geo:.2f}x | {all(r['tokens_identical'] for r in group)} |")
+    lines += ["", "| prompt | doc | context | drafter | γ | W | mode | tok/s | vs ar | tiers: α, ms/call |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['prompt']} | {r['doc']} | {r['context']} | {r['drafter']} | {r.get('gamma', 'default')} "
-                     f"| {r['mode']} | {r['tok_s']} | {r['vs_ar']}x | {tiers_text(r['tiers'])} |")
+                     f"| {r.get('beams', 1)} | {r['mode']} | {r['tok_s']} | {r['vs_ar']}x | {tiers_text(r['tiers'])} |")
     return "\n".join(lines)
 
 
@@ -329,8 +339,13 @@ def document_rows(model, contexts, docs: int, prompts, new_tokens: int, variants
                                   new_tokens)[0]
                 ar = run(mode="ar")
                 for labels, drafter, settings in variants:
-                    row = mode_row(n_ctx, run(drafter, **settings), ar, 0)
+                    res = run(drafter, **settings)
+                    row = mode_row(n_ctx, res, ar, 0)
                     del row["kv_bytes"]
+                    if res.tiers[0].get("beam_tokens"):  # a tree of beams: tokens verified per target call
+                        calls = res.tiers[-1]["calls"]
+                        row["tree"] = {"nodes_per_call": round(res.tiers[0]["drafted"] / calls, 2),
+                                       "beam_tokens_per_call": round(res.tiers[0]["beam_tokens"] / calls, 2)}
                     rows.append({"prompt": prompt, "doc": doc, **labels, **row})
                 del run  # this document's cache, before the next prefill
     return rows

@@ -17,15 +17,17 @@ def test_drafters_and_refresh_benchmarks_run_and_match_ar(tmp_path_factory, smol
     head = str(tmp_path_factory.mktemp("head"))
     random_head(load_model(target)).save(head, {})
     report = run_drafters({"a": tiny_folder, "h": head}, out=str(tmp_path_factory.mktemp("b") / "d.json"),
-                          gammas=(None, 3), **kw)
+                          gammas=(None, 3), beams=(1, 3), **kw)
     rows = report["rows"]
-    assert len(rows) == 2 * 2 * 2 * 2 * 2  # documents x contexts x drafters x their 2 modes x gammas
+    assert len(rows) == 2 * 2 * 2 * 5  # documents x contexts x gammas x (2 drafter modes, redrafter W 1 and 3, ...)
+    assert sum("tree" in r for r in rows) == 2 * 2 * 2  # redrafter with 3 beams
     assert all(r["tokens_identical"] for r in rows)
     assert {r["mode"] for r in rows} == {"draft", "triforce", "redrafter", "triforce-redrafter"}
     assert all(r["tiers"][0]["name"] == ("head" if r["drafter"] == "h" else "drafter") and r["tiers"][0]["calls"] > 0
                for r in rows)
     text = drafters_markdown(report)
-    assert "| 320 | triforce | a | default |" in text and "| 320 | triforce-redrafter | h | 3 |" in text
+    assert "| 320 | triforce | a | default | 1 |" in text and "| 320 | triforce-redrafter | h | 3 | 1 |" in text
+    assert "| 320 | redrafter | h | 3 | 3 |" in text
     assert "2 documents" in text
     report = run_refresh(drafter=tiny_folder, **kw)
     assert len(report["rows"]) == 2 * 2 * 3 * 2 and all(r["tokens_identical"] for r in report["rows"])
