@@ -179,7 +179,8 @@ def streaming_tier(b: "Build", gamma: int) -> Tier:
     return Tier("streaming", b.model_d, sc, gamma, pos=b.lengths)
 
 
-BUILDERS = {"drafter": drafter_tier, "head": head_tier, "ngram": ngram_tier, "retrieval": retrieval_tier, "streaming": streaming_tier}
+BUILDERS = {"drafter": drafter_tier, "head": head_tier, "ngram": ngram_tier, "retrieval": retrieval_tier,
+            "streaming": streaming_tier}
 
 
 def retrieval_budget(cfg: GenerationConfig, prompt_len: int) -> int:

@@ -63,7 +63,8 @@ def label_head(model, part: str, records: int, L: int, K: int, answer_frac: floa
                 h = model.hidden(tokens.to(dev), torch.arange(L, device=dev).expand(n, -1), NoCache())
                 lp, ids = map(torch.cat, zip(*[top_k(model.score(r[None]), K) for r in h]))  # a record's [L, V] at a time
             sl = slice(done, done + n)
-            out["tokens"][sl], out["hidden"][sl], out["ids"][sl], out["logp"][sl] = tokens, h.bfloat16().cpu(), ids.cpu(), lp.cpu()
+            out["tokens"][sl], out["hidden"][sl] = tokens, h.bfloat16().cpu()
+            out["ids"][sl], out["logp"][sl] = ids.cpu(), lp.cpu()
             out["mask"][sl], out["kind"][sl] = mask, int(answer)
             done += n
             positions += int(mask.sum())

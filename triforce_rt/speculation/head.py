@@ -16,6 +16,11 @@ from ..sampling import probs
 from .tier import TierStats
 
 
+def pick(t: torch.Tensor, beam: torch.Tensor) -> torch.Tensor:
+    """t [b, beams, ...] -> [b, width, ...]: row i's entries beam[i] (beam [b, width])."""
+    return t.gather(1, beam.view(*beam.shape, *[1] * (t.dim() - 2)).expand(-1, -1, *t.shape[2:]))
+
+
 class HeadTier:
     def __init__(self, head, embed, gamma: int, batch: int, width: int = 1):
         self.head, self.embed, self.gamma = head, embed, gamma  # embed: the target's token embedding (ids -> [.., D])
@@ -75,9 +80,8 @@ class HeadTier:
                     s = self.head.step(self.embed(x).to(h.dtype), s)  # [b', beams, D]
                     cand = score[..., None] + self.head.logits(s, h.expand_as(s)).log_softmax(-1)  # [b', beams, V]
                     score, flat = cand.flatten(1).topk(width, dim=-1)  # [b', width]
-                    beam, x = flat // cand.shape[-1], flat % cand.shape[-1]
-                    pick = lambda t: t.gather(1, beam.view(*beam.shape, *[1] * (t.dim() - 2)).expand(-1, -1, *t.shape[2:]))  # noqa: E731
-                    s, seqs = pick(s), torch.cat([pick(seqs), x[..., None]], dim=-1)
+                    beam, x = flat // cand.shape[-1], flat % cand.shape[-1]  # the beam each one extends
+                    s, seqs = pick(s, beam), torch.cat([pick(seqs, beam), x[..., None]], dim=-1)
             for i, beams in zip(rows, seqs.tolist()):  # [width, n] each: the one host sync
                 index = {}
                 for d in range(n):

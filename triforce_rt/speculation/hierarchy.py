@@ -121,7 +121,8 @@ class Hierarchy:
             tier.accept(b, path)
             for t in self.tiers[: k + 1]:
                 t.truncate(b, int(base[b]) + len(out) - 1)
-            head.anchor(b, tier.hidden[at + (1 + path[len(out) - 2] if len(out) > 1 else 0)], int(base[b]) + len(out) - 1)
+            chose = at + (1 + path[len(out) - 2] if len(out) > 1 else 0)  # the root or node before out[-1]
+            head.anchor(b, tier.hidden[chose], int(base[b]) + len(out) - 1)
             news.append(out)
             at += 1 + len(tree)
         return news, [None] * len(news)
