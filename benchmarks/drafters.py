@@ -1,12 +1,13 @@
 """Drafters side by side against AR, on SmolLM2-135M fp32, 2 threads, 128 greedy tokens, default settings, at 2K
 and 8K, on the held-out documents of refresh.py (--docs per prompt): each tiny drafter in draft and triforce, each
 recurrent head in redrafter and triforce-redrafter, at each drafting γ of --gammas (0 = the mode's default) and,
-in redrafter, each beam width W of --beams (a tree of W beams verified in one forward).
+in redrafter, each beam width W of --beams (a tree of W beams verified in one forward); with --quant, self-spec
+on a quantized copy of the target (the quantized tier) at the same γ.
 The drafter tier's α and cost per call are issue #4's two targets (α against tier 2 >= 0.6, a cost <= 10% of an AR
 step) and the head's α issue #32's (>= 0.7 at 8K).
 
     python benchmarks/drafters.py [TAG] [--drafter NAME=PATH ...] [--docs 3] [--contexts 2048 8064] [--gammas 0]
-        [--beams 1]
+        [--beams 1] [--quant q4]
 writes benchmarks/results/drafters-TAG.{json,md} (TAG defaults to cpu; --drafter defaults to the shipped drafter
 and head: default=triforce_rt/drafters/smollm2-135m-instruct head=triforce_rt/drafters/smollm2-135m-instruct-head).
 One run, ratios within it.
@@ -22,9 +23,11 @@ if __name__ == "__main__":
     ap.add_argument("--contexts", type=int, nargs="+", default=[2048, 8064])
     ap.add_argument("--gammas", type=int, nargs="+", default=[0], help="the drafter's γ per verification (0: default)")
     ap.add_argument("--beams", type=int, nargs="+", default=[1], help="redrafter's beam widths W")
+    ap.add_argument("--quant", nargs="*", default=[], help="also self-spec with a drafting copy in these formats "
+                    "(q8, q4): the quantized tier")
     args = ap.parse_args()
     drafters = named_drafters(args.drafter)
     path = result_path("drafters", args.tag)
     report = run_drafters(drafters, "default", tuple(args.contexts), args.docs, gammas=[g or None for g in args.gammas],
-                          beams=args.beams, out=path)
+                          beams=args.beams, quants=args.quant, out=path)
     write_markdown(path, ap, args, "drafters", drafters_markdown(report))

@@ -118,11 +118,12 @@ def named_drafters(specs: list | None) -> dict:
 
 def run_drafters(drafters: dict, spec="default", contexts=(2048, 8064), docs=3, new_tokens=128, threads=2,
                  modes=("draft", "triforce"), prompts=("explain", "summarize"), gammas=(None,), beams=(1,),
-                 out=None) -> dict:
+                 quants=(), out=None) -> dict:
     """Drafters side by side ({label: path}: tiny drafters, in `modes`, or recurrent heads, in the redrafter modes;
     redrafter at each beam width of beams), each mode at default settings but for the drafter's γ (gammas; None = the
     default) against AR, on the documents of run_refresh: the drafter tier's α (against the target alone, against
-    tier 2 under it) and its cost."""
+    tier 2 under it) and its cost. quants: self-spec rows with a drafting copy in each of these formats (the
+    quantized tier, labelled 'self-spec-QUANT'), at the same γ."""
     torch.set_num_threads(threads)
     model = load_model(spec, dtype=torch.float32)
     loaded = {name: load_drafter(path, model, dtype=torch.float32) for name, path in drafters.items()}
@@ -136,6 +137,8 @@ def run_drafters(drafters: dict, spec="default", contexts=(2048, 8064), docs=3, 
             variants += [({"drafter": name, "gamma": g or "default", "beams": w}, d,
                           {"mode": m, "beams": w, **({own: g} if g else {})})
                          for g in gammas for w in (beams if m == "redrafter" else (1,))]
+    variants += [({"drafter": f"self-spec-{q}", "gamma": g or "default", "beams": 1}, None,
+                  {"mode": "self-spec", "draft_quant": q, **({"gamma2": g} if g else {})}) for q in quants for g in gammas]
     report["rows"] = document_rows(model, contexts, docs, prompts, new_tokens, variants)
     publish(report, drafters_markdown, out)
     return report

@@ -17,14 +17,15 @@ def test_drafters_and_refresh_benchmarks_run_and_match_ar(tmp_path_factory, smol
     head = str(tmp_path_factory.mktemp("head"))
     random_head(load_model(target)).save(head, {})
     report = run_drafters({"a": tiny_folder, "h": head}, out=str(tmp_path_factory.mktemp("b") / "d.json"),
-                          gammas=(None, 3), beams=(1, 3), **kw)
+                          gammas=(None, 3), beams=(1, 3), quants=("q4",), **kw)
     rows = report["rows"]
-    assert len(rows) == 2 * 2 * 2 * 5  # documents x contexts x gammas x (2 drafter modes, redrafter W 1 and 3, ...)
+    assert len(rows) == 2 * 2 * 2 * 6  # documents x contexts x gammas x (2 drafter modes, redrafter W 1 and 3,
+    # triforce-redrafter, self-spec on a q4 copy)
     assert sum("tree" in r for r in rows) == 2 * 2 * 2  # redrafter with 3 beams
     assert all(r["tokens_identical"] for r in rows)
-    assert {r["mode"] for r in rows} == {"draft", "triforce", "redrafter", "triforce-redrafter"}
-    assert all(r["tiers"][0]["name"] == ("head" if r["drafter"] == "h" else "drafter") and r["tiers"][0]["calls"] > 0
-               for r in rows)
+    assert {r["mode"] for r in rows} == {"draft", "triforce", "redrafter", "triforce-redrafter", "self-spec"}
+    kinds = {"h": "head", "a": "drafter", "self-spec-q4": "retrieval"}
+    assert all(r["tiers"][0]["name"] == kinds[r["drafter"]] and r["tiers"][0]["calls"] > 0 for r in rows)
     text = drafters_markdown(report)
     assert "| 320 | triforce | a | default | 1 |" in text and "| 320 | triforce-redrafter | h | 3 | 1 |" in text
     assert "| 320 | redrafter | h | 3 | 3 |" in text

@@ -174,7 +174,8 @@ def build_parser():
                    "their own whole context (--seq-len), initialised from the target's head rows")
     d.add_argument("--depth", type=int, default=dc.depth, help="head: drafts unrolled per position in training")
     d.add_argument("--layers", type=int, default=dc.layers)
-    d.add_argument("--hidden", type=int, default=dc.hidden, help="width; the target's width starts from its embedding rows")
+    d.add_argument("--hidden", type=int, default=dc.hidden, help="width; the target's width starts from its embedding rows "
+                   "(--kind head: the width of its feature MLP)")
     d.add_argument("--tokens", type=int, default=dc.tokens, help="teacher-labelled training positions, labelled "
                    "and cached in blocks of 1.5M: a larger value keeps the blocks already labelled")
     d.add_argument("--seq-len", type=int, default=dc.seq_len, help="student sequence: sinks + recent tokens")

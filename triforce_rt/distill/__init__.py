@@ -182,8 +182,8 @@ def distill(cfg: DistillConfig, progress: bool = True) -> dict:
 
 
 def distill_head(teacher, cfg: DistillConfig, device, progress: bool) -> dict:
-    """--kind head: the teacher pass with hidden states, then the head, initialised from the target's head rows of
-    the kept vocabulary; saved with its held-out metrics."""
+    """--kind head: the teacher pass with hidden states, then the head (its feature MLP --hidden wide), initialised
+    from the target's head rows of the kept vocabulary; saved with its held-out metrics."""
     tc = teacher.config
     t0 = time.perf_counter()
     data, held = teacher_data(teacher, cfg, progress)
@@ -191,7 +191,7 @@ def distill_head(teacher, cfg: DistillConfig, device, progress: bool) -> dict:
     eos = {t for t in set(tc.eos_token_ids) | {teacher.tokenizer.eos_token_id} if t is not None}
     vocab_ids = pick_vocab(data, cfg.vocab, eos)
     torch.manual_seed(cfg.seed)
-    head = RecurrentHead(tc.hidden_size, tc.vocab_size, len(vocab_ids), tc.rms_norm_eps)
+    head = RecurrentHead(tc.hidden_size, tc.vocab_size, len(vocab_ids), tc.rms_norm_eps, ffn=cfg.hidden)
     head.initialize(teacher.head.detach().float().cpu(), vocab_ids).to(device)
     embed = teacher.embed_tokens.float().requires_grad_(False)
     t0 = time.perf_counter()

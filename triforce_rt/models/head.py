@@ -3,7 +3,7 @@
 Inputs: h [B, D], the final-norm hidden state (Transformer.hidden) whose distribution chose the pending token x_1,
 and the embeddings of x_1 and of each token it drafts (the target's own table, frozen, not stored here).
   s_0 = 0,  s_j = SiLU(W e(x_j) + U s_{j-1} + b)                      recurrence over its own drafts  [B, D]
-  z_j = h + F([s_j ; h]),  F = Linear(2D, D) -> SiLU -> Linear(D, D)   features, a residual on h
+  z_j = h + F([s_j ; h]),  F = Linear(2D, F) -> SiLU -> Linear(F, D)   features, a residual on h
   logits_j = out(norm(z_j))  [B, R]                                    draft j+1's logits over R kept tokens
 so step j scores the token after x_j. A reduced vocabulary (vocab_ids, the kept R token ids) keeps the output
 projection small (49K rows would cost more than the rest); q is 0 outside it, which verification handles exactly.
@@ -23,14 +23,14 @@ KIND = "recurrent-head"
 
 
 class RecurrentHead(nn.Module):
-    def __init__(self, hidden: int, vocab_size: int, draft_vocab: int, eps: float = 1e-5):
+    def __init__(self, hidden: int, vocab_size: int, draft_vocab: int, eps: float = 1e-5, ffn: int | None = None):
         super().__init__()
-        D = hidden
+        D, F = hidden, ffn or hidden
         self.vocab_size, self.eps = vocab_size, eps
         self.W = nn.Linear(D, D)  # token embedding -> state (its bias is b)
         self.U = nn.Linear(D, D, bias=False)  # previous state -> state
-        self.fc1 = nn.Linear(2 * D, D)
-        self.fc2 = nn.Linear(D, D)
+        self.fc1 = nn.Linear(2 * D, F)  # F: the feature MLP's width
+        self.fc2 = nn.Linear(F, D)
         self.norm = nn.Parameter(torch.ones(D))
         self.out = nn.Linear(D, draft_vocab, bias=False)
         self.register_buffer("vocab_ids", torch.zeros(draft_vocab, dtype=torch.long))  # [R] kept token ids
@@ -69,7 +69,7 @@ class RecurrentHead(nn.Module):
         from safetensors.torch import save_file
 
         os.makedirs(folder, exist_ok=True)
-        config = dict(kind=KIND, hidden_size=self.hidden, vocab_size=self.vocab_size,
+        config = dict(kind=KIND, hidden_size=self.hidden, ffn_size=self.fc1.out_features, vocab_size=self.vocab_size,
                       draft_vocab=len(self.vocab_ids), rms_norm_eps=self.eps, **meta)
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
@@ -99,7 +99,7 @@ def load_head(folder: str, target, device=None) -> RecurrentHead:
     if (c["hidden_size"], c["vocab_size"]) != (tc.hidden_size, tc.vocab_size):
         raise UserError(f"{folder}: the head was made for a model of width {c['hidden_size']} and vocabulary "
                         f"{c['vocab_size']}; this one has {tc.hidden_size} and {tc.vocab_size}")
-    head = RecurrentHead(c["hidden_size"], c["vocab_size"], c["draft_vocab"], c["rms_norm_eps"])
+    head = RecurrentHead(c["hidden_size"], c["vocab_size"], c["draft_vocab"], c["rms_norm_eps"], c.get("ffn_size"))
     sd = load_file(os.path.join(folder, "head.safetensors"))
     head.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
     return head.to(device or target.device).eval()
