@@ -40,7 +40,7 @@ def random_head(target, seed=0, keep=None):
     """A recurrent draft head for target: the target's head rows (of every token, or of keep), then random
     recurrence and features, so that its drafts are sometimes right and sometimes not."""
     V, D = target.config.vocab_size, target.config.hidden_size
-    head = RecurrentHead(D, V, len(keep or range(V))).initialize(target.head.detach(), torch.tensor(keep or range(V)))
+    head = RecurrentHead(D, V, len(keep or range(V))).initialize(target.head, torch.tensor(keep or range(V)))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for w in (head.W.weight, head.U.weight, head.fc1.weight, head.fc2.weight):

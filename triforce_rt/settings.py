@@ -43,7 +43,8 @@ MODES = {
                            "finds no match → target + retrieval cache → target"),
     "self-spec-ngram": Mode(("retrieval", "ngram"), "n-gram lookup, or the target + retrieval cache where the lookup "
                             "finds no match → target"),
-    "redrafter": Mode(("head",), "recurrent draft head on the target's hidden state → target (ReDrafter, one beam)"),
+    "redrafter": Mode(("head",), "recurrent draft head on the target's hidden state → target (ReDrafter; with "
+                      "--beams W, W beams verified as one tree)"),
     "triforce-redrafter": Mode(("head", "retrieval"), "recurrent draft head on tier 2's hidden state → target + "
                                "retrieval cache → target"),
     "auto": Mode(("retrieval", "ngram"), "chooses among ar, ngram, self-spec and self-spec-ngram, and gamma2, from "

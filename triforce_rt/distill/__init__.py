@@ -192,7 +192,7 @@ def distill_head(teacher, cfg: DistillConfig, device, progress: bool) -> dict:
     vocab_ids = pick_vocab(data, cfg.vocab, eos)
     torch.manual_seed(cfg.seed)
     head = RecurrentHead(tc.hidden_size, tc.vocab_size, len(vocab_ids), tc.rms_norm_eps, ffn=cfg.hidden)
-    head.initialize(teacher.head.detach().float().cpu(), vocab_ids).to(device)
+    head.initialize(teacher.head.cpu(), vocab_ids).to(device)
     embed = teacher.embed_tokens.float().requires_grad_(False)
     t0 = time.perf_counter()
     head, (loss_first, loss_last) = train_head(head, embed, data, cfg.epochs, cfg.batch, cfg.lr, cfg.depth, cfg.seed,

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cpu_kernels import Blocks
+
 from ..errors import UserError
 
 KIND = "recurrent-head"
@@ -56,11 +58,12 @@ class RecurrentHead(nn.Module):
         full = r.new_full(r.shape[:-1] + (self.vocab_size,), float("-inf"))
         return full.index_copy_(-1, self.vocab_ids, r)
 
-    def initialize(self, target_head: torch.Tensor, vocab_ids: torch.Tensor) -> "RecurrentHead":
-        """Start from the target's head rows [V, D] of the kept tokens, F = 0 and the target's final norm left in h."""
+    def initialize(self, target_head, vocab_ids: torch.Tensor) -> "RecurrentHead":
+        """Start from the target's head rows of the kept tokens (target_head: [V, D], or cpu_kernels.Blocks), F = 0."""
         self.vocab_ids.copy_(vocab_ids)
         with torch.no_grad():
-            self.out.weight.copy_(target_head[vocab_ids].float())
+            rows = target_head.dequantize(vocab_ids) if isinstance(target_head, Blocks) else target_head[vocab_ids]
+            self.out.weight.copy_(rows.float())
             nn.init.zeros_(self.fc2.weight)
             nn.init.zeros_(self.fc2.bias)
         return self

@@ -9,11 +9,17 @@ Sampling: draft j is drawn from q_j = probs(logits_j) under the same temperature
 verify_sample accepts it with min(1, p/q), so the output stays exact (greedy: the argmax).
 """
 import time
+from dataclasses import dataclass
 
 import torch
 
 from ..sampling import probs
 from .tier import TierStats
+
+
+@dataclass
+class HeadStats(TierStats):
+    beam_tokens: int = 0  # tokens of its beams (with beams > 1, drafted counts the tree's nodes after dedup)
 
 
 def pick(t: torch.Tensor, beam: torch.Tensor) -> torch.Tensor:
@@ -27,7 +33,7 @@ class HeadTier:
         self.width = width  # beams: 1 drafts a chain (draft()), more a tree (tree())
         self.h = torch.zeros(batch, head.hidden, device=head.vocab_ids.device)  # [B, D]
         self.pos = [-1] * batch  # tokens seen by h[b]; -1: no anchor
-        self.stats = TierStats("head")
+        self.stats = HeadStats("head")
 
     def anchor(self, row: int, h: torch.Tensor, n: int) -> None:
         """Row's next drafts start from h [D], the hidden state after its first n tokens."""

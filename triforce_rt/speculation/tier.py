@@ -21,7 +21,6 @@ class TierStats:
     rejected: int = 0  # verifications that rejected one of them (the drafts after a rejection are never examined)
     calls: int = 0  # forward calls (one per batch step)
     seconds: float = 0.0  # time in those forwards
-    beam_tokens: int = 0  # a head's beam search: tokens of its beams (drafted counts the tree's nodes after dedup)
 
 
 def ragged(ids: list, positions: list, device) -> tuple[torch.Tensor, torch.Tensor]:
