@@ -130,9 +130,14 @@ def test_redrafter_cli_equals_ar(capsys, tiny_folder, tiny_head):
     ("redrafter", "model", "needs a recurrent draft head"),
     ("draft", "head", "needs a model"),
     ("redrafter", "missing", "drafter not found"),
+    ("redrafter", "corrupt", "not a readable recurrent draft head"),
 ])
-def test_drafter_of_the_wrong_kind(capsys, tiny_folder, tiny_head, mode, which, needle):
-    path = {"model": tiny_folder, "head": tiny_head, "missing": "/no/such/head"}[which]
+def test_drafter_of_the_wrong_kind(capsys, tiny_folder, tiny_head, tmp_path, mode, which, needle):
+    corrupt = tmp_path / "head"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text(open(os.path.join(tiny_head, "config.json")).read())
+    (corrupt / "head.safetensors").write_bytes(b"not safetensors")
+    path = {"model": tiny_folder, "head": tiny_head, "missing": "/no/such/head", "corrupt": str(corrupt)}[which]
     rc, out, err = run_cli(capsys, "generate", "--model", tiny_folder, "--prompt", "hi", "--mode", mode,
                            "--drafter", path)
     assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err

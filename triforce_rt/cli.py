@@ -51,9 +51,10 @@ def add_generation_args(p, mode: str, max_new_tokens: int = 128):
     """A flag per GenerationConfig field (settings.py: its type, default and help); mode and max_new_tokens take
     the verb's defaults. Values are checked by check_config, before any model loads."""
     spec = p.add_argument_group("speculation (modes other than ar)")
-    spec.add_argument("--drafter", default="default", help="tiny drafter of triforce/draft/triforce-ngram, or recurrent draft "
-                      "head of redrafter/triforce-redrafter: 'default' (the one shipped for the default model) or a "
-                      "path (a model sharing the target's tokenizer; a head made by `triforce distill --kind head`)")
+    spec.add_argument("--drafter", default="default", help="tiny drafter of triforce/draft/triforce-ngram, or "
+                      "recurrent draft head of redrafter/triforce-redrafter: 'default' (the one shipped for the "
+                      "default model) or a path (a model sharing the target's tokenizer; a head made by `triforce "
+                      "distill --kind head`)")
     spec.add_argument("--verbose", action="store_true", help="print --mode auto's step costs and each change of plan "
                       "to stderr")
     defaults = {"mode": mode, "max_new_tokens": max_new_tokens}
@@ -174,8 +175,8 @@ def build_parser():
                    "their own whole context (--seq-len), initialised from the target's head rows")
     d.add_argument("--depth", type=int, default=dc.depth, help="head: drafts unrolled per position in training")
     d.add_argument("--layers", type=int, default=dc.layers)
-    d.add_argument("--hidden", type=int, default=dc.hidden, help="width; the target's width starts from its embedding rows "
-                   "(--kind head: the width of its feature MLP)")
+    d.add_argument("--hidden", type=int, default=dc.hidden, help="width; the target's width starts from its "
+                   "embedding rows (--kind head: the width of its feature MLP)")
     d.add_argument("--tokens", type=int, default=dc.tokens, help="teacher-labelled training positions, labelled "
                    "and cached in blocks of 1.5M: a larger value keeps the blocks already labelled")
     d.add_argument("--seq-len", type=int, default=dc.seq_len, help="student sequence: sinks + recent tokens")

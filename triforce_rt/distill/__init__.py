@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from ..errors import UserError
-from ..models.loader import cache_root, load_model, resolve, stamp, weight_files
 from ..models.head import RecurrentHead
+from ..models.loader import cache_root, load_model, resolve, stamp, weight_files
 from .corpus import fingerprint
 from .head import evaluate_head, label_head, train_head
 from .teacher import label

@@ -19,7 +19,7 @@ from torch import nn
 
 from cpu_kernels import Blocks
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 KIND = "recurrent-head"
 
@@ -27,12 +27,12 @@ KIND = "recurrent-head"
 class RecurrentHead(nn.Module):
     def __init__(self, hidden: int, vocab_size: int, draft_vocab: int, eps: float = 1e-5, ffn: int | None = None):
         super().__init__()
-        D, F = hidden, ffn or hidden
+        D, width = hidden, ffn or hidden  # width: the feature MLP's
         self.vocab_size, self.eps = vocab_size, eps
         self.W = nn.Linear(D, D)  # token embedding -> state (its bias is b)
         self.U = nn.Linear(D, D, bias=False)  # previous state -> state
-        self.fc1 = nn.Linear(2 * D, F)  # F: the feature MLP's width
-        self.fc2 = nn.Linear(F, D)
+        self.fc1 = nn.Linear(2 * D, width)
+        self.fc2 = nn.Linear(width, D)
         self.norm = nn.Parameter(torch.ones(D))
         self.out = nn.Linear(D, draft_vocab, bias=False)
         self.register_buffer("vocab_ids", torch.zeros(draft_vocab, dtype=torch.long))  # [R] kept token ids
@@ -92,6 +92,7 @@ def is_head(folder: str) -> bool:
 
 def load_head(folder: str, target, device=None) -> RecurrentHead:
     """The head saved in folder, in fp32 on device, checked against the target it drafts for."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if not is_head(folder):
@@ -99,10 +100,13 @@ def load_head(folder: str, target, device=None) -> RecurrentHead:
     with open(os.path.join(folder, "config.json")) as f:
         c = json.load(f)
     tc = target.config
-    if (c["hidden_size"], c["vocab_size"]) != (tc.hidden_size, tc.vocab_size):
-        raise UserError(f"{folder}: the head was made for a model of width {c['hidden_size']} and vocabulary "
-                        f"{c['vocab_size']}; this one has {tc.hidden_size} and {tc.vocab_size}")
-    head = RecurrentHead(c["hidden_size"], c["vocab_size"], c["draft_vocab"], c["rms_norm_eps"], c.get("ffn_size"))
-    sd = load_file(os.path.join(folder, "head.safetensors"))
-    head.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
+    try:
+        if (c["hidden_size"], c["vocab_size"]) != (tc.hidden_size, tc.vocab_size):
+            raise UserError(f"{folder}: the head was made for a model of width {c['hidden_size']} and vocabulary "
+                            f"{c['vocab_size']}; this one has {tc.hidden_size} and {tc.vocab_size}")
+        head = RecurrentHead(c["hidden_size"], c["vocab_size"], c["draft_vocab"], c["rms_norm_eps"], c.get("ffn_size"))
+        sd = load_file(os.path.join(folder, "head.safetensors"))
+        head.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
+    except (KeyError, TypeError, OSError, RuntimeError, SafetensorError) as e:  # not a whole head's files
+        raise UserError(f"{folder}: not a readable recurrent draft head ({first_line(e)})") from None
     return head.to(device or target.device).eval()
