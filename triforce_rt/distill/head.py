@@ -7,10 +7,10 @@ final-norm hidden states H [L, D] and its top-K log-probabilities come from one 
           the prompt short enough that prompt + answer fit in L.
 Training (train_head), teacher-forced over every anchor a of a record at once: h = H[a], x_1 = token a+1, and for
 j = 1..depth the head steps on token a+j and is scored against the teacher's distribution at position a+j (that of
-token a+j+1), by soft cross-entropy against the top-K renormalised over the kept vocabulary (train.batch_loss's
-loss, which is KL plus a constant). The target's embedding and hidden states are inputs only (frozen).
+token a+j+1), by soft cross-entropy against the top-K renormalised over the kept vocabulary (train.soft_ce, the
+drafter's loss: KL plus a constant), through train.optimize. The target's embedding and hidden states are inputs
+only (frozen).
 """
-import math
 import random
 import time
 
@@ -23,6 +23,7 @@ from ..models.head import RecurrentHead
 from ..textio import LogBar
 from .corpus import Documents
 from .teacher import INSTRUCTIONS, answer_batch, chat_parts, top_k
+from .train import optimize, soft_ce
 
 
 def label_head(model, part: str, records: int, L: int, K: int, answer_frac: float, new: int, seed: int, draw: str,
@@ -84,16 +85,8 @@ def unroll(head: RecurrentHead, E: torch.Tensor, H: torch.Tensor, depth: int):
         yield head.reduced_logits(s, H[:, : L - j])
 
 
-def soft_ce(logits: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor, index: torch.Tensor, R: int) -> torch.Tensor:
-    """-Σ_i p_i log q(i) per position: p the teacher's top-K renormalised over the kept tokens. logits [..., R]."""
-    r = index[ids.long()]  # [..., K] kept row of each teacher token; R = not kept
-    p = logp.float().exp() * (r < R)
-    p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
-    return -(p * logits.float().log_softmax(-1).gather(-1, r.clamp(max=R - 1))).sum(-1)
-
-
 def batch_loss(head, embed, b: dict, index, depth: int) -> tuple:
-    """Mean soft cross-entropy over every (anchor, depth) with a label, and their number."""
+    """Mean soft cross-entropy over every (anchor, depth) with a label, and the number of anchors."""
     R = len(head.vocab_ids)
     E, H = embed(b["tokens"].long()).float(), b["hidden"].float()
     total, count = 0.0, 0
@@ -102,7 +95,7 @@ def batch_loss(head, embed, b: dict, index, depth: int) -> tuple:
         ce = soft_ce(logits, b["ids"][:, j:], b["logp"][:, j:], index, R)
         total = total + (ce * m).sum()
         count += int(m.sum())
-    return total / max(count, 1), count
+    return total / max(count, 1), int(b["mask"].sum())
 
 
 def vocab_index(head: RecurrentHead) -> torch.Tensor:
@@ -114,39 +107,10 @@ def vocab_index(head: RecurrentHead) -> torch.Tensor:
 
 def train_head(head, embed, data: dict, epochs: float, batch: int, lr: float, depth: int, seed: int,
                progress: bool = True) -> tuple:
-    """AdamW, linear warm-up, cosine decay to 10%; bf16 autocast. embed: ids -> [.., D] (frozen).
-    Returns the head (eval mode) and the training loss (2% moving average) after the first and the last step."""
-    head.train()
+    """train.optimize() the head on batch_loss; embed: ids -> [.., D] (frozen). Positions/s counts anchors."""
     index = vocab_index(head)
-    params = [p for p in head.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    N = len(data["tokens"])
-    steps = max(1, math.ceil(epochs * N / batch))
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
-    g = torch.Generator().manual_seed(seed)
-    order = torch.cat([torch.randperm(N, generator=g) for _ in range(math.ceil(epochs) + 1)])
-    dev = head.vocab_ids.device
-    t0, seen, ema, first = time.perf_counter(), 0, None, None
-    with LogBar(total=steps, desc="distill head", unit="step", disable=not progress) as bar:
-        for s in range(steps):
-            idx = order[s * batch : (s + 1) * batch]
-            b = {k: v[idx].to(dev) for k, v in data.items() if k != "kind"}
-            with torch.autocast(dev.type, dtype=torch.bfloat16):
-                loss, n = batch_loss(head, embed, b, index, depth)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            seen += n
-            loss = float(loss.detach())
-            ema = loss if ema is None else 0.98 * ema + 0.02 * loss
-            first = ema if first is None else first
-            bar.set_postfix(loss=f"{ema:.3f}", pos_s=f"{seen / depth / (time.perf_counter() - t0):.0f}")
-            bar.update(1)
-    return head.eval(), (first, ema)
+    return optimize(head, data, epochs, batch, lr, seed, head.vocab_ids.device,
+                    lambda b: batch_loss(head, embed, b, index, depth), "distill head", progress)
 
 
 @torch.no_grad()

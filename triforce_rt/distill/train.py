@@ -81,27 +81,40 @@ def init_student(target, cfg, vocab_ids: torch.Tensor, seed: int, copied: list) 
     return student.setup_rope()
 
 
+def soft_ce(logits: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor, index: torch.Tensor, R: int) -> torch.Tensor:
+    """-Σ_i p_i log q(i) per position: logits [..., R] over the kept tokens; p the teacher's top-K (ids, logp
+    [..., K]) restricted to the kept tokens (index: token -> kept row, R for the others) and renormalised."""
+    logq = logits.float().log_softmax(-1)
+    r = index[ids.long()]  # [..., K] student row of each teacher token; R = not kept
+    p = logp.float().exp() * (r < R)
+    p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
+    return -(p * logq.gather(-1, r.clamp(max=R - 1))).sum(-1)
+
+
 def batch_loss(student, batch: dict, index: torch.Tensor, R: int) -> tuple:
     """Mean soft cross-entropy over labelled positions, and the number of those positions."""
     tokens = batch["tokens"].long()
     B, L = tokens.shape
     h = student.hidden(tokens, torch.arange(L, device=tokens.device).expand(B, -1), NoCache())
-    logq = F.linear(h, student.head).float().log_softmax(-1)  # [B, L, R]
-    r = index[batch["ids"].long()]  # [B, L, K] student row of each teacher token; R = not kept
-    p = batch["logp"].float().exp() * (r < R)
-    p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
-    ce = -(p * logq.gather(-1, r.clamp(max=R - 1))).sum(-1)  # [B, L]
+    ce = soft_ce(F.linear(h, student.head), batch["ids"], batch["logp"], index, R)  # [B, L]
     mask = batch["mask"]
     return (ce * mask).sum() / mask.sum().clamp_min(1), mask.sum()
 
 
 def train(student, data: dict, epochs: float, batch: int, lr: float, seed: int, device, progress: bool = True):
-    """AdamW with a linear warm-up and a cosine decay to 10%; bf16 autocast. Returns the student (eval mode) and
-    the training loss (soft cross-entropy, a 2% moving average) after the first step and after the last."""
-    student.to(device).train()
-    index = student.vocab_index
-    R = student.config.draft_vocab
-    params = [p for p in student.parameters() if p.requires_grad]
+    """optimize() the student on the soft cross-entropy of its logits."""
+    student.to(device)
+    index, R = student.vocab_index, student.config.draft_vocab
+    return optimize(student, data, epochs, batch, lr, seed, device, lambda b: batch_loss(student, b, index, R),
+                    "distill", progress)
+
+
+def optimize(module, data: dict, epochs: float, batch: int, lr: float, seed: int, device, loss_of, desc: str,
+             progress: bool = True):
+    """AdamW with a linear warm-up and a cosine decay to 10%; bf16 autocast; loss_of(batch) -> (loss, positions).
+    Returns the module (eval mode) and the training loss (a 2% moving average) after the first step and the last."""
+    module.train()
+    params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     N = len(data["tokens"])
     steps = max(1, math.ceil(epochs * N / batch))
@@ -111,12 +124,12 @@ def train(student, data: dict, epochs: float, batch: int, lr: float, seed: int, 
     g = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(N, generator=g) for _ in range(math.ceil(epochs) + 1)])
     t0, seen, ema, first = time.perf_counter(), 0, None, None
-    with LogBar(total=steps, desc="distill", unit="step", disable=not progress) as bar:
+    with LogBar(total=steps, desc=desc, unit="step", disable=not progress) as bar:
         for s in range(steps):
             idx = order[s * batch : (s + 1) * batch]
             b = {k: v[idx].to(device) for k, v in data.items() if k != "kind"}
             with torch.autocast(device.type, dtype=torch.bfloat16):
-                loss, n = batch_loss(student, b, index, R)
+                loss, n = loss_of(b)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -128,7 +141,7 @@ def train(student, data: dict, epochs: float, batch: int, lr: float, seed: int, 
             first = ema if first is None else first
             bar.set_postfix(loss=f"{ema:.3f}", tok_s=f"{seen / (time.perf_counter() - t0):.0f}")
             bar.update(1)
-    return student.eval(), (first, ema)
+    return module.eval(), (first, ema)
 
 
 @torch.no_grad()
