@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from retrieval_cache import NoCache
 
 from ..models.head import RecurrentHead
+from ..models.llama import kept_rows
 from ..textio import LogBar
 from .corpus import Documents
 from .teacher import INSTRUCTIONS, answer_batch, chat_parts, top_k
@@ -98,17 +99,10 @@ def batch_loss(head, embed, b: dict, index, depth: int) -> tuple:
     return total / max(count, 1), int(b["mask"].sum())
 
 
-def vocab_index(head: RecurrentHead) -> torch.Tensor:
-    R = len(head.vocab_ids)
-    index = torch.full((head.vocab_size,), R, dtype=torch.long, device=head.vocab_ids.device)
-    index[head.vocab_ids] = torch.arange(R, device=index.device)
-    return index
-
-
 def train_head(head, embed, data: dict, epochs: float, batch: int, lr: float, depth: int, seed: int,
                progress: bool = True) -> tuple:
     """train.optimize() the head on batch_loss; embed: ids -> [.., D] (frozen). Positions/s counts anchors."""
-    index = vocab_index(head)
+    index = kept_rows(head.vocab_ids, head.vocab_size)
     return optimize(head, data, epochs, batch, lr, seed, head.vocab_ids.device,
                     lambda b: batch_loss(head, embed, b, index, depth), "distill head", progress)
 
@@ -118,7 +112,7 @@ def evaluate_head(head, embed, data: dict, depth: int, batch: int = 16) -> dict:
     """Teacher-forced top-1 agreement with the teacher at each draft depth j (depth 1 is the first draft), and the
     mean run of agreeing drafts from an anchor (at most depth): the accepted drafts per verification if the target
     decoded greedily along this text."""
-    index = vocab_index(head)
+    index = kept_rows(head.vocab_ids, head.vocab_size)
     agree, total = torch.zeros(depth), torch.zeros(depth)
     run_sum, anchors = 0.0, 0
     for s in range(0, len(data["tokens"]), batch):

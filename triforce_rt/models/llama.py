@@ -15,6 +15,14 @@ from .config import ModelConfig
 from .rope import Rope
 
 
+def kept_rows(vocab_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[V]: the row of each token id among a reduced vocabulary's R kept ids (vocab_ids), R for every other token."""
+    R = len(vocab_ids)
+    index = torch.full((vocab_size,), R, dtype=torch.long, device=vocab_ids.device)
+    index[vocab_ids] = torch.arange(R, device=index.device)
+    return index
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -152,10 +160,7 @@ class Transformer(nn.Module):
     @property
     def vocab_index(self) -> torch.Tensor:
         if self._vocab_index is None or self._vocab_index.device != self.vocab_ids.device:
-            R = len(self.vocab_ids)
-            index = torch.full((self.config.vocab_size,), R, dtype=torch.long, device=self.vocab_ids.device)
-            index[self.vocab_ids] = torch.arange(R, device=index.device)
-            self._vocab_index = index
+            self._vocab_index = kept_rows(self.vocab_ids, self.config.vocab_size)
         return self._vocab_index
 
     def full_vocab(self, logits: torch.Tensor) -> torch.Tensor:

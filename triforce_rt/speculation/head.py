@@ -40,15 +40,20 @@ class HeadTier:
         self.h[row] = h.to(self.h.dtype)
         self.pos[row] = n
 
+    def anchored(self, tokens) -> tuple:
+        """The rows anchored at their pending token (the last of their sequence in tokens, the hierarchy's buffers),
+        and those pending tokens [b']."""
+        rows = [b for b, p in enumerate(self.pos) if p >= 0 and tokens.n[b] == p + 1]
+        x = torch.tensor([int(tokens.buf[b, tokens.n[b] - 1]) for b in rows], dtype=torch.long, device=self.h.device)
+        return rows, x
+
     def draft(self, tokens, n: int, sp, generator) -> tuple:
         """Per row of tokens (the hierarchy's buffers), n drafted tokens after its sequence, or none where the row has
         no anchor at its pending token; and their distributions q [n, V] (None when greedy or none drafted)."""
         t0 = time.perf_counter()
-        rows = [b for b, p in enumerate(self.pos) if p >= 0 and tokens.n[b] == p + 1]
+        rows, x = self.anchored(tokens)
         toks, qs = [[] for _ in self.pos], [None] * len(self.pos)
         if rows:
-            dev = self.h.device
-            x = torch.tensor([int(tokens.buf[b, tokens.n[b] - 1]) for b in rows], device=dev)  # pending tokens
             h, s, out, q = self.h[rows], None, [], []
             with torch.inference_mode():
                 for _ in range(n):
@@ -74,11 +79,10 @@ class HeadTier:
         deduplicated into a tree: [(token, parent)] in breadth-first order, parent -1 for the pending token; [] for
         a row with no anchor at its pending token."""
         t0 = time.perf_counter()
-        rows = [b for b, p in enumerate(self.pos) if p >= 0 and tokens.n[b] == p + 1]
+        rows, x = self.anchored(tokens)
         trees = [[] for _ in self.pos]
         if rows:
-            dev = self.h.device
-            x = torch.tensor([int(tokens.buf[b, tokens.n[b] - 1]) for b in rows], device=dev)[:, None]  # [b', 1]
+            dev, x = self.h.device, x[:, None]  # [b', 1]
             h = self.h[rows][:, None]  # [b', 1, D]
             s, score, seqs = None, torch.zeros(len(rows), 1, device=dev), x[..., None][..., :0]  # 1 empty beam
             with torch.inference_mode():
