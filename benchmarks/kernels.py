@@ -1,6 +1,7 @@
 """The CPU kernels (issue #30), in one run: memory bandwidth; the cost of one forward of T = 1..16 tokens over a
 cache of 64 and 8,064 tokens with torch and numba kernels, fp32 and the GGUF's own Q4_1 blocks, each beside its
-memory floor (bytes read / the bandwidth measured here); `ar` decode against HF generate and llama.cpp on the same
+memory floor (bytes read / the bandwidth measured here), with the attention kernel of --attn auto (numba's, for
+T <= 8) and with torch's SDPA, whose attention is also timed apart; `ar` decode against HF generate and llama.cpp on the same
 GGUF at 2K and 8K; and `ar` throughput at batch 1, 4 and 8. SmolLM2-135M-Instruct (Q4_1 GGUF; its fp32
 conversion for torch and HF), 2 threads, greedy.
 
@@ -11,6 +12,7 @@ On a CPU with AMX the default (native) build crashed in its first eval here; the
 CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON".
 """
 import argparse
+import contextlib
 import json
 import time
 
@@ -18,13 +20,23 @@ import numba
 import torch
 from drivers import PROMPTS, heldout_ids, result_path, script_args, write_markdown
 
-from retrieval_cache import FullCache, attend
+from retrieval_cache import FullCache, attend, use_kernel
 from triforce_rt.engine import GenerationConfig, generate, generate_batch, prefill
 from triforce_rt.measure import chat_prompt, hf_decode, machine, publish
 from triforce_rt.models import load_model
 from triforce_rt.models.loader import default_gguf, resolve
 
 VARIANTS = {"torch fp32": "torch", "numba fp32": "numba", "numba Q4_1": "numba"}  # label -> --kernels
+
+
+@contextlib.contextmanager
+def attention(kernel: str):
+    """Every attend() inside on `kernel` ('sdpa' or 'auto')."""
+    use_kernel(kernel)
+    try:
+        yield
+    finally:
+        use_kernel("auto")
 
 
 def best(fn, repeats=5) -> float:
@@ -54,8 +66,8 @@ def kv_bytes(model, n: int) -> int:
 
 
 def parts(model, cache, n: int, T: int) -> tuple:
-    """Seconds of a T-token step's two main parts, apart: every linear map and the head on random inputs, and the
-    30 layers' attention over the first n + T slots of cache (causal within the step)."""
+    """Seconds of a T-token step's main parts, apart: every linear map and the head on random inputs, and the
+    30 layers' attention over the first n + T slots of cache (causal within the step), with --attn auto and SDPA."""
     c = model.config
     maps = [m for m in model.layers.modules() if hasattr(m, "in_features") or hasattr(m, "packed")]
     xs = {m: torch.randn(1, T, (m.in_features if hasattr(m, "in_features") else m.blocks.shape[1]
@@ -64,10 +76,14 @@ def parts(model, cache, n: int, T: int) -> tuple:
     with torch.inference_mode():
         linear_s = best(lambda: ([m(xs[m]) for m in maps], model.score(h)))
         q = torch.randn(1, c.num_attention_heads, T, c.head_dim)
-        mask = (torch.arange(n + T) <= torch.arange(n, n + T)[:, None])[None, None] if T > 1 else None
-        attention_s = best(lambda: [attend(q, cache.k[i, :, :, :n + T], cache.v[i, :, :, :n + T], mask)
-                                    for i in range(c.num_hidden_layers)])
-    return linear_s, attention_s
+        limits = torch.arange(n + 1, n + T + 1)[None]  # query t sees slots < n + t + 1
+        mask = (torch.arange(n + T) < limits[..., None])[:, None] if T > 1 else None
+        times = []
+        for kernel in ("auto", "sdpa"):
+            with attention(kernel):
+                times.append(best(lambda: [attend(q, cache.k[i, :, :, :n + T], cache.v[i, :, :, :n + T], mask,
+                                                  limits) for i in range(c.num_hidden_layers)]))
+    return linear_s, *times
 
 
 def step_rows(model, label: str, ids: list, contexts, steps, bw: float) -> list:
@@ -81,10 +97,13 @@ def step_rows(model, label: str, ids: list, contexts, steps, bw: float) -> list:
             x = torch.tensor([ids[n : n + T]])
             pos = torch.arange(n, n + T)[None]
             s = best(lambda: model(x, pos, cache))
-            lin, att = parts(model, cache, n, T)
+            with attention("sdpa"):
+                s_sdpa = best(lambda: model(x, pos, cache))
+            lin, att, att_sdpa = parts(model, cache, n, T)
             read = model.weight_bytes() + kv_bytes(model, n + T)
             row = {"kernels": label, "context": n, "T": T, "step_ms": round(s * 1e3, 2),
-                   "linear_ms": round(lin * 1e3, 2), "attention_ms": round(att * 1e3, 2),
+                   "step_sdpa_ms": round(s_sdpa * 1e3, 2), "linear_ms": round(lin * 1e3, 2),
+                   "attention_ms": round(att * 1e3, 2), "attention_sdpa_ms": round(att_sdpa * 1e3, 2),
                    "floor_ms": round(read / bw * 1e3, 2), "vs_floor": round(s * bw / read, 2), "bytes_read": read}
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -129,6 +148,8 @@ def decode_rows(contexts, new_tokens: int, threads: int) -> list:
         ids = chat_prompt(tok, instruction, text, n)
         cfg = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
         res = {label: generate(m, ids, cfg) for label, m in models.items()}
+        with attention("sdpa"):
+            res["numba Q4_1, SDPA"] = generate(models["numba Q4_1"], ids, cfg)
         ref = res["torch fp32"].tokens
         row = {"context": n, **{f"{label} tok/s": round(r.decode_tokens_per_second, 2) for label, r in res.items()},
                "ours identical": all(r.tokens == ref for r in res.values())}
@@ -191,12 +212,16 @@ def markdown(report: dict) -> str:
              + ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in report["weights_bytes"].items()) + ".", "",
              "### One forward of T tokens (best of 5), against its floor (weights + KV bytes / bandwidth)", "",
              "Linear maps (with the head) and attention (30 layers) are timed apart, on the same shapes; the rest of "
-             "a step is the small operations around them (norms, RoPE, cache writes, residuals).", "",
-             "| kernels | context | T | step ms | linear ms | attention ms | floor ms | × floor | × T=1 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "a step is the small operations around them (norms, RoPE, cache writes, residuals). Step and attention "
+             "with `--attn auto` (numba's kernel for T <= 8, SDPA above) and with SDPA; × floor and × T=1 are of "
+             "the auto step.", "",
+             "| kernels | context | T | step ms | step ms, SDPA | linear ms | attention ms | attention ms, SDPA | "
+             "floor ms | × floor | × T=1 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["steps"]:
-        lines.append(f"| {r['kernels']} | {r['context']} | {r['T']} | {r['step_ms']} | {r['linear_ms']} | "
-                     f"{r['attention_ms']} | {r['floor_ms']} | {r['vs_floor']} | {r['vs_T1']} |")
+        lines.append(f"| {r['kernels']} | {r['context']} | {r['T']} | {r['step_ms']} | {r['step_sdpa_ms']} | "
+                     f"{r['linear_ms']} | {r['attention_ms']} | {r['attention_sdpa_ms']} | {r['floor_ms']} | "
+                     f"{r['vs_floor']} | {r['vs_T1']} |")
     lines += ["", "### `ar` decode (64 greedy tokens, held-out code prompt) against HF generate and llama.cpp", ""]
     keys = [k for k in report["decode"][0] if k != "context"]
     lines += ["| context | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]

@@ -2,18 +2,21 @@
 
 Shapes: q [B, Hq, T, D]; k, v [B, Hkv, S, D]; Hq = G * Hkv (GQA, query head h uses kv head h // G).
 This is the single switch point for the attention kernel (use_kernel): torch SDPA, which on CUDA dispatches to its
-own flash and memory-efficient kernels, or flash-attn's flash_attn_with_kvcache where it is installed. flash-attn
-takes a one-token step over a prefix of each row's keys (lengths), its split-KV decoding case; every other step
-(masks that are not a prefix, fp32, CPU) stays on SDPA.
+own flash and memory-efficient kernels; flash-attn's flash_attn_with_kvcache where it is installed; or the numba
+CPU kernel (cpu_attention.py). Both special kernels take steps whose queries each see a prefix of their row's slots
+(limits): flash-attn one-token steps in fp16/bf16 on CUDA (its split-KV decoding case), numba steps of up to
+cpu_attention.MAX_T tokens in fp32 on the CPU, reading the cache in place (a PagedCache's blocks too: attend_paged).
+Every other step (masks that are not a prefix, prefill chunks, trees) stays on SDPA.
 """
 import importlib.util
 
 import torch
 import torch.nn.functional as F
 
-KERNELS = ("auto", "sdpa", "flash")
+from . import cpu_attention
+
+KERNELS = ("auto", "sdpa", "flash", "numba")
 FOLD_T = 16  # steps of at most this many queries fold GQA (attend)
-_kernel = "sdpa"
 
 
 def flash_available() -> bool:
@@ -21,18 +24,28 @@ def flash_available() -> bool:
 
 
 def use_kernel(name: str) -> str:
-    """Choose the kernel for every later attend(): 'sdpa', 'flash', or 'auto' (flash where flash_available()).
+    """Choose the kernel for every later attend(): 'sdpa', 'flash', 'numba', or 'auto' (flash where
+    flash_available(), numba otherwise: it serves CPU steps only, so CUDA steps then stay on SDPA).
     Returns the kernel chosen."""
     global _kernel
     if name not in KERNELS:
         raise ValueError(f"unknown attention kernel '{name}' (choose from {', '.join(KERNELS)})")
     if name == "auto":
-        name = "flash" if flash_available() else "sdpa"
+        name = "flash" if flash_available() else "numba"
     if name == "flash" and not flash_available():
         raise ValueError("the flash kernel needs CUDA and the flash-attn package (pip install flash-attn); "
                          "use --attn sdpa")
     _kernel = name
     return name
+
+
+_kernel = use_kernel("auto")
+
+
+def in_place(q: torch.Tensor, limits: torch.Tensor | None) -> bool:
+    """Whether the numba kernel takes this step: prefix visibility (limits), CPU, fp32, at most MAX_T queries."""
+    return (_kernel == "numba" and limits is not None and q.device.type == "cpu" and q.dtype == torch.float32
+            and q.shape[2] <= cpu_attention.MAX_T)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -43,25 +56,31 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-           lengths: torch.Tensor | None = None) -> torch.Tensor:
+           limits: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q kᵀ / √D + mask) v, GQA without copying k, v to Hq heads.
 
     mask: bool [B|1, Hkv|1, T, S], True = visible; None = every key visible to every query.
-    lengths: int [B], given by a one-token step (T = 1) whose visible keys are row b's first lengths[b] slots:
-    the same visibility as mask, in the form flash_attn_with_kvcache takes ([B, S, H, D] views, no copy).
-    Unmasked, or a short step (T <= FOLD_T: decode, verify and drafting steps): the G query heads of a kv head are
+    limits: int [B, T], given by a step whose query t of row b sees exactly the slots s < limits[b, t]: the same
+    visibility as mask, in the form the numba kernel and (for T = 1) flash_attn_with_kvcache take, reading k, v in
+    place ([B, S, H, D] views for flash-attn).
+    On SDPA: unmasked, or a short step (T <= FOLD_T: decode, verify and drafting steps): the G query heads of a kv head are
     folded into the query axis, q -> [B, Hkv, G*T, D], so each key and value is read once for all G*T queries.
     Longer masked steps (prefill chunks): SDPA's own GQA, 1.7x faster than folding for a masked 1024-token chunk
     (2 CPU threads, SmolLM2 shapes). benchmarks/results/kernels-cpu.md times this call for T = 1..16 at 8K.
     """
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
-    if _kernel == "flash" and lengths is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    if (_kernel == "flash" and limits is not None and T == 1 and q.is_cuda
+            and q.dtype in (torch.float16, torch.bfloat16)):
         from flash_attn import flash_attn_with_kvcache
 
         out = flash_attn_with_kvcache(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                      cache_seqlens=lengths.to(torch.int32))  # [B, T, Hq, D]
+                                      cache_seqlens=limits[:, 0].to(torch.int32))  # [B, T, Hq, D]
         return out.transpose(1, 2)
+    if in_place(q, limits) and k.dtype == torch.float32:
+        out = cpu_attention.attend_view(q, k, v, limits)
+        if out is not None:
+            return out
     if mask is None or T <= FOLD_T:  # query rows (g, t) of kv head h: mask row t for every g
         G = Hq // Hkv
         mask = None if mask is None else mask.repeat(1, 1, G, 1)
@@ -69,6 +88,20 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     if mask.shape[1] > 1:
         mask = mask.repeat_interleave(Hq // Hkv, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def attend_paged(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, table: torch.Tensor, end: int,
+                 mask: torch.Tensor | None, limits: torch.Tensor) -> torch.Tensor:
+    """attend() over a paged pool's layer K, V [n_blocks, bs, Hkv, D] through table [B, blocks] (row b's slot s:
+    block table[b, s // bs], offset s % bs), slots 0 .. end - 1. The numba kernel reads the blocks in place; other
+    kernels get each row's blocks gathered, as the strided view [B, Hkv, end, D] (copying it to contiguous costs
+    more than SDPA gains)."""
+    if in_place(q, limits):
+        return cpu_attention.attend_blocks(q, K, V, table, limits)
+    B, nb = table.shape
+    bs, Hkv, D = K.shape[1:]
+    k, v = (t[table].view(B, nb * bs, Hkv, D)[:, :end].transpose(1, 2) for t in (K, V))
+    return attend(q, k, v, mask, limits)
 
 
 def causal_mask(T: int, S: int, device=None) -> torch.Tensor:

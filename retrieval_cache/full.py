@@ -41,7 +41,7 @@ class FullCache(BatchRows):
         self.cos, self.sin = rope.cos_sin(positions)
         self.positions = positions
         self.rows = torch.arange(positions.shape[0], device=positions.device)[:, None]  # [B, 1]
-        self.lengths = positions[:, 0] + 1 if positions.shape[1] == 1 else None  # one token: slots 0..p visible
+        self.limits = positions + 1  # [B, T]: the query at position p sees slots 0 .. p
         last = [self.max_len - 1] if self.static else positions[:, -1].tolist()  # rows are non-decreasing
         self.end = max(last) + 1
         if self.end > self.max_len:
@@ -65,7 +65,7 @@ class FullCache(BatchRows):
         self.rows = torch.arange(B, device=positions.device)[:, None]
         root = positions[:, :1]  # [B, 1]
         self.positions = root + torch.arange(T, device=positions.device)  # [B, T]: the slots written
-        self.lengths, self.end = None, int(self.positions.max()) + 1
+        self.limits, self.end = None, int(self.positions.max()) + 1  # not a prefix: the mask says
         if self.end > self.max_len:
             raise ValueError(f"FullCache overflow: slot {self.end - 1} >= capacity {self.max_len}")
         s = torch.arange(self.end, device=positions.device)
@@ -134,4 +134,4 @@ class FullCache(BatchRows):
             self.last_q = q.new_zeros((self.k.shape[0],) + q[:, :, -1].shape)
         self.last_q[layer] = q[:, :, -1]
         e = self.end
-        return attend(q, kl[:, :, :e], vl[:, :, :e], self.mask, self.lengths)
+        return attend(q, kl[:, :, :e], vl[:, :, :e], self.mask, self.limits)

@@ -4,16 +4,15 @@ BlockPool: k, v [layers, n_blocks, bs, Hkv, D] and a free list. Row b's slot p l
 at offset p % bs. A row takes blocks from the pool as its forwards reach new slots and gives them back when it
 leaves the batch (keep) or the cache is released, so the memory held follows the tokens held, not the longest row.
 Rolling back stays a count: a rejected draft's slot keeps its block and is rewritten by the accepted tokens.
-Attention gathers a step's blocks into one tensor per layer for the attention kernel: [B, blocks x bs, Hkv, D],
-handed over as the strided view [B, Hkv, S, D] (copying it to contiguous costs more than SDPA gains: compare the
-two paged rows of benchmarks/results/batch-mixed-cpu.md and batch-mixed-cpu-paged.md); slots past a row's own end
-(a shorter row's padding blocks) are masked by position, as in FullCache.
+Attention (attention.attend_paged) reads the blocks in place through the table with the numba CPU kernel; other
+kernels get a step's blocks gathered into one tensor per layer; slots past a row's own end (a shorter row's
+padding blocks) are masked by position, as in FullCache.
 """
 import math
 
 import torch
 
-from .attention import attend, rotate
+from .attention import attend_paged, rotate
 
 
 class PoolFull(RuntimeError):
@@ -119,7 +118,7 @@ class PagedCache:
         self.idx = self.table(self.pool.blocks_for(self.end))  # [B, nb]
         rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
         self.blk, self.off = self.idx[rows, positions // bs], positions % bs  # [B, T]: where each new token goes
-        self.lengths = positions[:, 0] + 1 if positions.shape[1] == 1 else None
+        self.limits = positions + 1  # [B, T]: the query at position p sees slots 0 .. p
         if positions.shape[1] == 1 and min(last) == self.end - 1:
             self.mask = None
         else:  # [B, 1, T, end]: slot s visible to the query at position p iff s <= p
@@ -133,11 +132,7 @@ class PagedCache:
         if self.last_q is None:
             self.last_q = q.new_zeros((self.pool.k.shape[0],) + q[:, :, -1].shape)
         self.last_q[layer] = q[:, :, -1]
-        B, nb = self.idx.shape
-        bs, Hkv, D = K.shape[1:]
-        kl = K[self.idx].view(B, nb * bs, Hkv, D)[:, : self.end].transpose(1, 2)  # [B, Hkv, end, D], strided
-        vl = V[self.idx].view(B, nb * bs, Hkv, D)[:, : self.end].transpose(1, 2)
-        return attend(q, kl, vl, self.mask, self.lengths)
+        return attend_paged(q, K, V, self.idx, self.end, self.mask, self.limits)
 
     def settle(self) -> None:
         pass

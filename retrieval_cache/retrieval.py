@@ -109,8 +109,8 @@ class RetrievalCache(BatchRows):
             raise ValueError(f"RetrievalCache tail overflow: tail slot {self.end - 1} of {self.tail}")
         self.cos, self.sin = rope.cos_sin(positions)
         self.rows = torch.arange(B, device=positions.device)[:, None]
-        # One token with every gathered slot valid: visible = the selection, then the tail up to its own slot.
-        self.lengths = self.sel_len + self.slots[:, 0] + 1 if T == 1 and self.all_valid else None
+        # Every gathered slot valid: a query sees the selection, then the tail up to its own slot (a prefix).
+        self.limits = self.sel_len + self.slots + 1 if self.all_valid else None  # [B, T]
         if T == 1 and min(last) == self.end - 1 and self.all_valid and not self.static:
             self.mask = None
         else:  # [Lyr, B, Hkv, T, sel_len + end]: valid gathered slots, then tail slots up to the query's own
@@ -126,4 +126,4 @@ class RetrievalCache(BatchRows):
         self.v[layer][self.rows, :, slots] = v.transpose(1, 2)
         e = self.sel_len + self.end
         mask = None if self.mask is None else self.mask[layer]
-        return attend(q, self.k[layer, :, :, :e], self.v[layer, :, :, :e], mask, self.lengths)
+        return attend(q, self.k[layer, :, :, :e], self.v[layer, :, :, :e], mask, self.limits)

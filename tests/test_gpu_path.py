@@ -91,13 +91,15 @@ def test_cuda_graphs_equal_eager_on_smollm2(smol, tiny_drafter, mode):
 
 
 def test_kernel_switch():
-    assert use_kernel("auto") == ("flash" if flash_available() else "sdpa")
-    use_kernel("sdpa")
-    if not flash_available():
-        with pytest.raises(ValueError, match="flash-attn"):
-            use_kernel("flash")
-    with pytest.raises(ValueError, match="unknown attention kernel"):
-        use_kernel("xformers")
+    try:
+        assert use_kernel("sdpa") == "sdpa"
+        if not flash_available():
+            with pytest.raises(ValueError, match="flash-attn"):
+                use_kernel("flash")
+        with pytest.raises(ValueError, match="unknown attention kernel"):
+            use_kernel("xformers")
+    finally:
+        assert use_kernel("auto") == ("flash" if flash_available() else "numba")
 
 
 @pytest.mark.skipif(not flash_available(), reason="needs CUDA and the flash-attn package (not installed here)")
@@ -109,11 +111,12 @@ def test_flash_equals_sdpa_on_smollm2(mode):
     ids = model.tokenizer(stdlib_text("textwrap.py")).input_ids[:3000]
     cfg = GenerationConfig(mode=mode, max_new_tokens=64, ignore_eos=True, budget=256)
     try:
+        use_kernel("sdpa")
         sdpa = generate(model, ids, cfg).tokens
         use_kernel("flash")
         flash = generate(model, ids, cfg).tokens
     finally:
-        use_kernel("sdpa")
+        use_kernel("auto")
     assert flash == sdpa
 
 

@@ -1,0 +1,168 @@
+"""The numba attention kernel (retrieval_cache/cpu_attention.py) against float64, inside a derived error bound that
+torch's SDPA meets too; in place over strided views and paged blocks; and what a query may never read."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from retrieval_cache import BlockPool, FullCache, PagedCache, rotate, use_kernel
+from retrieval_cache.attention import in_place
+from retrieval_cache.cpu_attention import MAX_T, _exp, attend_blocks, attend_view
+
+U = 2.0 ** -24  # fp32 unit roundoff
+EXP_ULPS = 6  # _exp's relative error, in units of U (test_exp_accuracy)
+
+
+def gamma(n: int) -> float:
+    return n * U / (1 - n * U)
+
+
+def reference(q, k, v, limits):
+    """float64 attention [B, Hq, T, D] and the error bound of an fp32 computation of it (any summation order):
+    scores within d_i = gamma(D + 2) sum |q k| / sqrt(D) plus U |s_i - max| and the exp's error, so every weight is
+    off by a factor within e^(+-delta); normalised weights then move the output by at most (e^(2 delta) - 1)
+    max|v_i - out|; the sums of n weighted values and of n weights (rescaled once per tile and span) add
+    2 gamma(2 n + 4) max|v|. Only visible keys enter the maxima."""
+    B, Hq, T, D = q.shape
+    G = Hq // k.shape[1]
+    out, bound = torch.empty(B, Hq, T, D, dtype=torch.float64), torch.empty(B, Hq, T)
+    for b in range(B):
+        for h in range(Hq):
+            for t in range(T):
+                n = int(limits[b, t])
+                qq, kk, vv = q[b, h, t].double(), k[b, h // G, :n].double(), v[b, h // G, :n].double()
+                s = kk @ qq / math.sqrt(D)
+                o = torch.softmax(s, 0) @ vv
+                delta = (gamma(D + 2) * (kk.abs() @ qq.abs()) / math.sqrt(D) + U * (s - s.max()).abs()).max()
+                delta = float(delta) + EXP_ULPS * U * 2
+                out[b, h, t] = o
+                bound[b, h, t] = (math.expm1(2 * delta) * float((vv - o).abs().max())
+                                  + 2 * gamma(2 * n + 4) * float(vv.abs().max()))
+    return out, bound
+
+
+def case(B, Hkv, G, T, D, S, seed, ragged=True):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hkv * G, T, D, generator=g) * 2
+    k, v = torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, D, generator=g)
+    last = [S - 1 - (7 * b % (S // 2 + 1) if ragged else 0) for b in range(B)]  # rows end at different slots
+    limits = torch.tensor([[p - T + 2 + t for t in range(T)] for p in last])  # query t sees slots < limits[b, t]
+    return q, k, v, limits
+
+
+SHAPES = [  # B, Hkv, G, T, D, S: GQA folds, one kv head, D of 8 .. 128, one tile, many spans, T up to MAX_T
+    (1, 3, 3, 1, 64, 8064), (2, 3, 3, 4, 64, 1500), (3, 2, 2, 7, 16, 300), (1, 1, 4, 2, 8, 65),
+    (2, 2, 3, MAX_T, 128, 700), (4, 1, 1, 1, 12, 5), (1, 4, 2, 3, 32, 2049),
+]
+
+
+@pytest.mark.parametrize("B,Hkv,G,T,D,S", SHAPES)
+def test_kernel_within_the_fp32_bound_like_sdpa(B, Hkv, G, T, D, S):
+    q, k, v, limits = case(B, Hkv, G, T, D, S, seed=B * 1000 + S)
+    exact, bound = reference(q, k, v, limits)
+    got = attend_view(q, k, v, limits)
+    mask = (torch.arange(S)[None, None] < limits[:, :, None])[:, None]  # [B, 1, T, S]
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    for out in (got, sdpa):
+        err = (out.double() - exact).abs().amax(-1)
+        assert (err <= bound).all(), f"error {float(err.max()):.2e} over bound {float(bound.min()):.2e}"
+
+
+def test_exp_accuracy():
+    x = np.linspace(-87, 0, 20001).astype(np.float32)
+    got = np.array([_exp(np.float32(a)) for a in x], dtype=np.float64)
+    ref = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(got - ref) / ref) <= EXP_ULPS * U
+
+
+def test_keys_past_a_query_never_count():
+    """Slots past a row's last limit hold NaN (never read); inside it, a slot past one query's limit holds a huge
+    value, which would move that query's output far out of its bound."""
+    B, Hkv, G, T, D, S = 2, 2, 2, 3, 16, 200
+    q, k, v, limits = case(B, Hkv, G, T, D, S, seed=5)
+    for b in range(B):
+        top = int(limits[b].max())
+        k[b, :, top:], v[b, :, top:] = float("nan"), float("nan")
+        v[b, :, top - 1] = 1e6  # visible to the last query only
+    exact, bound = reference(q, k, v, limits)
+    err = (attend_view(q, k, v, limits).double() - exact).abs().amax(-1)
+    assert err[:, :, :-1].max() <= bound[:, :, :-1].min() and torch.isfinite(err).all()
+    assert (err <= bound).all()
+
+
+def test_paged_blocks_read_in_place_equal_the_contiguous_cache():
+    """A pool whose blocks are shuffled, block 16 not dividing the keys: the same keys in the same order, so the
+    same bits as the contiguous view."""
+    B, Hkv, G, T, D, S, bs = 3, 3, 3, 4, 64, 1000, 16
+    q, k, v, limits = case(B, Hkv, G, T, D, S, seed=9)
+    nb = -(-S // bs)
+    table = torch.randperm(B * nb + 4, generator=torch.Generator().manual_seed(1))[: B * nb].view(B, nb)
+    K = torch.full((B * nb + 4, bs, Hkv, D), float("nan"))  # unused blocks: never read
+    V = K.clone()
+    for b in range(B):
+        for j in range(nb):
+            n = min(bs, S - j * bs)
+            K[table[b, j], :n], V[table[b, j], :n] = (t[b, :, j * bs : j * bs + n].transpose(0, 1) for t in (k, v))
+    assert torch.equal(attend_blocks(q, K, V, table, limits), attend_view(q, k, v, limits))
+
+
+def test_views_read_in_place_or_refused():
+    q, k, v, limits = case(2, 2, 2, 2, 16, 100, seed=3)
+    big_k, big_v = torch.randn(2, 2, 300, 16), torch.randn(2, 2, 300, 16)
+    big_k[:, :, :100], big_v[:, :, :100] = k, v
+    assert torch.equal(attend_view(q, big_k[:, :, :100], big_v[:, :, :100], limits), attend_view(q, k, v, limits))
+    assert attend_view(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, limits) is None  # slots not rows
+
+
+def test_which_steps_the_kernel_takes():
+    q = torch.zeros(1, 4, MAX_T, 16)
+    limits = torch.ones(1, MAX_T, dtype=torch.long)
+    try:
+        use_kernel("numba")
+        assert in_place(q, limits) and not in_place(q, None)
+        assert not in_place(torch.zeros(1, 4, MAX_T + 1, 16), limits) and not in_place(q.double(), limits)
+        use_kernel("sdpa")
+        assert not in_place(q, limits)
+    finally:
+        use_kernel("auto")
+
+
+@pytest.mark.parametrize("T", [1, 3, MAX_T + 4])
+def test_caches_under_both_kernels(T):
+    """A FullCache and a PagedCache step (ragged rows) under numba: each other's bits, and within the bound of the
+    keys the cache holds, as SDPA's result is. Past MAX_T both caches stay on SDPA."""
+    from triforce_rt.models import ModelConfig
+    from triforce_rt.models.rope import Rope
+
+    L, Hkv, G, D, n = 2, 2, 2, 16, 90
+    rope = Rope(ModelConfig(vocab_size=8, hidden_size=64, intermediate_size=8, num_hidden_layers=L,
+                            num_attention_heads=Hkv * G, num_key_value_heads=Hkv, head_dim=D,
+                            max_position_embeddings=512))
+    g = torch.Generator().manual_seed(T)
+    q, k, v = (torch.randn(2, h, n + T, D, generator=g) for h in (Hkv * G, Hkv, Hkv))
+    pos = torch.stack([torch.arange(n, n + T), torch.arange(n - 5, n - 5 + T)])  # row 1 ends 5 slots earlier
+    outs = {}
+    for kernel in ("sdpa", "numba"):
+        use_kernel(kernel)
+        try:
+            for name, cache in (("full", FullCache(L, Hkv, D, 128, batch=2)),
+                                ("paged", PagedCache(BlockPool(L, Hkv, D, 8, 4, limit=64), 128, batch=2))):
+                cache.begin(torch.arange(n)[None].expand(2, -1), rope)
+                [cache.attend(i, q[:, :, :n], k[:, :, :n], v[:, :, :n]) for i in range(L)]
+                cache.begin(pos, rope)
+                step = [t[:, :, n : n + T] for t in (q, k, v)]
+                outs[kernel, name] = torch.stack([cache.attend(i, *step) for i in range(L)])
+                if name == "full":
+                    held = cache.k[0, :, :, : n + T].clone(), cache.v[0, :, :, : n + T].clone()
+        finally:
+            use_kernel("auto")
+    assert torch.equal(outs["numba", "full"], outs["numba", "paged"])
+    assert torch.equal(outs["sdpa", "full"], outs["sdpa", "paged"])
+    if T > MAX_T:
+        assert torch.equal(outs["numba", "full"], outs["sdpa", "full"])
+    cos, sin = rope.cos_sin(pos)
+    exact, bound = reference(rotate(q[:, :, n : n + T], cos, sin), *held, pos + 1)
+    for kernel in ("sdpa", "numba"):
+        assert ((outs[kernel, "full"][0].double() - exact).abs().amax(-1) <= bound).all()
