@@ -24,6 +24,10 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 MAX_T = 8  # longer steps (prefill chunks, wide trees) stay on SDPA, whose GEMMs win there
+# A contiguous cache of fewer keys stays on SDPA too: its lower call overhead wins while the keys fit in the CPU's
+# caches, and the kernel wins once they stream from memory (benchmarks/results/kernels-cpu.md, attention at 64, 2K
+# and 8K keys). A paged cache always takes the kernel: SDPA would need its blocks gathered first.
+MIN_KEYS = 2048
 TILE, AHEAD, SPAN = 64, 16, 512  # keys per softmax tile; prefetch distance (slots); most keys per work item
 NONE = np.float32(-3e38)  # running max before any key (finite, so the kernel may assume no infinities)
 LN2_HI, LN2_LO, LOG2E = np.float32(0.693359375), np.float32(-2.12194440e-4), np.float32(1.4426950408889634)
@@ -75,7 +79,7 @@ def _row(base, b, s, block, so, sh, h):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _attend(q, K, V, base, so, sh, block, limits, span, scale, out, width):
+def _attend(q, K, V, base, so, sh, block, limits, threads, scale, out, width):
     """out [B, Hkv, R, D] for q [B, Hkv, R, D] (row r = g * T + t). width: a tuple of D items, so that D is a
     compile-time constant (len of its type) and the D-loops vectorise fully."""
     D = len(width)
@@ -85,6 +89,8 @@ def _attend(q, K, V, base, so, sh, block, limits, span, scale, out, width):
     for b in range(B):
         for t in range(T):
             top[b] = max(top[b], limits[b, t])
+    spans = -(-2 * threads // (B * Hkv))  # at least two work items per thread where the keys allow
+    span = min(SPAN, max(TILE, -(-top.max() // spans // TILE) * TILE))
     ns = (top.max() + span - 1) // span
     items = B * Hkv * ns
     pm, pl = np.empty((items, R), np.float32), np.empty((items, R), np.float32)
@@ -156,14 +162,10 @@ def _attend(q, K, V, base, so, sh, block, limits, span, scale, out, width):
 
 def _run(q, K, V, base, slot_stride, head_stride, block, Hkv, limits) -> torch.Tensor:
     B, Hq, T, D = q.shape
-    R, keys = Hq // Hkv * T, int(limits.max())
-    spans = -(-2 * numba.get_num_threads() // (B * Hkv))  # at least two work items per thread where keys allow
-    span = min(SPAN, max(TILE, -(-keys // spans // TILE) * TILE))
-    out = torch.empty(B, Hkv, R, D)
-    _attend(q.reshape(B, Hkv, R, D).contiguous().numpy(), K.numpy(), V.numpy(), base.numpy(), slot_stride,
-            head_stride, block, limits.to(torch.int64).numpy(), span, np.float32(1 / math.sqrt(D)), out.numpy(),
-            (0,) * D)
-    return out.view(B, Hq, T, D)
+    out = np.empty((B, Hkv, Hq // Hkv * T, D), np.float32)
+    _attend(q.reshape(B, Hkv, -1, D).contiguous().numpy(), K.numpy(), V.numpy(), base, slot_stride, head_stride,
+            block, limits.numpy(), numba.get_num_threads(), np.float32(1 / math.sqrt(D)), out, (0,) * D)
+    return torch.from_numpy(out).view(B, Hq, T, D)
 
 
 def attend_view(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limits: torch.Tensor) -> torch.Tensor | None:
@@ -174,7 +176,7 @@ def attend_view(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limits: torch
         return None
     sb, sh = k.stride(0) // D, k.stride(1) // D
     n = (B - 1) * sb + (Hkv - 1) * sh + S  # rows from the view's first slot to its last
-    base = torch.arange(B)[:, None] * sb
+    base = np.arange(0, B * sb, sb, dtype=np.int64)[:, None]
     return _run(q, k.as_strided((n, D), (D, 1)), v.as_strided((n, D), (D, 1)), base, 1, sh, S, Hkv, limits)
 
 
@@ -183,4 +185,4 @@ def attend_blocks(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, table: torc
     """Attention over a paged pool's layer K, V [n_blocks, bs, Hkv, D] (contiguous) through table [B, blocks]
     (row b's slot s: block table[b, s // bs], offset s % bs), read in place: [B, Hq, T, D]."""
     n_blocks, bs, Hkv, D = K.shape
-    return _run(q, K.view(-1, D), V.view(-1, D), table * (bs * Hkv), Hkv, 1, bs, Hkv, limits)
+    return _run(q, K.view(-1, D), V.view(-1, D), table.numpy() * (bs * Hkv), Hkv, 1, bs, Hkv, limits)

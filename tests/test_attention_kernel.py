@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from retrieval_cache import BlockPool, FullCache, PagedCache, rotate, use_kernel
+from retrieval_cache import BlockPool, FullCache, PagedCache, attend, cpu_attention, rotate, use_kernel
 from retrieval_cache.attention import in_place
 from retrieval_cache.cpu_attention import MAX_T, _exp, attend_blocks, attend_view
 
@@ -63,8 +63,7 @@ def test_kernel_within_the_fp32_bound_like_sdpa(B, Hkv, G, T, D, S):
     q, k, v, limits = case(B, Hkv, G, T, D, S, seed=B * 1000 + S)
     exact, bound = reference(q, k, v, limits)
     got = attend_view(q, k, v, limits)
-    mask = (torch.arange(S)[None, None] < limits[:, :, None])[:, None]  # [B, 1, T, S]
-    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_of(limits, S), enable_gqa=True)
     for out in (got, sdpa):
         err = (out.double() - exact).abs().amax(-1)
         assert (err <= bound).all(), f"error {float(err.max()):.2e} over bound {float(bound.min()):.2e}"
@@ -116,17 +115,30 @@ def test_views_read_in_place_or_refused():
     assert attend_view(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, limits) is None  # slots not rows
 
 
-def test_which_steps_the_kernel_takes():
+def test_which_steps_the_kernel_takes(monkeypatch):
     q = torch.zeros(1, 4, MAX_T, 16)
     limits = torch.ones(1, MAX_T, dtype=torch.long)
     try:
         use_kernel("numba")
         assert in_place(q, limits) and not in_place(q, None)
         assert not in_place(torch.zeros(1, 4, MAX_T + 1, 16), limits) and not in_place(q.double(), limits)
+        # a contiguous cache takes the kernel from MIN_KEYS keys on (the tests lower it to 0: conftest)
+        monkeypatch.setattr(cpu_attention, "MIN_KEYS", 1000)
+        for S in (999, 1000):
+            q, k, v, limits = case(1, 2, 2, 2, 16, S, seed=S)
+            sdpa = F.scaled_dot_product_attention(q.view(1, 2, 4, 16), k, v, attn_mask=mask_of(limits, S).repeat(
+                1, 1, 2, 1)).view(q.shape)  # attend's SDPA call for a short step (GQA folded)
+            kernel = attend_view(q, k, v, limits)
+            assert not torch.equal(sdpa, kernel)
+            assert torch.equal(attend(q, k, v, mask_of(limits, S), limits), sdpa if S < 1000 else kernel)
         use_kernel("sdpa")
         assert not in_place(q, limits)
     finally:
         use_kernel("auto")
+
+
+def mask_of(limits, S):
+    return (torch.arange(S)[None, None] < limits[:, :, None])[:, None]  # [B, 1, T, S]
 
 
 @pytest.mark.parametrize("T", [1, 3, MAX_T + 4])
