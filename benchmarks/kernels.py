@@ -1,11 +1,11 @@
 """The CPU kernels (issue #30), in one run: memory bandwidth; the cost of one forward of T = 1..16 tokens over a
-cache of 64, 2,048 and 8,064 tokens with torch and numba kernels, fp32 and the GGUF's own Q4_1 blocks, each beside its
+cache of 64, 2,048, 4,096 and 8,064 tokens with torch and numba kernels, fp32 and the GGUF's own Q4_1 blocks, each beside its
 memory floor (bytes read / the bandwidth measured here), with the attention kernel of --attn auto (numba's, for
 T <= 8) and with torch's SDPA, whose attention is also timed apart; `ar` decode against HF generate and llama.cpp on the same
 GGUF at 2K and 8K; and `ar` throughput at batch 1, 4 and 8. SmolLM2-135M-Instruct (Q4_1 GGUF; its fp32
 conversion for torch and HF), 2 threads, greedy.
 
-    python benchmarks/kernels.py [TAG] [--contexts 64 2048 8064] [--steps 1 2 4 7 16] [--decode 2048 8064]
+    python benchmarks/kernels.py [TAG] [--contexts 64 2048 4096 8064] [--steps 1 2 4 7 16] [--decode 2048 8064]
 writes benchmarks/results/kernels-TAG.{json,md} (TAG defaults to cpu). llama.cpp comes from llama-cpp-python
 (optional: `pip install llama-cpp-python`, a 12-minute build from source on 2 cores); without it its rows say so.
 On a CPU with AMX the default (native) build crashed in its first eval here; the committed run used
@@ -213,8 +213,8 @@ def markdown(report: dict) -> str:
              "### One forward of T tokens (best of 5), against its floor (weights + KV bytes / bandwidth)", "",
              "Linear maps (with the head) and attention (30 layers) are timed apart, on the same shapes; the rest of "
              "a step is the small operations around them (norms, RoPE, cache writes, residuals). Step and attention "
-             "with `--attn auto` (numba's kernel for T <= 8, SDPA above) and with SDPA; × floor and × T=1 are of "
-             "the auto step.", "",
+             "with `--attn auto` (numba's kernel for T <= 8 over 4,096 keys or more, SDPA otherwise) and with SDPA; "
+             "× floor and × T=1 are of the auto step.", "",
              "| kernels | context | T | step ms | step ms, SDPA | linear ms | attention ms | attention ms, SDPA | "
              "floor ms | × floor | × T=1 |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -235,7 +235,7 @@ def markdown(report: dict) -> str:
 
 if __name__ == "__main__":
     ap = script_args(argparse.ArgumentParser())
-    ap.add_argument("--contexts", type=int, nargs="+", default=[64, 2048, 8064])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[64, 2048, 4096, 8064])
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 7, 16])
     ap.add_argument("--decode", type=int, nargs="+", default=[2048, 8064])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])

@@ -7,11 +7,11 @@ drop finished batch rows and join(other) to append another cache's rows. Caches 
 position (a query at p sees slots of positions <= p), so rolling back rejected tokens is the caller's count and
 moves no data.
 """
-from .attention import KERNELS, attend, causal_mask, rotate, use_kernel
+from .attention import KERNELS, attend, causal_mask, kernel, rotate, use_kernel
 from .full import FullCache
 from .nocache import NoCache
 from .paged import BlockPool, PagedCache, PoolFull
 from .retrieval import RetrievalCache
 from .streaming import StreamingCache
 
-__all__ = ["FullCache", "BlockPool", "PagedCache", "PoolFull", "NoCache", "StreamingCache", "RetrievalCache", "attend", "causal_mask", "rotate", "use_kernel", "KERNELS"]
+__all__ = ["FullCache", "BlockPool", "PagedCache", "PoolFull", "NoCache", "StreamingCache", "RetrievalCache", "attend", "causal_mask", "rotate", "use_kernel", "kernel", "KERNELS"]

@@ -42,6 +42,11 @@ def use_kernel(name: str) -> str:
 _kernel = use_kernel("auto")
 
 
+def kernel() -> str:
+    """The kernel chosen by the latest use_kernel()."""
+    return _kernel
+
+
 def in_place(q: torch.Tensor, limits: torch.Tensor | None) -> bool:
     """Whether the numba kernel takes this step: prefix visibility (limits), CPU, fp32, at most MAX_T queries."""
     return (_kernel == "numba" and limits is not None and q.device.type == "cpu" and q.dtype == torch.float32

@@ -25,9 +25,10 @@ from numba.extending import intrinsic
 
 MAX_T = 8  # longer steps (prefill chunks, wide trees) stay on SDPA, whose GEMMs win there
 # A contiguous cache of fewer keys stays on SDPA too: its lower call overhead wins while the keys fit in the CPU's
-# caches, and the kernel wins once they stream from memory (benchmarks/results/kernels-cpu.md, attention at 64, 2K
-# and 8K keys). A paged cache always takes the kernel: SDPA would need its blocks gathered first.
-MIN_KEYS = 2048
+# caches, and the kernel wins once they stream from memory (benchmarks/results/kernels-cpu.md: attention at 64, 2K,
+# 4K and 8K keys; `ar` decode at 2K and 8K). A paged cache always takes the kernel: SDPA would need its blocks
+# gathered first.
+MIN_KEYS = 4096
 TILE, AHEAD, SPAN = 64, 16, 512  # keys per softmax tile; prefetch distance (slots); most keys per work item
 NONE = np.float32(-3e38)  # running max before any key (finite, so the kernel may assume no infinities)
 LN2_HI, LN2_LO, LOG2E = np.float32(0.693359375), np.float32(-2.12194440e-4), np.float32(1.4426950408889634)

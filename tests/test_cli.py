@@ -66,6 +66,7 @@ def test_settings_past_what_a_run_needs_cost_nothing(capsys, smol):
     (["--prompt", "hi", "--offload", "weights"], "need --device cuda"),
     (["--prompt", "hi", "--gpu-memory", "24"], "need --device cuda"),
     (["--prompt", "hi", "--attn", "flash"], "flash-attn"),
+    (["--prompt", "hi", "--attn", "numba", "--dtype", "bfloat16"], "runs on the CPU in float32"),
     (["--prompt", "hi", "--threads", "0"], "--threads must be between 1 and"),
     (["--prompt", "hi", "--threads", str(2**40)], "--threads must be between 1 and"),
     (["--prompt", "hi", "--temperature", "nan"], "temperature must be a finite number >= 0 (got nan)"),

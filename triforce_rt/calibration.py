@@ -6,7 +6,7 @@ retrieval cache; each the median of REPEATS runs. The forwards write cache slots
 which no query sees until real tokens overwrite them (caches are addressed by position); the target's last query
 and the retrieval selection are restored afterwards.
 Results are cached in $TRIFORCE_CACHE/calibration.json per machine (CPU or GPU name, threads), model (its folder,
-kernels, dtype, device, drafting copy), batch size, retrieval budget and context bucket (the prompt length rounded
+kernels, attention kernel, dtype, device, drafting copy), batch size, retrieval budget and context bucket (the prompt length rounded
 up to a power of two), so later runs pay nothing.
 """
 import json
@@ -19,6 +19,8 @@ from copy import copy
 
 import numpy as np
 import torch
+
+from retrieval_cache import kernel as attention_kernel
 
 from .models.loader import cache_root
 
@@ -44,7 +46,7 @@ def key(model, draft, batch: int, budget: int, context: int, gamma_max: int) -> 
     m = machine()
     bucket = 1 << max(0, context - 1).bit_length()
     return json.dumps([m.get("gpu") if model.device.type == "cuda" else m["cpu"], m["threads"], model.source,
-                       model.runtime.kernels, str(model.norm.weight.dtype), str(model.device),
+                       model.runtime.kernels, attention_kernel(), str(model.norm.weight.dtype), str(model.device),
                        draft.runtime.kernels + ":" + str(draft.weight_bytes()), batch, budget, bucket, gamma_max])
 
 

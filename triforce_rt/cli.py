@@ -31,10 +31,12 @@ def add_model_args(p):
                         "place (auto: numba for such a GGUF on the CPU in float32, torch otherwise)")
     p.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt checkpoints (weights_only load)")
     p.add_argument("--trust-remote-code", action="store_true", help="let transformers run code shipped with the model")
+    p.add_argument("--attn", choices=ATTENTION_KERNELS, default="auto",
+                   help="attention kernel: torch SDPA; numba's CPU kernel for steps of up to 8 tokens in fp32, which "
+                        "reads the cache in place (a contiguous one from 4,096 keys on, a paged one always); or "
+                        "flash-attn's flash_attn_with_kvcache for one-token CUDA steps (auto: flash where flash-attn "
+                        "is installed, numba otherwise; every other step stays on SDPA)")
     gpu = p.add_argument_group("GPU")
-    gpu.add_argument("--attn", choices=ATTENTION_KERNELS, default="auto",
-                     help="attention kernel: torch SDPA, or flash-attn's flash_attn_with_kvcache for one-token steps "
-                          "(auto: flash where flash-attn is installed and --device cuda)")
     gpu.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
                      help="replay fixed-shape tier steps as CUDA graphs (auto: on with --device cuda, unless "
                           "--offload, --tp or dynamic RoPE)")
@@ -88,6 +90,8 @@ def load_models(args):
     if not cuda and (args.offload or args.gpu_memory or args.cuda_graphs == "on"):
         raise UserError("--offload, --gpu-memory and --cuda-graphs on need --device cuda")
     check_device(args.device)  # before the memory cap, which needs CUDA
+    if args.attn == "numba" and (cuda or args.dtype not in (None, "float32")):
+        raise UserError("--attn numba: the numba attention kernel runs on the CPU in float32; use --attn auto or sdpa")
     try:
         use_kernel(args.attn)
         if args.gpu_memory:
