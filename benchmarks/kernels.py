@@ -1,9 +1,10 @@
-"""The CPU kernels (issue #30), in one run: memory bandwidth; the cost of one forward of T = 1..16 tokens over a
-cache of 64, 2,048, 4,096 and 8,064 tokens with torch and numba kernels, fp32 and the GGUF's own Q4_1 blocks, each beside its
-memory floor (bytes read / the bandwidth measured here), with the attention kernel of --attn auto (numba's, for
-T <= 8) and with torch's SDPA, whose attention is also timed apart; `ar` decode against HF generate and llama.cpp on the same
-GGUF at 2K and 8K; and `ar` throughput at batch 1, 4 and 8. SmolLM2-135M-Instruct (Q4_1 GGUF; its fp32
-conversion for torch and HF), 2 threads, greedy.
+"""The CPU kernels (issues #30, #33), in one run: memory bandwidth; the cost of one forward of T = 1..16 tokens
+over a cache of 64, 2,048, 4,096 and 8,064 tokens with torch and numba kernels, fp32 and the GGUF's own Q4_1
+blocks, each beside its memory floor (bytes read / the bandwidth measured here), with the attention kernel of
+--attn auto (numba's for T <= 8 from 4,096 keys) and with torch's SDPA, whose attention is also timed apart; `ar`
+decode against HF generate and llama.cpp on the same GGUF at 2K and 8K, ours with both attention kernels; and
+`ar` throughput at batch 1, 4 and 8. SmolLM2-135M-Instruct (Q4_1 GGUF; its fp32 conversion for torch and HF),
+2 threads, greedy.
 
     python benchmarks/kernels.py [TAG] [--contexts 64 2048 4096 8064] [--steps 1 2 4 7 16] [--decode 2048 8064]
 writes benchmarks/results/kernels-TAG.{json,md} (TAG defaults to cpu). llama.cpp comes from llama-cpp-python

@@ -47,9 +47,9 @@ def kernel() -> str:
     return _kernel
 
 
-def in_place(q: torch.Tensor, limits: torch.Tensor | None) -> bool:
-    """Whether the numba kernel takes this step: prefix visibility (limits), CPU, fp32, at most MAX_T queries."""
-    return (_kernel == "numba" and limits is not None and q.device.type == "cpu" and q.dtype == torch.float32
+def in_place(q: torch.Tensor, k: torch.Tensor, limits: torch.Tensor | None) -> bool:
+    """Whether the numba kernel can take this step: prefix visibility (limits), CPU, fp32, at most MAX_T queries."""
+    return (_kernel == "numba" and limits is not None and q.device.type == "cpu" and q.dtype == k.dtype == torch.float32
             and q.shape[2] <= cpu_attention.MAX_T)
 
 
@@ -68,8 +68,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     limits: int [B, T], given by a step whose query t of row b sees exactly the slots s < limits[b, t]: the same
     visibility as mask, in the form the numba kernel and (for T = 1) flash_attn_with_kvcache take, reading k, v in
     place ([B, S, H, D] views for flash-attn).
-    On SDPA: unmasked, or a short step (T <= FOLD_T: decode, verify and drafting steps): the G query heads of a kv head are
-    folded into the query axis, q -> [B, Hkv, G*T, D], so each key and value is read once for all G*T queries.
+    On SDPA: unmasked, or a short step (T <= FOLD_T: decode, verify and drafting steps): the G query heads of a kv
+    head are folded into the query axis, q -> [B, Hkv, G*T, D], so each key and value is read once for all G*T queries.
     Longer masked steps (prefill chunks): SDPA's own GQA, 1.7x faster than folding for a masked 1024-token chunk
     (2 CPU threads, SmolLM2 shapes). benchmarks/results/kernels-cpu.md times this call for T = 1..16 at 8K.
     """
@@ -82,7 +82,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         out = flash_attn_with_kvcache(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                       cache_seqlens=limits[:, 0].to(torch.int32))  # [B, T, Hq, D]
         return out.transpose(1, 2)
-    if in_place(q, limits) and k.dtype == torch.float32 and k.shape[2] >= cpu_attention.MIN_KEYS:
+    if in_place(q, k, limits) and k.shape[2] >= cpu_attention.MIN_KEYS:
         out = cpu_attention.attend_view(q, k, v, limits)
         if out is not None:
             return out
@@ -101,7 +101,7 @@ def attend_paged(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, table: torch
     block table[b, s // bs], offset s % bs), slots 0 .. end - 1. The numba kernel reads the blocks in place; other
     kernels get each row's blocks gathered, as the strided view [B, Hkv, end, D] (copying it to contiguous costs
     more than SDPA gains)."""
-    if in_place(q, limits):
+    if in_place(q, K, limits):
         return cpu_attention.attend_blocks(q, K, V, table, limits)
     B, nb = table.shape
     bs, Hkv, D = K.shape[1:]

@@ -50,7 +50,8 @@ def _prefetch(typingctx, arr, row):
         i8p, i32, i64 = ir.IntType(8).as_pointer(), ir.IntType(32), ir.IntType(64)
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
                                             "llvm.prefetch.p0i8")
-        start = builder.gep(builder.bitcast(ary.data, i8p), [builder.mul(args[1], builder.extract_value(ary.strides, 0))])
+        row_bytes = builder.mul(args[1], builder.extract_value(ary.strides, 0))
+        start = builder.gep(builder.bitcast(ary.data, i8p), [row_bytes])
         size = builder.mul(builder.extract_value(ary.shape, 1), ir.Constant(i64, 4))
         with cgutils.for_range_slice(builder, ir.Constant(i64, 0), size, ir.Constant(i64, 64)) as (k, _):
             builder.call(fn, [builder.gep(start, [k]), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])

@@ -6,8 +6,8 @@ retrieval cache; each the median of REPEATS runs. The forwards write cache slots
 which no query sees until real tokens overwrite them (caches are addressed by position); the target's last query
 and the retrieval selection are restored afterwards.
 Results are cached in $TRIFORCE_CACHE/calibration.json per machine (CPU or GPU name, threads), model (its folder,
-kernels, attention kernel, dtype, device, drafting copy), batch size, retrieval budget and context bucket (the prompt length rounded
-up to a power of two), so later runs pay nothing.
+kernels, attention kernel, dtype, device, drafting copy), batch size, retrieval budget and context bucket (the
+prompt length rounded up to a power of two), so later runs pay nothing.
 """
 import json
 import logging
