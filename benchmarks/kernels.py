@@ -171,16 +171,22 @@ def decode_rows(contexts, new_tokens: int, threads: int) -> list:
 
 
 def batch_rows(model, context: int, batches, new_tokens: int) -> list:
-    """ar throughput (all rows' new tokens / decode seconds) with B different held-out prompts decoded together."""
+    """ar throughput (all rows' new tokens / decode seconds) with B different held-out prompts decoded together,
+    with --attn auto and with SDPA."""
     instruction, source = PROMPTS["summarize"]
     text = heldout_ids(model.tokenizer, max(batches) * context, source)
     prompts = [chat_prompt(model.tokenizer, instruction, text[i * context:], context) for i in range(max(batches))]
     rows, one = [], None
+    cfg = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
     for B in batches:
-        res = generate_batch(model, prompts[:B], GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True))
-        tps = sum(r.new_tokens - 1 for r in res) / max(r.decode_seconds for r in res)
-        one = one or tps
-        rows.append({"batch": B, "context": context, "tok_s": round(tps, 2), "vs_B1": round(tps / one, 2)})
+        tps = []
+        for kernel in ("auto", "sdpa"):
+            with attention(kernel):
+                res = generate_batch(model, prompts[:B], cfg)
+            tps.append(sum(r.new_tokens - 1 for r in res) / max(r.decode_seconds for r in res))
+        one = one or tps[0]
+        rows.append({"batch": B, "context": context, "tok_s": round(tps[0], 2), "vs_B1": round(tps[0] / one, 2),
+                     "sdpa_tok_s": round(tps[1], 2)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -228,9 +234,10 @@ def markdown(report: dict) -> str:
     lines += ["| context | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for r in report["decode"]:
         lines.append(f"| {r['context']} | " + " | ".join(str(r.get(k, "")) for k in keys) + " |")
-    lines += ["", "### `ar` batch throughput, numba Q4_1", "", "| batch | context | tok/s | × B=1 |",
-              "|---|---|---|---|"]
-    lines += [f"| {r['batch']} | {r['context']} | {r['tok_s']} | {r['vs_B1']} |" for r in report["batch"]]
+    lines += ["", "### `ar` batch throughput, numba Q4_1 (attention: `--attn auto`, and SDPA)", "",
+              "| batch | context | tok/s | × B=1 | tok/s, SDPA |", "|---|---|---|---|---|"]
+    lines += [f"| {r['batch']} | {r['context']} | {r['tok_s']} | {r['vs_B1']} | {r['sdpa_tok_s']} |"
+              for r in report["batch"]]
     return "\n".join(lines)
 
 

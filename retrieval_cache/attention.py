@@ -82,7 +82,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         out = flash_attn_with_kvcache(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                       cache_seqlens=limits[:, 0].to(torch.int32))  # [B, T, Hq, D]
         return out.transpose(1, 2)
-    if in_place(q, k, limits) and k.shape[2] >= cpu_attention.MIN_KEYS:
+    if in_place(q, k, limits) and (B > 1 or k.shape[2] >= cpu_attention.MIN_KEYS):
         out = cpu_attention.attend_view(q, k, v, limits)
         if out is not None:
             return out

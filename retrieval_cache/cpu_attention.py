@@ -24,10 +24,12 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 MAX_T = 8  # longer steps (prefill chunks, wide trees) stay on SDPA, whose GEMMs win there
-# A contiguous cache of fewer keys stays on SDPA too: its lower call overhead wins while the keys fit in the CPU's
-# caches, and the kernel wins once they stream from memory (benchmarks/results/kernels-cpu.md: attention at 64, 2K,
-# 4K and 8K keys; `ar` decode at 2K and 8K). A paged cache always takes the kernel: SDPA would need its blocks
-# gathered first.
+# One row of a contiguous cache with fewer keys stays on SDPA too: its lower call overhead wins while the keys fit
+# in the CPU's caches, and the kernel wins once they stream from memory (benchmarks/results/kernels-cpu.md:
+# attention at 64, 2K, 4K and 8K keys; `ar` decode at 2K and 8K). Batches always take the kernel: SDPA attends every
+# row over the longest row's keys, the kernel each row over its own (kernels-cpu.md: `ar` at B = 4 and 8, 1K keys;
+# batch-mixed-cpu-paged.md: rows of 512 to 8K keys), as a paged cache always does (SDPA would need its blocks
+# gathered first).
 MIN_KEYS = 4096
 TILE, AHEAD, SPAN = 64, 16, 512  # keys per softmax tile; prefetch distance (slots); most keys per work item
 NONE = np.float32(-3e38)  # running max before any key (finite, so the kernel may assume no infinities)

@@ -123,7 +123,7 @@ def test_which_steps_the_kernel_takes(monkeypatch):
         assert in_place(q, q, limits) and not in_place(q, q, None)
         assert not in_place(torch.zeros(1, 4, MAX_T + 1, 16), q, limits) and not in_place(q.double(), q, limits)
         assert not in_place(q, q.double(), limits)
-        # a contiguous cache takes the kernel from MIN_KEYS keys on (the tests lower it to 0: conftest)
+        # one row of a contiguous cache takes the kernel from MIN_KEYS keys on (the tests lower it to 0: conftest)
         monkeypatch.setattr(cpu_attention, "MIN_KEYS", 1000)
         for S in (999, 1000):
             q, k, v, limits = case(1, 2, 2, 2, 16, S, seed=S)
@@ -132,6 +132,9 @@ def test_which_steps_the_kernel_takes(monkeypatch):
             kernel = attend_view(q, k, v, limits)
             assert not torch.equal(sdpa, kernel)
             assert torch.equal(attend(q, k, v, mask_of(limits, S), limits), sdpa if S < 1000 else kernel)
+        # a batch takes the kernel at any length
+        q, k, v, limits = case(2, 2, 2, 2, 16, 50, seed=4)
+        assert torch.equal(attend(q, k, v, mask_of(limits, 50), limits), attend_view(q, k, v, limits))
         use_kernel("sdpa")
         assert not in_place(q, q, limits)
     finally:
