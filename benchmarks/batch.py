@@ -164,7 +164,7 @@ if __name__ == "__main__":
         path = result_path("batch-mixed", args.tag)
         report = run_mixed(args)
         publish(report, mixed_markdown, path)
-        write_markdown(path, ap, args, "batch", mixed_markdown(report))
+        write_markdown(path, ap, args, "batch mixed", mixed_markdown(report))
         sys.exit(0)
     ap = script_args(argparse.ArgumentParser())
     ap.add_argument("--batch", type=int, default=4)

@@ -405,5 +405,6 @@ def write_markdown(path: str, ap, args, script: str, text: str) -> None:
         flag = [] if not a.option_strings else [a.option_strings[0]]
         argv += flag if a.nargs == 0 else flag + [str(v) for v in (value if isinstance(value, list) else [value])]
     with open(path[:-5] + ".md", "w") as f:
-        f.write(f"Command: `{' '.join(['python', f'benchmarks/{script}.py'] + argv)}`\n\n{text}\n")
+        name, *sub = script.split()  # "batch mixed": a script and its sub-command
+        f.write(f"Command: `{' '.join(['python', f'benchmarks/{name}.py', *sub] + argv)}`\n\n{text}\n")
     print(json.dumps({"written": path}))
