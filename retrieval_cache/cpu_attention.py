@@ -180,7 +180,7 @@ def attend_view(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limits: torch
         return None
     sb, sh = k.stride(0) // D, k.stride(1) // D
     n = (B - 1) * sb + (Hkv - 1) * sh + S  # rows from the view's first slot to its last
-    base = np.arange(0, B * sb, sb, dtype=np.int64)[:, None]
+    base = (np.arange(B, dtype=np.int64) * sb)[:, None]  # row b's slot 0 (a batch stride of 0 too)
     return _run(q, k.as_strided((n, D), (D, 1)), v.as_strided((n, D), (D, 1)), base, 1, sh, S, Hkv, limits)
 
 
