@@ -2,7 +2,7 @@
 in place, computed in fp32 with exactly the dequantized values (blocks.py, linear.py). Imports no other package of
 this project."""
 from .blocks import FORMATS, QK, Blocks
-from .linear import linear, tiles
+from .linear import linear, pack
 from .modules import Embedding, Linear
 
-__all__ = ["FORMATS", "QK", "Blocks", "linear", "tiles", "Linear", "Embedding"]
+__all__ = ["FORMATS", "QK", "Blocks", "linear", "pack", "Linear", "Embedding"]

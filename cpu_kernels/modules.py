@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import Blocks
-from .linear import linear, tiles
+from .linear import linear, pack
 
 
 class Linear(nn.Module):
@@ -17,7 +17,9 @@ class Linear(nn.Module):
         self.weight = None if self.blocks is not None else (
             weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight))
         self.bias = bias
-        self.packed = tiles(weight)  # the kernel's arrays, made once: views of weight (a copy only to pad rows)
+        # the kernel's arrays, made once: the Blocks' own tensors, or an interleaved copy of an fp32 weight (frozen:
+        # inference only; training takes F.linear over `weight`)
+        self.packed = pack(weight)
 
     def forward(self, x):
         if self.blocks is None and (x.is_cuda or torch.is_grad_enabled() and x.requires_grad):

@@ -3,11 +3,32 @@ policy for CUDA graphs and offloading. The Transformer holds one Runtime (model.
 running it sits on the nn.Module.
 """
 import os
+import sys
 from dataclasses import dataclass, field
 
 from .errors import UserError
 
 KERNELS = ("auto", "torch", "numba")  # --kernels: the matrix kernels a model runs with (models/kernels.py)
+
+
+def wide_vectors() -> None:
+    """Let numba's LLVM vectorise with 512-bit registers on AVX-512 CPUs (its tuning for Intel's server cores
+    prefers 256 bits). The CPU kernels are bound by vector arithmetic (dequantizing 4-bit blocks), which 512-bit
+    vectors halve; numerics are unchanged (the linear kernel never reassociates). numba reads the setting when it
+    first compiles, so this runs when triforce_rt is imported; child processes inherit it through the environment.
+    An explicit NUMBA_CPU_NAME or NUMBA_CPU_FEATURES is left alone."""
+    if os.environ.get("NUMBA_CPU_NAME") or os.environ.get("NUMBA_CPU_FEATURES"):
+        return
+    from llvmlite import binding
+
+    features = binding.get_host_cpu_features()
+    if features.get("avx512f"):
+        os.environ["NUMBA_CPU_FEATURES"] = wide = features.flatten() + ",-prefer-256-bit"
+        if "numba" in sys.modules:  # imported already: its config was read from the environment before this
+            sys.modules["numba"].core.config.CPU_FEATURES = wide
+
+
+wide_vectors()
 
 
 def check_threads(n: int, what: str = "--threads") -> int:
@@ -39,7 +60,7 @@ class Runtime:
     tensor_parallel: bool = False  # the layers are shards whose outputs are summed across ranks (parallel.py)
     casts: dict = field(default_factory=dict)  # dtype -> this model's copy in that dtype (Transformer.with_dtype)
     kernels: str = "torch"  # the matrix kernels: "torch" or "numba" (models/kernels.py)
-    head: tuple | None = None  # numba: the head's packed tiles (cpu_kernels.tiles), made once
+    head: tuple | None = None  # numba: the head's packed arrays (cpu_kernels.pack), made once
 
     def graphs_blocker(self, dynamic_rope: bool) -> str | None:
         """Why steps cannot be captured as CUDA graphs (copies or collectives across forwards, or RoPE tables

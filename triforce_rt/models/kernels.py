@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cpu_kernels import FORMATS, QK, Blocks, Embedding, Linear, tiles
+from cpu_kernels import FORMATS, QK, Blocks, Embedding, Linear, pack
 
 from ..errors import UserError, first_line
 from ..runtime import KERNELS
@@ -92,7 +92,7 @@ def place_blocks(model, blocks: dict) -> None:
 
 def use_numba(model) -> None:
     """Put a loaded model (fp32, CPU) on the numba kernels: every nn.Linear left whose rows are whole blocks of 32
-    becomes a cpu_kernels.Linear over its own weight (others stay torch's), and the head's tiles are packed once
+    becomes a cpu_kernels.Linear over its own weight (others stay torch's), and the head's arrays are packed once
     (model.runtime.head)."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -100,4 +100,4 @@ def use_numba(model) -> None:
                 setattr(parent, name, Linear(child.weight, child.bias))
     head = model.head
     model.runtime.kernels = "numba"
-    model.runtime.head = tiles(head) if isinstance(head, Blocks) or head.shape[1] % QK == 0 else None
+    model.runtime.head = pack(head) if isinstance(head, Blocks) or head.shape[1] % QK == 0 else None
