@@ -48,6 +48,8 @@ class FullCache(BatchRows):
             raise ValueError(f"FullCache overflow: position {self.end - 1} >= capacity {self.max_len}")
         if self.store:
             self.store.begin()
+        # one token of one row: written by a slice copy (an index_put costs several times more on the CPU)
+        self.slot = slice(last[0], last[0] + 1) if positions.shape == (1, 1) and not self.static else None
         if positions.shape[1] == 1 and min(last) == self.end - 1 and not self.static:
             self.mask = None  # one token per row, all at the same position: every slot up to it is visible
         else:  # [B, 1, T, end]: slot s visible to the query at position p iff s <= p
@@ -66,6 +68,7 @@ class FullCache(BatchRows):
         root = positions[:, :1]  # [B, 1]
         self.positions = root + torch.arange(T, device=positions.device)  # [B, T]: the slots written
         self.limits, self.end = None, int(self.positions.max()) + 1  # not a prefix: the mask says
+        self.slot = None
         if self.end > self.max_len:
             raise ValueError(f"FullCache overflow: slot {self.end - 1} >= capacity {self.max_len}")
         s = torch.arange(self.end, device=positions.device)
@@ -126,8 +129,12 @@ class FullCache(BatchRows):
     def attend(self, layer: int, q, k, v):
         q, k = rotate(q, self.cos, self.sin), rotate(k, self.cos, self.sin)
         kl, vl = self.store.fetch(layer) if self.store else (self.k[layer], self.v[layer])  # [B, Hkv, max_len, D]
-        kl[self.rows, :, self.positions] = k.transpose(1, 2)  # [B, T, Hkv, D] into slots positions[b, t]
-        vl[self.rows, :, self.positions] = v.transpose(1, 2)
+        if self.slot is not None:
+            kl[:, :, self.slot] = k
+            vl[:, :, self.slot] = v
+        else:
+            kl[self.rows, :, self.positions] = k.transpose(1, 2)  # [B, T, Hkv, D] into slots positions[b, t]
+            vl[self.rows, :, self.positions] = v.transpose(1, 2)
         if self.store:
             self.store.write(layer, self.rows, self.positions, k, v)
         if self.last_q is None:

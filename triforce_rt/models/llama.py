@@ -29,9 +29,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x):  # x / rms(x) in fp32, then scaled; as transformers does
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+    def forward(self, x):  # x / rms(x) in fp32, then scaled; as transformers does (torch's fused x / rms(x))
+        h = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps)
         return self.weight * h.to(x.dtype)
 
 
