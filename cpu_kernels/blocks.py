@@ -77,10 +77,14 @@ class Blocks:
     def nbytes(self) -> int:
         return sum(a.numel() * a.element_size() for a in (self.codes, self.scale, self.low) if a is not None)
 
-    def row_arrays(self, index: torch.Tensor) -> tuple:
-        """Rows index [n] as a file holds them: codes [n, nb, 16 | 32], scale [n, nb], low [n, nb] or None."""
-        g, lane = index // LANES, index % LANES
-        pick = lambda a: None if a is None else a[g, ..., lane]  # advanced indices around slices: [n, nb, ...]
+    def row_arrays(self, index: torch.Tensor | None = None) -> tuple:
+        """Rows index [n] (None: every row) as a file holds them: codes [n, nb, 16 | 32], scale [n, nb], low [n, nb]
+        or None."""
+        if index is None:  # [G, nb, ..., LANES] -> [G, LANES, nb, ...] -> rows
+            pick = lambda a: None if a is None else a.movedim(-1, 1).reshape(-1, *a.shape[1:-1])[:self.n]
+        else:
+            g, lane = index // LANES, index % LANES
+            pick = lambda a: None if a is None else a[g, ..., lane]  # advanced indices around slices: [n, nb, ...]
         return pick(self.codes), pick(self.scale), pick(self.low)
 
     def rows(self, index: torch.Tensor) -> "Blocks":
@@ -90,8 +94,7 @@ class Blocks:
     def dequantize(self, index: torch.Tensor | None = None) -> torch.Tensor:
         """fp32 [n, K] (or the rows index [...] -> [..., K]): the values gguf.dequantize gives. The embedding
         lookup of a block-quantized table, and the reference the kernels are tested against."""
-        flat = torch.arange(self.n) if index is None else index.reshape(-1)
-        codes, scale, low = self.row_arrays(flat)
+        codes, scale, low = self.row_arrays(None if index is None else index.reshape(-1))
         d = scale[..., None]  # [n, nb, 1]
         if self.fmt == "Q8_0":
             w = codes.float() * d

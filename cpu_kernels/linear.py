@@ -27,6 +27,28 @@ from .blocks import LANES, QK, Blocks, interleave
 
 MAX_ROWS = 32  # past this many rows (prefill chunks) torch's GEMM over fp32 weights wins, dequantization included
 CONTRACT = {"contract"}
+AHEAD = 16  # blocks prefetched ahead of the one being summed
+
+
+@intrinsic
+def _prefetch(typingctx, arr, g, b):
+    """Ask for the cache lines of arr[g, b] (a C-order array of 3 or more dims: one block of one lane group) ahead
+    of their use. An address past the array (the last blocks' lookahead) is only a hint: it never faults. arr None
+    (a format without `low`): nothing."""
+    def codegen(context, builder, signature, args):
+        if signature.args[0] is types.none:
+            return context.get_dummy_value()
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        i8p, i32, i64 = ir.IntType(8).as_pointer(), ir.IntType(32), ir.IntType(64)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0i8")
+        size = builder.extract_value(ary.strides, 1)  # bytes of arr[g, b]
+        offset = builder.add(builder.mul(args[1], builder.extract_value(ary.strides, 0)), builder.mul(args[2], size))
+        start = builder.gep(builder.bitcast(ary.data, i8p), [offset])
+        with cgutils.for_range_slice(builder, ir.Constant(i64, 0), size, ir.Constant(i64, 64)) as (k, _):
+            builder.call(fn, [builder.gep(start, [k]), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+    return types.none(arr, g, b), codegen
 
 
 @intrinsic
@@ -87,6 +109,9 @@ def _chunk(codes, scale, low, g, x, r, out, chunk):
     R = len(chunk)
     acc = carray(_stack_zeros(chunk), (R, 2, LANES))  # [R, half, lane]
     for b in range(codes.shape[1]):
+        _prefetch(codes, g, b + AHEAD)
+        _prefetch(scale, g, b + AHEAD)
+        _prefetch(low, g, b + AHEAD)
         for j in range(16):
             k = b * QK + j
             for l in range(LANES):
