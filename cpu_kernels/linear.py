@@ -6,11 +6,14 @@ rows: threads split the lane groups (prange); a group takes the x rows in chunks
 vectors of LANES sums (elements j and j + 16 of each block apart) in a scratch on the stack, which LLVM keeps in
 registers. Each weight is dequantized once per chunk and each x value broadcast once per group. A single row of
 fp32 or Q8_0 weights runs as a chunk of 2 (itself twice): LLVM unrolls those formats' 1-row chunks into scalar
-code, 6x slower, where it vectorises the 4-bit formats' (one more dequantization step each).
+code, where it vectorises the 4-bit formats' (one more dequantization step each). Each block's codes, scales and
+mins are prefetched AHEAD blocks before they are summed (without it the kernel streamed its weights far below the
+memory's bandwidth).
 
 The weight getter `weights` gives elements j and j + 16 of block b of the group's LANES rows in fp32: plain reads
-for fp32, the exact dequantization for blocks; which one is fixed at compile time by the array types (an overload),
-so every format gets its own machine code and numba's cache keeps it. The kernel is compiled with FMA contraction
+for fp32, the exact dequantization for blocks; which one is fixed at compile time by the array types (an overload,
+inlined in numba's IR: a cached callee is not inlined by LLVM, and a call per element stops vectorisation), so
+every format gets its own machine code and numba's cache keeps it. The kernel is compiled with FMA contraction
 only, never reassociation: every output is summed in the same order (blocks in turn, j = 0..15 in each, the two
 halves added last) whatever M, its chunk or its neighbours, so a row's logits do not depend on the batch or the
 step length; only that order differs from torch's.
