@@ -146,7 +146,7 @@ def run_drafters(drafters: dict, spec="default", contexts=(2048, 8064), docs=3, 
 
 def drafters_markdown(report: dict) -> str:
     """Per context, mode, drafter and its γ: the drafter tier's α over the documents (median, min, max), its mean
-    cost per call and its largest share of an AR step (AR step = 1000 · vs_ar / tok_s ms), tokens per target call
+    cost per call and its largest share of an AR step (AR step = 1000 / ar_tok_s ms), tokens per target call
     (mean) and speed against AR (geometric mean); then every row."""
     m, rows = report["machine"], report["rows"]
     n_docs = len({(r["prompt"], r["doc"]) for r in rows})
@@ -167,9 +167,9 @@ def drafters_markdown(report: dict) -> str:
         group = [r for r in rows if key_of(r) == key]
         a = sorted(tier(r)["alpha"] for r in group)
         ms = sum(tier(r)["ms_per_call"] for r in group) / len(group)
-        share = max(tier(r)["ms_per_call"] * r["tok_s"] / (1000 * r["vs_ar"]) for r in group)
+        share = max(tier(r)["ms_per_call"] * r["ar_tok_s"] / 1000 for r in group)  # unrounded: vs_ar may round to 0
         per_call = sum(r["tokens_per_target_call"] for r in group) / len(group)
-        geo = math.exp(sum(math.log(r["vs_ar"]) for r in group) / len(group))
+        geo = math.exp(sum(math.log(r["tok_s"] / r["ar_tok_s"]) for r in group) / len(group))
         trees = [r["tree"] for r in group if "tree" in r]
         verified = (f"{sum(t['nodes_per_call'] for t in trees) / len(trees):.1f} "
                     f"({sum(t['beam_tokens_per_call'] for t in trees) / len(trees):.1f})" if trees else "")
@@ -357,6 +357,7 @@ def document_rows(model, contexts, docs: int, prompts, new_tokens: int, variants
 def mode_row(n_ctx, res, ar, kv_bytes) -> dict:
     row = {"context": n_ctx, "mode": res.mode, "tok_s": round(res.decode_tokens_per_second, 2),
            "vs_ar": round(res.decode_tokens_per_second / ar.decode_tokens_per_second, 2),
+           "ar_tok_s": round(ar.decode_tokens_per_second, 2),
            "tokens_identical": res.tokens == ar.tokens, "tokens_per_target_call": round(res.tokens_per_target_call, 2),
            "kv_bytes": kv_bytes,
            "tiers": [tier_stats(t) for t in res.tiers]}
