@@ -48,7 +48,7 @@ class FullCache(BatchRows):
             raise ValueError(f"FullCache overflow: position {self.end - 1} >= capacity {self.max_len}")
         if self.store:
             self.store.begin()
-        # one token of one row: written by a slice copy (an index_put costs several times more on the CPU)
+        # one token of one row: written by a slice copy (cheaper than an index_put on the CPU)
         self.slot = slice(last[0], last[0] + 1) if positions.shape == (1, 1) and not self.static else None
         if positions.shape[1] == 1 and min(last) == self.end - 1 and not self.static:
             self.mask = None  # one token per row, all at the same position: every slot up to it is visible

@@ -14,7 +14,8 @@ KERNELS = ("auto", "torch", "numba")  # --kernels: the matrix kernels a model ru
 def wide_vectors() -> None:
     """Let numba's LLVM vectorise with 512-bit registers on AVX-512 CPUs (its tuning for Intel's server cores
     prefers 256 bits). The CPU kernels are bound by vector arithmetic (dequantizing 4-bit blocks), which 512-bit
-    vectors halve; numerics are unchanged (the linear kernel never reassociates). numba reads the setting when it
+    vectors halve. The linear kernel's values do not change (it never reassociates); the attention kernel's sums
+    may regroup, within the fp32 bound its tests derive. numba reads the setting when it
     first compiles, so this runs when triforce_rt is imported; child processes inherit it through the environment.
     An explicit NUMBA_CPU_NAME or NUMBA_CPU_FEATURES is left alone."""
     if os.environ.get("NUMBA_CPU_NAME") or os.environ.get("NUMBA_CPU_FEATURES"):
