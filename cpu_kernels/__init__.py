@@ -5,6 +5,6 @@ from .blocks import FORMATS, QK, Blocks
 from .linear import linear, pack
 from .modules import Embedding, Linear
 
-VERSION = 2  # bumped when the kernels' speed changes: measured step costs (calibration) keyed by it go stale
+VERSION = 3  # bumped when the kernels' speed changes: measured step costs (calibration) keyed by it go stale
 
 __all__ = ["VERSION", "FORMATS", "QK", "Blocks", "linear", "pack", "Linear", "Embedding"]

@@ -2,13 +2,12 @@
 each weight read from memory once for all M rows.
 
 The weights are interleaved over LANES = 16 output rows (blocks.py), so the kernel's vectors run across output
-rows: threads split the lane groups (prange); a group takes the x rows in chunks of R = 4, 2 or 1 and keeps R x 2
-vectors of LANES sums (elements j and j + 16 of each block apart) in a scratch on the stack, which LLVM keeps in
-registers. Each weight is dequantized once per chunk and each x value broadcast once per group. A single row of
-fp32 or Q8_0 weights runs as a chunk of 2 (itself twice): LLVM unrolls those formats' 1-row chunks into scalar
-code, where it vectorises the 4-bit formats' (one more dequantization step each). Each block's codes, scales and
-mins are prefetched AHEAD blocks before they are summed (without it the kernel streamed its weights far below the
-memory's bandwidth).
+rows: threads split the lane groups (prange); a group takes the x rows in one chunk of R = 1, 2, 4, 6 or 8 rows
+(3, 5 and 7 rows are padded with copies of the last; past 8, chunks of 8) and keeps R x 2 vectors of LANES sums
+(elements j and j + 16 of each block apart) in a scratch on the stack, which LLVM keeps in registers. Each weight
+is dequantized once per chunk (once in a 7-token verify) and each x value broadcast once per group. Each block's
+codes, scales and mins are prefetched AHEAD blocks before they are summed (without it the kernel streamed its
+weights far below the memory's bandwidth).
 
 The weight getter `weights` gives elements j and j + 16 of block b of the group's LANES rows in fp32: plain reads
 for fp32, the exact dequantization for blocks; which one is fixed at compile time by the array types (an overload,
@@ -108,8 +107,10 @@ def _weights(codes, scale, low, g, b, j, l):
 
 @njit(cache=True, fastmath=CONTRACT)
 def _chunk(codes, scale, low, g, x, r, out, chunk):
-    """out[r:r+R, group g's LANES columns] = x[r:r+R] @ W[group g]ᵀ, R = len(chunk) (a compile-time size)."""
+    """out[r:r+R, group g's LANES columns] = x[r:r+R] @ W[group g]ᵀ, R = len(chunk) (a compile-time size);
+    rows of x past its last are copies of the last."""
     R = len(chunk)
+    last = x.shape[0] - 1
     acc = carray(_stack_zeros(chunk), (R, 2, LANES))  # [R, half, lane]
     for b in range(codes.shape[1]):
         _prefetch(codes, g, b + AHEAD)
@@ -120,8 +121,9 @@ def _chunk(codes, scale, low, g, x, r, out, chunk):
             for l in range(LANES):
                 w0, w1 = weights(codes, scale, low, g, b, j, l)
                 for m in range(R):
-                    acc[m, 0, l] += w0 * x[r + m, k]
-                    acc[m, 1, l] += w1 * x[r + m, k + 16]
+                    i = min(r + m, last)
+                    acc[m, 0, l] += w0 * x[i, k]
+                    acc[m, 1, l] += w1 * x[i, k + 16]
     for m in range(R):
         for l in range(LANES):
             out[r + m, g * LANES + l] = acc[m, 0, l] + acc[m, 1, l]
@@ -129,21 +131,33 @@ def _chunk(codes, scale, low, g, x, r, out, chunk):
 
 @njit(parallel=True, cache=True)
 def _linear(codes, scale, low, x, out):
-    """out [M, G * LANES] for x [M, K]: each lane group over chunks of 4 rows, then of 2; a last single row joins
-    the row before it in a chunk of 2 (computed twice, to the same values); M = 1 runs alone."""
-    M = x.shape[0]
+    """out [M, G * LANES] for x [m, K], M = chunk_rows(m): each lane group in one chunk of M rows, or (M > 8) over
+    chunks of 8, the last of which may overlap the one before it (rows computed twice, to the same values)."""
+    M = out.shape[0]
     for g in prange(codes.shape[0]):
         if M == 1:
             _chunk(codes, scale, low, g, x, 0, out, (0,))
-            continue
-        r = 0
-        while M - r >= 4:
-            _chunk(codes, scale, low, g, x, r, out, (0, 0, 0, 0))
-            r += 4
-        while r < M:
-            r = min(r, M - 2)
-            _chunk(codes, scale, low, g, x, r, out, (0, 0))
-            r += 2
+        elif M == 2:
+            _chunk(codes, scale, low, g, x, 0, out, (0, 0))
+        elif M == 4:
+            _chunk(codes, scale, low, g, x, 0, out, (0, 0, 0, 0))
+        elif M == 6:
+            _chunk(codes, scale, low, g, x, 0, out, (0, 0, 0, 0, 0, 0))
+        else:
+            r = 0
+            while r < M:
+                r = min(r, M - 8)
+                _chunk(codes, scale, low, g, x, r, out, (0, 0, 0, 0, 0, 0, 0, 0))
+                r += 8
+
+
+def chunk_rows(m: int, fmt) -> int:
+    """Rows the kernel computes for m rows of x: a chunk size it is compiled for (1, 2, 4, 6, 8) or, past 8, m
+    itself; rows past m repeat x's last row. A single row of fp32 or Q8_0 (dtype fmt) runs as 2: LLVM unrolls those
+    formats' 1-row chunks into scalar code, where it vectorises the 4-bit formats'."""
+    if m == 1:
+        return 1 if fmt == np.uint8 else 2
+    return m if m > 8 else m + m % 2
 
 
 def pack(w) -> tuple:
@@ -167,8 +181,6 @@ def linear(x: torch.Tensor, w, packed: tuple | None = None) -> torch.Tensor:
     if M > MAX_ROWS:
         return F.linear(x.float(), w.dequantize() if isinstance(w, Blocks) else w)
     codes, scale, low = packed or pack(w)
-    if M == 1 and codes.dtype != np.uint8:  # LLVM unrolls these formats' 1-row chunks instead of vectorising
-        xn = np.concatenate((xn, xn))  # them: one row twice, as a chunk of 2 (the same sums)
-    out = np.empty((xn.shape[0], codes.shape[0] * LANES), np.float32)
+    out = np.empty((chunk_rows(M, codes.dtype), codes.shape[0] * LANES), np.float32)
     _linear(codes, scale, low, xn, out)
     return torch.from_numpy(out[:M, :N].reshape(*lead, N))

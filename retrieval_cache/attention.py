@@ -48,9 +48,10 @@ def kernel() -> str:
 
 
 def in_place(q: torch.Tensor, k: torch.Tensor, limits: torch.Tensor | None) -> bool:
-    """Whether the numba kernel can take this step: prefix visibility (limits), CPU, fp32, at most MAX_T queries."""
+    """Whether the numba kernel can take this step: prefix visibility (limits), CPU, fp32, at most MAX_T queries, a
+    head size that is a multiple of 4."""
     return (_kernel == "numba" and limits is not None and q.device.type == "cpu" and q.dtype == k.dtype == torch.float32
-            and q.shape[2] <= cpu_attention.MAX_T)
+            and q.shape[2] <= cpu_attention.MAX_T and q.shape[3] % 4 == 0)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

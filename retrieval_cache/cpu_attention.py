@@ -8,8 +8,11 @@ slots s < limits[b, t] (a prefix: decode, verification and chain-drafting steps)
 
 Work is split over (row, kv head, span of keys) (prange); each span keeps a running max m, sum l and output
 acc [R, D] (online softmax, tiles of TILE keys), prefetching the key and value rows AHEAD slots on; spans are merged
-by rescaling with exp(m_span - m). exp is a degree-7 polynomial after Cody-Waite range reduction (relative error
-within 6 fp32 units of roundoff, 3.6e-7), so the loop vectorises. Only the summation order and exp's
+by rescaling with exp(m_span - m). A tile is three loop nests: scores p [rows, keys] (dot products along D for a
+few rows; for more, 8 keys at a time against a vector lane per row, so no sum is reduced across a vector), the
+softmax along the keys, and acc += p v for 4 rows at a time with their sums in registers, so a verify step's
+extra rows cost arithmetic, not more passes over acc. exp is a degree-7 polynomial after Cody-Waite range
+reduction (relative error within 6 fp32 units of roundoff, 3.6e-7), so the loops vectorise. Only the summation order and exp's
 last bits differ from torch's SDPA (tests/test_attention_kernel.py bounds both against float64).
 Measured against SDPA: benchmarks/results/kernels-cpu.md (attention rows).
 """
@@ -19,10 +22,11 @@ import numba
 import numpy as np
 import torch
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import carray, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+VERSION = 2  # bumped when the kernel's speed changes (measured step costs keyed by it go stale)
 MAX_T = 8  # longer steps (prefill chunks, wide trees) stay on SDPA, whose GEMMs win there
 # One row of a contiguous cache with fewer keys stays on SDPA too: its lower call overhead wins while the keys fit
 # in the CPU's caches, and the kernel wins once they stream from memory (benchmarks/results/kernels-cpu.md:
@@ -32,6 +36,8 @@ MAX_T = 8  # longer steps (prefill chunks, wide trees) stay on SDPA, whose GEMMs
 # gathered first).
 MIN_KEYS = 4096
 TILE, AHEAD, SPAN = 64, 16, 512  # keys per softmax tile; prefetch distance (slots); most keys per work item
+DOT_ROWS = 8  # folded query rows up to which scores are dot products along D (decode steps: G rows); past it, a
+# vector lane per row (verify steps). In side runs I did not commit, lanes were slower at 3 rows, faster at 21.
 NONE = np.float32(-3e38)  # running max before any key (finite, so the kernel may assume no infinities)
 LN2_HI, LN2_LO, LOG2E = np.float32(0.693359375), np.float32(-2.12194440e-4), np.float32(1.4426950408889634)
 
@@ -77,98 +83,195 @@ def _exp(x):
     return p * _f32_bits((np.int32(n) + np.int32(127)) << 23)
 
 
-@njit(inline="always")
-def _row(base, b, s, block, so, sh, h):
-    return base[b, s // block] + (s % block) * so + h * sh
+@intrinsic
+def _stack(typingctx, shape):
+    """A C-order fp32 array of the given compile-time shape (a UniTuple of tuples, e.g. (lanes, width) whose
+    lengths are its sizes) on the stack, zeroed: a fixed-size scratch that LLVM keeps in registers."""
+    dims = [len(t) for t in shape]
+    count = math.prod(dims)
+
+    def codegen(context, builder, signature, args):
+        t = ir.ArrayType(ir.FloatType(), count)
+        ptr = cgutils.alloca_once(builder, t)
+        builder.store(ir.Constant(t, [0.0] * count), ptr)
+        return builder.bitcast(ptr, ir.FloatType().as_pointer())
+    return types.CPointer(types.float32)(shape), codegen
+
+
+# A tile's work is three loop nests, each its own function (compiled apart: LLVM kept their fixed-size scratch in
+# registers only so); the scores come from one of two.
+@njit(fastmath=True, cache=True)
+def _scores_lanes(qt, K, V, rows, n, ahead, scale, p, lanes):
+    """p[r, i] = q_r . k_i * scale for the n keys of rows and every row r < L (zero past R), qt [D, L] with a
+    vector lane per row; prefetches K and V rows[i + AHEAD] for i + AHEAD < ahead. 8 keys at a time, each with
+    one sum per lane (8 independent FMA chains); a last group of fewer keys repeats its last key."""
+    D, L = qt.shape[0], len(lanes)
+    for i0 in range(0, n, 8):
+        for i in range(i0 + AHEAD, min(i0 + AHEAD + 8, ahead)):
+            _prefetch(K, rows[i])
+            _prefetch(V, rows[i])
+        last = n - 1
+        k0, k1, k2, k3 = rows[i0], rows[min(i0 + 1, last)], rows[min(i0 + 2, last)], rows[min(i0 + 3, last)]
+        k4, k5, k6, k7 = rows[min(i0 + 4, last)], rows[min(i0 + 5, last)], rows[min(i0 + 6, last)], rows[
+            min(i0 + 7, last)]
+        s = carray(_stack(((0, 0, 0, 0, 0, 0, 0, 0), lanes)), (8, L))
+        for d in range(D):
+            x0, x1, x2, x3 = K[k0, d], K[k1, d], K[k2, d], K[k3, d]
+            x4, x5, x6, x7 = K[k4, d], K[k5, d], K[k6, d], K[k7, d]
+            for r in range(L):
+                qv = qt[d, r]
+                s[0, r] += x0 * qv
+                s[1, r] += x1 * qv
+                s[2, r] += x2 * qv
+                s[3, r] += x3 * qv
+                s[4, r] += x4 * qv
+                s[5, r] += x5 * qv
+                s[6, r] += x6 * qv
+                s[7, r] += x7 * qv
+        for j in range(min(8, n - i0)):
+            for r in range(L):
+                p[r, i0 + j] = s[j, r] * scale
+
+
+@njit(fastmath=True, cache=True)
+def _scores_dot(q, K, V, rows, n, ahead, scale, p, R):
+    """As _scores_lanes for rows r < R only (p past R left as it is), q [L, D]: one dot product per row and key,
+    vectorised along D."""
+    D = q.shape[1]
+    for i in range(n):
+        if i + AHEAD < ahead:
+            _prefetch(K, rows[i + AHEAD])
+            _prefetch(V, rows[i + AHEAD])
+        k = rows[i]
+        for r in range(R):
+            a = np.float32(0)
+            for d in range(D):
+                a += q[r, d] * K[k, d]
+            p[r, i] = a * scale
+
+
+@njit(fastmath=True, cache=True)
+def _softmax(p, n, t0, lim, m, l, alpha, R):
+    """Online softmax over a tile, row r < R at a time (vectorised along the keys): with the new max
+    m' = max(m, p[r, i] for the keys i it sees), p[r] <- e^(p[r] - m') (0 for the keys it does not see),
+    alpha = e^(m - m'), l <- l alpha + the sum of p[r]; m <- m'."""
+    for r in range(R):
+        vis = min(n, max(0, lim[r] - t0))
+        top = m[r]
+        for i in range(vis):
+            top = max(top, p[r, i])
+        s = np.float32(0)
+        for i in range(vis):
+            e = _exp(p[r, i] - top)
+            p[r, i] = e
+            s += e
+        for i in range(vis, n):
+            p[r, i] = 0
+        alpha[r] = _exp(m[r] - top)
+        l[r] = l[r] * alpha[r] + s
+        m[r] = top
+
+
+@njit(fastmath=True, cache=True)
+def _pv(V, p, rows, n, r0, acc, alpha, width):
+    """acc[r0 + j] <- acc[r0 + j] alpha[r0 + j] + sum_i p[r0 + j, i] V[rows[i]] for j < 4, i < n (the 4 rows' sums
+    in registers; D = 4 len(width))."""
+    D = len(width) * 4
+    a = carray(_stack(((0, 0, 0, 0), width, (0, 0, 0, 0))), (4, D))
+    for i in range(n):
+        v = rows[i]
+        e0, e1, e2, e3 = p[r0, i], p[r0 + 1, i], p[r0 + 2, i], p[r0 + 3, i]
+        for d in range(D):
+            x = V[v, d]
+            a[0, d] += e0 * x
+            a[1, d] += e1 * x
+            a[2, d] += e2 * x
+            a[3, d] += e3 * x
+    for j in range(4):
+        for d in range(D):
+            acc[r0 + j, d] = acc[r0 + j, d] * alpha[r0 + j] + a[j, d]
+
+
+@njit(fastmath=True, cache=True)
+def _span(qt, K, V, base, so, sh, block, lim, b, h, lo, hi, scale, m, l, acc, width, lanes, R):
+    """Keys lo .. hi - 1 of row b, kv head h, into the running max m [L], sum l [L] and output acc [L, D] of its R
+    rows (online softmax, tiles of TILE keys; _attend's shapes): p [L, TILE] the tile's scores, then weights."""
+    L = len(lanes)
+    alpha, p = np.empty(L, np.float32), np.zeros((L, TILE), np.float32)
+    rows = np.empty(TILE + AHEAD, np.int64)
+    for t0 in range(lo, hi, TILE):
+        n, ahead = min(TILE, hi - t0), min(TILE + AHEAD, hi - t0)
+        blk, off = t0 // block, t0 % block  # rows[i]: the K, V row of key t0 + i, for the tile and AHEAD keys on
+        for i in range(ahead):
+            rows[i] = base[b, blk] + off * so + h * sh
+            off += 1
+            if off == block:
+                blk, off = blk + 1, 0
+        if R <= DOT_ROWS:
+            _scores_dot(qt[b, h], K, V, rows, n, ahead, scale, p, R)
+        else:
+            _scores_lanes(qt[b, h], K, V, rows, n, ahead, scale, p, lanes)
+        _softmax(p, n, t0, lim[b], m, l, alpha, R)
+        for r0 in range(0, R, 4):  # rows past R (up to 3 of them) have weights 0
+            _pv(V, p, rows, n, r0, acc, alpha, width)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _attend(q, K, V, base, so, sh, block, limits, threads, scale, out, width):
-    """out [B, Hkv, R, D] for q [B, Hkv, R, D] (row r = g * T + t). width: a tuple of D items, so that D is a
-    compile-time constant (len of its type) and the D-loops vectorise fully."""
-    D = len(width)
-    B, Hkv, R, _ = q.shape
-    T = limits.shape[1]
+def _attend(qt, K, V, base, so, sh, block, lim, threads, scale, out, width, lanes):
+    """out [B, Hkv, R, D] for the R = G * T folded queries (row r = g * T + t) in qt: [B, Hkv, L, D] for R <=
+    DOT_ROWS, else transposed, [B, Hkv, D, L]; zero past R. lim [B, L]: keys visible to row r (limits[b, r % T]).
+    width and lanes: tuples of D / 4 and L items, so that D and L are compile-time constants in the tile functions
+    (lengths of their types; a tuple of over 100 items cannot enter a parallel loop): L is R rounded up to whole
+    vectors of 16 lanes."""
+    B, Hkv, R, D = out.shape
+    L = qt.shape[3]
     top = np.zeros(B, np.int64)  # keys of row b: the most any of its queries sees
     for b in range(B):
-        for t in range(T):
-            top[b] = max(top[b], limits[b, t])
+        for r in range(R):
+            top[b] = max(top[b], lim[b, r])
     spans = -(-2 * threads // (B * Hkv))  # at least two work items per thread where the keys allow
     span = min(SPAN, max(TILE, -(-top.max() // spans // TILE) * TILE))
     ns = (top.max() + span - 1) // span
     items = B * Hkv * ns
-    pm, pl = np.empty((items, R), np.float32), np.empty((items, R), np.float32)
-    pa = np.empty((items, R, D), np.float32)
+    pm, pl, pa = np.full((items, L), NONE, np.float32), np.zeros((items, L), np.float32), np.zeros((items, L, D),
+                                                                                                  np.float32)
     for it in prange(items):
         b, h, c = it // (Hkv * ns), it // ns % Hkv, it % ns
-        lo, hi = c * span, min(top[b], c * span + span)
-        m, l = np.full(R, NONE, np.float32), np.zeros(R, np.float32)
-        acc, p = np.zeros((R, D), np.float32), np.zeros((R, TILE), np.float32)
-        for t0 in range(lo, hi, TILE):
-            n = min(TILE, hi - t0)
-            for i in range(n):  # scores p[r, i] = q_r . k_i / sqrt(D)
-                k = _row(base, b, t0 + i, block, so, sh, h)
-                if t0 + i + AHEAD < hi:
-                    ahead = _row(base, b, t0 + i + AHEAD, block, so, sh, h)
-                    _prefetch(K, ahead)
-                    _prefetch(V, ahead)
-                for r in range(R):
-                    a = np.float32(0)
-                    for d in range(D):
-                        a += q[b, h, r, d] * K[k, d]
-                    p[r, i] = a * scale
-            for r in range(R):  # online softmax: p <- e^(p - m), acc and l rescaled to the new max
-                vis = min(n, max(0, limits[b, r % T] - t0))
-                top_r = NONE
-                for i in range(vis):
-                    top_r = max(top_r, p[r, i])
-                new = max(m[r], top_r)
-                alpha, s = _exp(m[r] - new), np.float32(0)
-                for i in range(vis):
-                    e = _exp(p[r, i] - new)
-                    p[r, i] = e
-                    s += e
-                for i in range(vis, n):
-                    p[r, i] = 0
-                l[r], m[r] = l[r] * alpha + s, new
+        _span(qt, K, V, base, so, sh, block, lim, b, h, c * span, min(top[b], c * span + span), scale, pm[it],
+              pl[it], pa[it], width, lanes, R)
+    for bh in prange(B * Hkv):  # merge the spans of (b, h): weights e^(m_span - max)
+        b, h = bh // Hkv, bh % Hkv
+        for r in range(R):
+            top_r = NONE
+            for c in range(ns):
+                top_r = max(top_r, pm[bh * ns + c, r])
+            total = np.float32(0)
+            for d in range(D):
+                out[b, h, r, d] = 0
+            for c in range(ns):
+                w = _exp(pm[bh * ns + c, r] - top_r)
+                total += w * pl[bh * ns + c, r]
                 for d in range(D):
-                    acc[r, d] *= alpha
-            for i in range(n):  # acc += p v
-                v = _row(base, b, t0 + i, block, so, sh, h)
-                for r in range(R):
-                    e = p[r, i]
-                    for d in range(D):
-                        acc[r, d] += e * V[v, d]
-        if ns == 1:
-            for r in range(R):
-                for d in range(D):
-                    out[b, h, r, d] = acc[r, d] / l[r]
-        else:
-            pm[it], pl[it], pa[it] = m, l, acc
-    if ns > 1:  # merge the spans of (b, h): weights e^(m_span - max)
-        for bh in prange(B * Hkv):
-            b, h = bh // Hkv, bh % Hkv
-            for r in range(R):
-                top_r = NONE
-                for c in range(ns):
-                    top_r = max(top_r, pm[bh * ns + c, r])
-                total = np.float32(0)
-                for d in range(D):
-                    out[b, h, r, d] = 0
-                for c in range(ns):
-                    w = _exp(pm[bh * ns + c, r] - top_r)
-                    total += w * pl[bh * ns + c, r]
-                    for d in range(D):
-                        out[b, h, r, d] += w * pa[bh * ns + c, r, d]
-                for d in range(D):
-                    out[b, h, r, d] /= total
+                    out[b, h, r, d] += w * pa[bh * ns + c, r, d]
+            for d in range(D):
+                out[b, h, r, d] /= total
 
 
 def _run(q, K, V, base, slot_stride, head_stride, block, Hkv, limits) -> torch.Tensor:
     B, Hq, T, D = q.shape
-    out = np.empty((B, Hkv, Hq // Hkv * T, D), np.float32)
-    _attend(q.reshape(B, Hkv, -1, D).contiguous().numpy(), K.numpy(), V.numpy(), base, slot_stride, head_stride,
-            block, limits.numpy(), numba.get_num_threads(), np.float32(1 / math.sqrt(D)), out, (0,) * D)
+    R = Hq // Hkv * T
+    L = -(-R // 16) * 16
+    if R <= DOT_ROWS:
+        qt = np.zeros((B, Hkv, L, D), np.float32)
+        qt[:, :, :R] = q.reshape(B, Hkv, R, D).numpy()
+    else:
+        qt = np.zeros((B, Hkv, D, L), np.float32)
+        qt[..., :R] = q.reshape(B, Hkv, R, D).transpose(2, 3).numpy()
+    lim = np.zeros((B, L), np.int64)
+    lim[:, :R] = np.tile(limits.numpy(), Hq // Hkv)  # row r = g * T + t: limits[b, t]
+    out = np.empty((B, Hkv, R, D), np.float32)
+    _attend(qt, K.numpy(), V.numpy(), base, slot_stride, head_stride, block, lim, numba.get_num_threads(),
+            np.float32(1 / math.sqrt(D)), out, (0,) * (D // 4), (0,) * L)
     return torch.from_numpy(out).view(B, Hq, T, D)
 
 

@@ -64,14 +64,14 @@ def test_sums_within_the_fp32_error_bound(fmt):
 @pytest.mark.parametrize("fmt", FORMATS + ("fp32",))
 def test_rows_are_independent_of_the_batch(fmt):
     """Row r of a step's output does not depend on the other rows nor on how many there are: every output is summed
-    in one order whatever chunk of 4, 2 or 1 rows it falls in (a lone row of fp32 or Q8_0 runs as a chunk of 2), so
-    ar, a verify step and a batch see the same logits for the same hidden state, bit for bit."""
+    in one order whatever chunk it falls in (1, 2, 4, 6 or 8 rows, padded ones, overlapping chunks of 8 past 8 rows),
+    so ar, a verify step and a batch see the same logits for the same hidden state, bit for bit."""
     w = torch.randn(40, 128, generator=torch.Generator().manual_seed(3))
     w = w if fmt == "fp32" else Blocks.quantize(w, fmt)
-    x = torch.randn(9, 128, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(19, 128, generator=torch.Generator().manual_seed(4))
     full = linear(x, w)
-    for M in range(1, 9):
-        for r in range(9 - M + 1):
+    for M in range(1, 20):
+        for r in range(19 - M + 1):
             assert torch.equal(linear(x[r:r + M], w), full[r:r + M]), (M, r)
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 import cpu_kernels
+from retrieval_cache import cpu_attention
 from retrieval_cache import kernel as attention_kernel
 
 from .models.loader import cache_root
@@ -47,7 +48,7 @@ def key(model, draft, batch: int, budget: int, context: int, gamma_max: int) -> 
     m = machine()
     bucket = 1 << max(0, context - 1).bit_length()
     return json.dumps([m.get("gpu") if model.device.type == "cuda" else m["cpu"], m["threads"], model.source,
-                       f"{model.runtime.kernels}:{cpu_kernels.VERSION}", attention_kernel(),
+                       f"{model.runtime.kernels}:{cpu_kernels.VERSION}", f"{attention_kernel()}:{cpu_attention.VERSION}",
                        str(model.norm.weight.dtype), str(model.device),
                        draft.runtime.kernels + ":" + str(draft.weight_bytes()), batch, budget, bucket, gamma_max])
 
