@@ -12,8 +12,8 @@ by rescaling with exp(m_span - m). A tile is three loop nests: scores p [rows, k
 few rows; for more, 8 keys at a time against a vector lane per row, so no sum is reduced across a vector), the
 softmax along the keys, and acc += p v for 4 rows at a time with their sums in registers, so a verify step's
 extra rows cost arithmetic, not more passes over acc. exp is a degree-7 polynomial after Cody-Waite range
-reduction (relative error within 6 fp32 units of roundoff, 3.6e-7), so the loops vectorise. Only the summation order and exp's
-last bits differ from torch's SDPA (tests/test_attention_kernel.py bounds both against float64).
+reduction (relative error within 6 fp32 units of roundoff, 3.6e-7), so the loops vectorise. Only the summation
+order and exp's last bits differ from torch's SDPA (tests/test_attention_kernel.py bounds both against float64).
 Measured against SDPA: benchmarks/results/kernels-cpu.md (attention rows).
 """
 import math
@@ -110,10 +110,9 @@ def _scores_lanes(qt, K, V, rows, n, ahead, scale, p, lanes):
         for i in range(i0 + AHEAD, min(i0 + AHEAD + 8, ahead)):
             _prefetch(K, rows[i])
             _prefetch(V, rows[i])
-        last = n - 1
-        k0, k1, k2, k3 = rows[i0], rows[min(i0 + 1, last)], rows[min(i0 + 2, last)], rows[min(i0 + 3, last)]
-        k4, k5, k6, k7 = rows[min(i0 + 4, last)], rows[min(i0 + 5, last)], rows[min(i0 + 6, last)], rows[
-            min(i0 + 7, last)]
+        e = n - 1
+        k0, k1, k2, k3 = rows[i0], rows[min(i0 + 1, e)], rows[min(i0 + 2, e)], rows[min(i0 + 3, e)]
+        k4, k5, k6, k7 = rows[min(i0 + 4, e)], rows[min(i0 + 5, e)], rows[min(i0 + 6, e)], rows[min(i0 + 7, e)]
         s = carray(_stack(((0, 0, 0, 0, 0, 0, 0, 0), lanes)), (8, L))
         for d in range(D):
             x0, x1, x2, x3 = K[k0, d], K[k1, d], K[k2, d], K[k3, d]
@@ -197,7 +196,7 @@ def _span(qt, K, V, base, so, sh, block, lim, b, h, lo, hi, scale, m, l, acc, wi
     """Keys lo .. hi - 1 of row b, kv head h, into the running max m [L], sum l [L] and output acc [L, D] of its R
     rows (online softmax, tiles of TILE keys; _attend's shapes): p [L, TILE] the tile's scores, then weights."""
     L = len(lanes)
-    alpha, p = np.empty(L, np.float32), np.zeros((L, TILE), np.float32)
+    alpha, p = np.ones(L, np.float32), np.zeros((L, TILE), np.float32)  # rows past R stay 1 and 0
     rows = np.empty(TILE + AHEAD, np.int64)
     for t0 in range(lo, hi, TILE):
         n, ahead = min(TILE, hi - t0), min(TILE + AHEAD, hi - t0)

@@ -48,7 +48,8 @@ def key(model, draft, batch: int, budget: int, context: int, gamma_max: int) -> 
     m = machine()
     bucket = 1 << max(0, context - 1).bit_length()
     return json.dumps([m.get("gpu") if model.device.type == "cuda" else m["cpu"], m["threads"], model.source,
-                       f"{model.runtime.kernels}:{cpu_kernels.VERSION}", f"{attention_kernel()}:{cpu_attention.VERSION}",
+                       f"{model.runtime.kernels}:{cpu_kernels.VERSION}",
+                       f"{attention_kernel()}:{cpu_attention.VERSION}",
                        str(model.norm.weight.dtype), str(model.device),
                        draft.runtime.kernels + ":" + str(draft.weight_bytes()), batch, budget, bucket, gamma_max])
 
