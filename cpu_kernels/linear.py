@@ -129,7 +129,7 @@ def _chunk(codes, scale, low, g, x, r, out, chunk):
             out[r + m, g * LANES + l] = acc[m, 0, l] + acc[m, 1, l]
 
 
-@njit(parallel=True, cache=True)
+@njit(inline="always")
 def _linear(codes, scale, low, x, out):
     """out [M, G * LANES] for x [m, K], M = chunk_rows(m): each lane group in one chunk of M rows, or (M > 8) over
     chunks of 8, the last of which may overlap the one before it (rows computed twice, to the same values)."""
@@ -151,13 +151,31 @@ def _linear(codes, scale, low, x, out):
                 r += 8
 
 
-def chunk_rows(m: int, fmt) -> int:
+def lone_row(codes):
+    """Rows a single x row runs as, by the weights' format (codes' dtype)."""
+
+
+@overload(lone_row, inline="always")
+def _lone_row(codes):  # LLVM unrolls fp32 and Q8_0 1-row chunks into scalar code, and vectorises the 4-bit ones
+    rows = 1 if codes.dtype == types.uint8 else 2
+    return lambda codes: rows
+
+
+@njit(cache=True)
+def chunk_rows(m, codes):
     """Rows the kernel computes for m rows of x: a chunk size it is compiled for (1, 2, 4, 6, 8) or, past 8, m
-    itself; rows past m repeat x's last row. A single row of fp32 or Q8_0 (dtype fmt) runs as 2: LLVM unrolls those
-    formats' 1-row chunks into scalar code, where it vectorises the 4-bit formats'."""
+    itself; rows past m repeat x's last row."""
     if m == 1:
-        return 1 if fmt == np.uint8 else 2
+        return lone_row(codes)
     return m if m > 8 else m + m % 2
+
+
+@njit(parallel=True, cache=True, inline="always")
+def _product(codes, scale, low, x):
+    """x [m, K] (C order) @ Wᵀ -> [chunk_rows(m), G * LANES]: rows past m and columns past N are padding."""
+    out = np.empty((chunk_rows(x.shape[0], codes), codes.shape[0] * LANES), np.float32)
+    _linear(codes, scale, low, x, out)
+    return out
 
 
 def pack(w) -> tuple:
@@ -180,7 +198,78 @@ def linear(x: torch.Tensor, w, packed: tuple | None = None) -> torch.Tensor:
     M = xn.shape[0]
     if M > MAX_ROWS:
         return F.linear(x.float(), w.dequantize() if isinstance(w, Blocks) else w)
-    codes, scale, low = packed or pack(w)
-    out = np.empty((chunk_rows(M, codes.dtype), codes.shape[0] * LANES), np.float32)
-    _linear(codes, scale, low, xn, out)
-    return torch.from_numpy(out[:M, :N].reshape(*lead, N))
+    return torch.from_numpy(_product(*(packed or pack(w)), xn)[:M, :N].reshape(*lead, N))
+
+
+# A Llama-family block's work around attention, in two calls (attention_in, attention_out) of the kernel above:
+# the per-call overhead of ~20 small torch operations and 7 wrapper calls a layer cost more than its Q4_1 weights'
+# bytes. A map is (codes, scale, low, bias, n): pack(w), its bias [n] or None, and its n output rows.
+# Every parallel loop is inlined into the entry point that runs it (_product, attention_in, attention_out): a
+# cached serial function calling a parallel one is numba issue #8578 (open), and once jumped to a null address here.
+# They live in this file because numba's cache of a caller holds its callees' code and is invalidated only by a
+# change to the caller's own file. Elementwise sums stay in serial functions (_add): in a parallel function numba
+# would make each one a parallel loop of its own, which costs more than it sums here.
+
+@njit(cache=True)
+def _add(a, b):
+    """a [m, n] + b ([m, n] or [n])."""
+    return a + b
+
+
+def add_bias(out, bias):
+    """out [m, n] + bias [n]; out itself for None."""
+
+
+@overload(add_bias, inline="always")
+def _add_bias(out, bias):
+    if bias is types.none:
+        return lambda out, bias: out
+    return lambda out, bias: _add(out, bias)
+
+
+@njit(inline="always")
+def _map(w, x):
+    """x [m, K] (C order) -> x Wᵀ + bias [m, n]."""
+    codes, scale, low, bias, n = w
+    return add_bias(_product(codes, scale, low, x)[: x.shape[0], :n], bias)
+
+
+@njit(cache=True, fastmath=CONTRACT)
+def _rms_norm(x, w, eps):
+    """x [m, K] -> w * (x / sqrt(mean(x²) + eps)) per row in fp32 (transformers' LlamaRMSNorm; summed in order)."""
+    m, K = x.shape
+    out = np.empty((m, K), np.float32)
+    for i in range(m):
+        s = np.float32(0)
+        for k in range(K):
+            s += x[i, k] * x[i, k]
+        r = np.float32(1) / np.sqrt(s / np.float32(K) + eps)
+        for k in range(K):
+            out[i, k] = w[k] * (x[i, k] * r)
+    return out
+
+
+@njit(cache=True)
+def _swiglu(g, u):
+    """silu(g) u for g, u [m, n] -> [m, n] (C order)."""
+    out = np.empty(g.shape, np.float32)
+    for i in range(g.shape[0]):
+        for j in range(g.shape[1]):
+            out[i, j] = g[i, j] / (np.float32(1) + np.exp(-g[i, j])) * u[i, j]
+    return out
+
+
+@njit(parallel=True, cache=True)
+def attention_in(x, norm, eps, q, k, v):
+    """A block's attention inputs: x [m, D] (C order) -> q, k, v [m, n] = maps q, k, v of rms_norm(x)."""
+    h = _rms_norm(x, norm, eps)
+    return _map(q, h), _map(k, h), _map(v, h)
+
+
+@njit(parallel=True, cache=True)
+def attention_out(x, a, o, norm, eps, gate, up, down):
+    """The rest of the block: x [m, D] (C order, the block's input), a [m, Hq * hd] (C order, attention's output)
+    -> y + down(silu(gate h) * up h) [m, D] with y = x + o(a), h = rms_norm(y)."""
+    y = _add(x, _map(o, a))
+    h = _rms_norm(y, norm, eps)
+    return _add(y, _map(down, _swiglu(_map(gate, h), _map(up, h))))

@@ -14,6 +14,7 @@ class Linear(nn.Module):
     def __init__(self, weight, bias: torch.Tensor | None = None):
         super().__init__()
         self.blocks = weight if isinstance(weight, Blocks) else None
+        self.out_features = weight.shape[0]
         self.weight = None if self.blocks is not None else (
             weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight))
         self.bias = bias

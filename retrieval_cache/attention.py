@@ -55,7 +55,11 @@ def in_place(q: torch.Tensor, k: torch.Tensor, limits: torch.Tensor | None) -> b
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE, half-split layout. x [B, H, T, D]; cos, sin [B, T, D]."""
+    """RoPE, half-split layout. x [B, H, T, D]; cos, sin [B, T, D]. On the CPU in fp32 without autograd, numba's
+    loop gives the same bits in one call (cpu_attention.rotate)."""
+    if (x.device.type == "cpu" and x.dtype == cos.dtype == torch.float32
+            and not (torch.is_grad_enabled() and x.requires_grad)):
+        return cpu_attention.rotate(x, cos, sin)
     cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin

@@ -292,3 +292,27 @@ def attend_blocks(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, table: torc
     (row b's slot s: block table[b, s // bs], offset s % bs), read in place: [B, Hq, T, D]."""
     n_blocks, bs, Hkv, D = K.shape
     return _run(q, K.view(-1, D), V.view(-1, D), table.numpy() * (bs * Hkv), Hkv, 1, bs, Hkv, limits)
+
+
+@njit(cache=True)
+def _rotate(x, cos, sin, out):
+    """out = x cos + (-x2, x1) sin per head (RoPE, half-split): x, out [B, H, T, D]; cos, sin [B, T, D]. The same
+    three roundings per element as torch's form (no FMA contraction), so the same bits."""
+    B, H, T, D = x.shape
+    half = D // 2
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                for d in range(half):
+                    x1, x2 = x[b, h, t, d], x[b, h, t, d + half]
+                    out[b, h, t, d] = x1 * cos[b, t, d] + -x2 * sin[b, t, d]
+                    out[b, h, t, d + half] = x2 * cos[b, t, d + half] + x1 * sin[b, t, d + half]
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """attention.rotate for fp32 CPU tensors, in one call (a step's q and k: torch's form is 8 operations each);
+    cos and sin broadcast over x's first axis as in torch (StreamingCache.fill_from rotates every layer at once)."""
+    B, H, T, D = x.shape
+    out = np.empty(x.shape, np.float32)
+    _rotate(x.numpy(), cos.expand(B, T, D).numpy(), sin.expand(B, T, D).numpy(), out)
+    return torch.from_numpy(out)

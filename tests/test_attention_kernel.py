@@ -76,6 +76,20 @@ def test_exp_accuracy():
     assert np.max(np.abs(got - ref) / ref) <= EXP_ULPS * U
 
 
+def test_rotate_in_one_call_gives_torch_bits():
+    """RoPE on the CPU in fp32 runs as one numba loop (cpu_attention.rotate); it gives torch's form's bits exactly,
+    for transposed views (q, k as the layers give them) and contiguous tensors, one token or a prefill chunk, and
+    cos, sin broadcast over the first axis."""
+    g = torch.Generator().manual_seed(8)
+    for B, H, T, D, Bc in ((1, 9, 1, 64, 1), (2, 3, 7, 64, 2), (1, 4, 300, 8, 1), (5, 3, 4, 64, 1)):
+        x = torch.randn(B, T, H, D, generator=g).transpose(1, 2)
+        cos, sin = torch.randn(Bc, T, D, generator=g), torch.randn(Bc, T, D, generator=g)  # Bc = 1: broadcast
+        torch_form = x * cos[:, None] + torch.cat((-x[..., D // 2:], x[..., :D // 2]), dim=-1) * sin[:, None]
+        for t in (x, x.contiguous()):
+            with torch.inference_mode():
+                assert torch.equal(rotate(t, cos, sin), torch_form)
+
+
 @pytest.mark.parametrize("G,T", [(2, 3), (3, 4)])  # 6 and 12 folded rows: both ways of scoring (DOT_ROWS)
 def test_keys_past_a_query_never_count(G, T):
     """Slots past a row's last limit hold NaN (never read); inside it, a slot past one query's limit holds a huge

@@ -5,6 +5,7 @@ from conftest import hf_model, ours
 
 from retrieval_cache import FullCache, RetrievalCache
 from triforce_rt.engine import prefill
+from triforce_rt.models.kernels import use_numba
 
 TOL = 1e-4
 CONFIGS = {
@@ -41,11 +42,16 @@ def test_full_sequence(name):
     assert (got - reference(hf, ids)).abs().max() <= TOL
 
 
+@pytest.mark.parametrize("kernels", ["torch", "numba"])
 @pytest.mark.parametrize("name", [n for n in CONFIGS if n != "llama-dynamic"])  # dynamic NTK depends on the step split
-def test_chunked_prefill_verify_and_decode(name):
-    """Chunked prefill, then a 5-token verify-shaped step, then single-token decodes, all against one HF pass."""
+def test_chunked_prefill_verify_and_decode(name, kernels):
+    """Chunked prefill, then a 5-token verify-shaped step, then single-token decodes, all against one HF pass; on
+    the numba kernels every one of these steps runs as Fused blocks (biases and GQA included)."""
     hf = hf_model(**CONFIGS[name])
     model = ours(hf)
+    if kernels == "numba":
+        use_numba(model)
+        assert all(block.fused is not None for block in model.layers)
     ids = torch.randint(0, hf.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(2))
     ref = reference(hf, ids)[0]
     cache = model.new_cache(FullCache, 64)

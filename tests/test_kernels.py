@@ -1,6 +1,9 @@
 """The numba CPU kernels (cpu_kernels): the exact dequantized values, sums within the fp32 error bound of torch's,
 the default model read from its GGUF blocks equal to the converted fp32 folder, every mode token-identical to
 `ar` on those kernels, and one-line errors for what they cannot run."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +12,7 @@ from conftest import child_env, hf_model, ours
 from gguf import GGMLQuantizationType, GGUFWriter, dequantize, quantize
 from test_hierarchy import ALPHA, SPEC_MODES, mode_config, random_pair, sampled_pairs, sweep_cases, with_head
 
-from cpu_kernels import FORMATS, Blocks, linear
+from cpu_kernels import FORMATS, Blocks, attention_in, attention_out, linear, pack
 from triforce_rt import GenerationConfig, generate, load_model
 from triforce_rt.errors import UserError
 from triforce_rt.models.kernels import choose, place_blocks, read_gguf, use_numba
@@ -73,6 +76,74 @@ def test_rows_are_independent_of_the_batch(fmt):
     for M in range(1, 20):
         for r in range(19 - M + 1):
             assert torch.equal(linear(x[r:r + M], w), full[r:r + M]), (M, r)
+
+
+def block_maps(fmt, D=64, Dq=96, Dkv=32, I=128, seed=5):
+    """A block's seven maps (q, k, v, o, gate, up, down) as cpu_kernels.attention_in/out take them, in fmt, with
+    biases on q, k, v and o (Qwen2's and attention_bias's)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = ((Dq, D), (Dkv, D), (Dkv, D), (D, Dq), (I, D), (I, D), (D, I))
+    maps = []
+    for i, (n, k) in enumerate(shapes):
+        w = torch.randn(n, k, generator=g) / k ** 0.5
+        b = w if fmt == "fp32" else Blocks.quantize(w, fmt)
+        bias = torch.randn(n, generator=g).numpy() if i < 4 else None
+        maps.append((*pack(b), bias, n))
+    return maps
+
+
+@pytest.mark.parametrize("fmt", FORMATS + ("fp32",))
+def test_fused_block_rows_are_independent_of_the_batch(fmt):
+    """attention_in and attention_out (a block's work around attention in two calls) give row r the same bits
+    whatever the other rows and their count: ar, verify steps and batches see the same block outputs."""
+    q, k, v, o, gate, up, down = block_maps(fmt)
+    g = torch.Generator().manual_seed(6)
+    x, a = torch.randn(19, 64, generator=g).numpy(), torch.randn(19, 96, generator=g).numpy()
+    norm, eps = torch.rand(64, generator=g).numpy() + 0.5, np.float32(1e-5)
+    before = attention_in(x, norm, eps, q, k, v)
+    after = attention_out(x, a, o, norm, eps, gate, up, down)
+    for M in range(1, 20):
+        for r in range(19 - M + 1):
+            rows = slice(r, r + M)
+            got = attention_in(np.ascontiguousarray(x[rows]), norm, eps, q, k, v)
+            assert all(np.array_equal(t, ref[rows]) for t, ref in zip(got, before)), (M, r)
+            got = attention_out(np.ascontiguousarray(x[rows]), np.ascontiguousarray(a[rows]), o, norm, eps, gate,
+                                up, down)
+            assert np.array_equal(got, after[rows]), (M, r)
+
+
+def test_fused_rms_norm_within_its_fp32_error_bound():
+    """attention_in with identity maps gives rms_norm(x) itself (one-hot rows add exact zeros). Its error against
+    float64 is within the first-order bound of its operations: a K-term sum of squares (γ_K, halved by the square
+    root) and six roundings (mean, + eps, sqrt, 1 / r, x r, w (x r)), so |out - exact| <= γ_(K/2 + 6) |exact|;
+    torch's F.rms_norm meets the same bound."""
+    K, u = 576, 2.0 ** -24
+    eye = (*pack(torch.eye(K)), None, K)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(9, K, generator=g) * torch.logspace(-3, 3, 9)[:, None]  # rows of every scale
+    w, eps = torch.rand(K, generator=g) + 0.5, 1e-5
+    exact = w.double() * x.double() / (x.double().pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    n = K / 2 + 6
+    bound = n * u / (1 - n * u) * exact.abs()
+    got = torch.from_numpy(attention_in(x.numpy(), w.numpy(), np.float32(eps), eye, eye, eye)[0])
+    for out in (got, w * F.rms_norm(x, (K,), eps=eps)):
+        assert ((out.double() - exact).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("first", ["retrieval_cache", "cpu_kernels", "triforce_rt"])
+def test_numba_targets_512_bit_vectors_whichever_package_comes_first(first):
+    """On an AVX-512 CPU, numba compiles every kernel with 512-bit vectors whichever of the project's packages a
+    program imports first (numba fixes its target at the first jitted function; with 256 bits the kernels ran up to
+    2.6x slower). The child process starts without the setting this process has."""
+    from llvmlite import binding
+
+    if not binding.get_host_cpu_features().get("avx512f"):
+        pytest.skip("this CPU has no AVX-512: numba's default target is the one used")
+    env = {k: v for k, v in child_env().items() if k != "NUMBA_CPU_FEATURES"}
+    code = (f"import {first}, numba\nfrom numba.core.registry import cpu_target\n"
+            "print(cpu_target.target_context.codegen().magic_tuple()[2])")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert "-prefer-256-bit" in out.strip().split(",")
 
 
 def test_default_model_blocks_equal_the_converted_folder():

@@ -1,5 +1,4 @@
 """triforce-rt: lossless hierarchical speculative decoding for long-context generation."""
-from . import runtime  # first: it sets how numba compiles, before numba is imported
 from .engine import GenerationConfig, GenerationResult, generate
 from .errors import UserError
 from .models import load_model

@@ -3,33 +3,11 @@ policy for CUDA graphs and offloading. The Transformer holds one Runtime (model.
 running it sits on the nn.Module.
 """
 import os
-import sys
 from dataclasses import dataclass, field
 
 from .errors import UserError
 
 KERNELS = ("auto", "torch", "numba")  # --kernels: the matrix kernels a model runs with (models/kernels.py)
-
-
-def wide_vectors() -> None:
-    """Let numba's LLVM vectorise with 512-bit registers on AVX-512 CPUs (its tuning for Intel's server cores
-    prefers 256 bits). The CPU kernels are bound by vector arithmetic (dequantizing 4-bit blocks), which 512-bit
-    vectors halve. The linear kernel's values do not change (it never reassociates); the attention kernel's sums
-    may regroup, within the fp32 bound its tests derive. numba reads the setting when it
-    first compiles, so this runs when triforce_rt is imported; child processes inherit it through the environment.
-    An explicit NUMBA_CPU_NAME or NUMBA_CPU_FEATURES is left alone."""
-    if os.environ.get("NUMBA_CPU_NAME") or os.environ.get("NUMBA_CPU_FEATURES"):
-        return
-    from llvmlite import binding
-
-    features = binding.get_host_cpu_features()
-    if features.get("avx512f"):
-        os.environ["NUMBA_CPU_FEATURES"] = wide = features.flatten() + ",-prefer-256-bit"
-        if "numba" in sys.modules:  # imported already: its config was read from the environment before this
-            sys.modules["numba"].core.config.CPU_FEATURES = wide
-
-
-wide_vectors()
 
 
 def check_threads(n: int, what: str = "--threads") -> int:

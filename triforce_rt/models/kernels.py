@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cpu_kernels import FORMATS, QK, Blocks, Embedding, Linear, pack
+from cpu_kernels import FORMATS, MAX_ROWS, QK, Blocks, Embedding, Linear, attention_in, attention_out, pack
 
 from ..errors import UserError, first_line
 from ..runtime import KERNELS
@@ -93,11 +93,56 @@ def place_blocks(model, blocks: dict) -> None:
 def use_numba(model) -> None:
     """Put a loaded model (fp32, CPU) on the numba kernels: every nn.Linear left whose rows are whole blocks of 32
     becomes a cpu_kernels.Linear over its own weight (others stay torch's), and the head's arrays are packed once
-    (model.runtime.head)."""
+    (model.runtime.head); blocks whose seven maps all run on the kernel take their decode steps as Fused."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and child.in_features % QK == 0:
                 setattr(parent, name, Linear(child.weight, child.bias))
+    for block in model.layers:
+        block.fused = Fused.of(block)
     head = model.head
     model.runtime.kernels = "numba"
     model.runtime.head = pack(head) if isinstance(head, Blocks) or head.shape[1] % QK == 0 else None
+
+
+class Fused:
+    """A Block's forward on the numba kernels in two calls around cache.attend: cpu_kernels.attention_in (input
+    norm, q, k, v) and attention_out (o, residual, post-attention norm, SwiGLU MLP, residual); the same maths as
+    the block's modules, over their own weights (no copy). Steps of up to MAX_ROWS rows x tokens on the CPU, in
+    inference; the modules take every other step (prefill chunks, training)."""
+
+    def __init__(self, block):
+        a, mlp = block.self_attn, block.mlp
+        arrays = lambda m: (*m.packed, None if m.bias is None else m.bias.detach().numpy(), m.out_features)
+        eps = lambda norm: np.float32(norm.eps)
+        self.heads = a.n_heads, a.n_kv, a.head_dim
+        self.before = (block.input_layernorm.weight.detach().numpy(), eps(block.input_layernorm),
+                       arrays(a.q_proj), arrays(a.k_proj), arrays(a.v_proj))
+        self.after = (arrays(a.o_proj), block.post_attention_layernorm.weight.detach().numpy(),
+                      eps(block.post_attention_layernorm), arrays(mlp.gate_proj), arrays(mlp.up_proj),
+                      arrays(mlp.down_proj))
+
+    @classmethod
+    def of(cls, block) -> "Fused | None":
+        """Fused(block) if its maps are all cpu_kernels.Linear and no tensor-parallel reduction follows them."""
+        a, mlp = block.self_attn, block.mlp
+        maps = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if all(isinstance(m, Linear) for m in maps) and a.reduce is None and mlp.reduce is None:
+            return cls(block)
+        return None
+
+    @staticmethod
+    def takes(x: torch.Tensor) -> bool:
+        """Whether a step's input x [B, T, D] runs here: CPU, fp32, at most MAX_ROWS rows, no autograd."""
+        return (x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] * x.shape[1] <= MAX_ROWS
+                and not (torch.is_grad_enabled() and x.requires_grad))
+
+    def __call__(self, x: torch.Tensor, layer: int, cache) -> torch.Tensor:
+        B, T, D = x.shape
+        Hq, Hkv, hd = self.heads
+        xn = np.ascontiguousarray(x.numpy().reshape(B * T, D))
+        q, k, v = (torch.from_numpy(t).view(B, T, H, hd).transpose(1, 2)
+                   for t, H in zip(attention_in(xn, *self.before), (Hq, Hkv, Hkv)))  # [B, H, T, hd]
+        out = cache.attend(layer, q, k, v)  # [B, Hq, T, hd]
+        out = np.ascontiguousarray(out.transpose(1, 2).numpy().reshape(B * T, Hq * hd))
+        return torch.from_numpy(attention_out(xn, out, *self.after)).view(B, T, D)

@@ -79,8 +79,11 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        self.fused = None  # the same forward on the numba kernels, for the steps it takes (models/kernels.py)
 
     def forward(self, x, layer: int, cache):
+        if self.fused is not None and self.fused.takes(x):
+            return self.fused(x, layer, cache)
         x = x + self.self_attn(self.input_layernorm(x), layer, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
