@@ -1,7 +1,7 @@
 """The CPU kernels (issues #30, #33), in one run: memory bandwidth; the cost of one forward of T = 1..16 tokens
 over a cache of 64, 2,048, 4,096 and 8,064 tokens with torch and numba kernels, fp32 and the GGUF's own Q4_1
 blocks, each beside its memory floor (bytes read / the bandwidth measured here), with the attention kernel of
---attn auto (numba's for T <= 8 from 4,096 keys) and with torch's SDPA, whose attention is also timed apart; `ar`
+--attn auto (numba's for T <= 8 from 2,048 keys) and with torch's SDPA, whose attention is also timed apart; `ar`
 decode against HF generate and llama.cpp on the same GGUF at 2K and 8K, ours with both attention kernels; and
 `ar` throughput at batch 1, 4 and 8. SmolLM2-135M-Instruct (Q4_1 GGUF; its fp32 conversion for torch and HF),
 2 threads, greedy.
@@ -21,7 +21,7 @@ import numba
 import torch
 from drivers import PROMPTS, heldout_ids, result_path, script_args, write_markdown
 
-from retrieval_cache import FullCache, attend, use_kernel
+from retrieval_cache import FullCache, attend, cpu_attention, use_kernel
 from triforce_rt.engine import GenerationConfig, generate, generate_batch, prefill
 from triforce_rt.measure import chat_prompt, hf_decode, machine, publish
 from triforce_rt.models import load_model
@@ -38,6 +38,19 @@ def attention(kernel: str):
         yield
     finally:
         use_kernel("auto")
+
+
+@contextlib.contextmanager
+def unfused(model):
+    """Every block's steps through its modules (one kernel call per map, torch for the rest), not Fused."""
+    fused = [block.fused for block in model.layers]
+    for block in model.layers:
+        block.fused = None
+    try:
+        yield
+    finally:
+        for block, f in zip(model.layers, fused):
+            block.fused = f
 
 
 def best(fn, repeats=5) -> float:
@@ -100,10 +113,13 @@ def step_rows(model, label: str, ids: list, contexts, steps, bw: float) -> list:
             s = best(lambda: model(x, pos, cache))
             with attention("sdpa"):
                 s_sdpa = best(lambda: model(x, pos, cache))
+            with unfused(model):
+                s_modules = best(lambda: model(x, pos, cache))
             lin, att, att_sdpa = parts(model, cache, n, T)
             read = model.weight_bytes() + kv_bytes(model, n + T)
             row = {"kernels": label, "context": n, "T": T, "step_ms": round(s * 1e3, 2),
-                   "step_sdpa_ms": round(s_sdpa * 1e3, 2), "linear_ms": round(lin * 1e3, 2),
+                   "step_sdpa_ms": round(s_sdpa * 1e3, 2), "step_modules_ms": round(s_modules * 1e3, 2),
+                   "linear_ms": round(lin * 1e3, 2),
                    "attention_ms": round(att * 1e3, 2), "attention_sdpa_ms": round(att_sdpa * 1e3, 2),
                    "floor_ms": round(read / bw * 1e3, 2), "vs_floor": round(s * bw / read, 2), "bytes_read": read}
             rows.append(row)
@@ -178,6 +194,7 @@ def batch_rows(model, context: int, batches, new_tokens: int) -> list:
     prompts = [chat_prompt(model.tokenizer, instruction, text[i * context:], context) for i in range(max(batches))]
     rows, one = [], None
     cfg = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
+    generate_batch(model, [p[:64] for p in prompts[:2]], GenerationConfig(max_new_tokens=2))  # compile batch paths
     for B in batches:
         tps = []
         for kernel in ("auto", "sdpa"):
@@ -220,14 +237,16 @@ def markdown(report: dict) -> str:
              "### One forward of T tokens (best of 5), against its floor (weights + KV bytes / bandwidth)", "",
              "Linear maps (with the head) and attention (30 layers) are timed apart, on the same shapes; the rest of "
              "a step is the small operations around them (norms, RoPE, cache writes, residuals). Step and attention "
-             "with `--attn auto` (numba's kernel for T <= 8 over 4,096 keys or more, SDPA otherwise) and with SDPA; "
-             "× floor and × T=1 are of the auto step.", "",
-             "| kernels | context | T | step ms | step ms, SDPA | linear ms | attention ms | attention ms, SDPA | "
-             "floor ms | × floor | × T=1 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"with `--attn auto` (numba's kernel for T <= 8 over {cpu_attention.MIN_KEYS:,} keys or more, SDPA "
+             "otherwise) and with SDPA; × floor and × T=1 are of the auto step. On the numba kernels a block's step "
+             "is two calls around attention (Fused: norms, maps, residuals and SwiGLU in numba); `modules` is the "
+             "same step through the block's modules, one kernel call per map.", "",
+             "| kernels | context | T | step ms | step ms, SDPA | step ms, modules | linear ms | attention ms | "
+             "attention ms, SDPA | floor ms | × floor | × T=1 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["steps"]:
         lines.append(f"| {r['kernels']} | {r['context']} | {r['T']} | {r['step_ms']} | {r['step_sdpa_ms']} | "
-                     f"{r['linear_ms']} | {r['attention_ms']} | {r['attention_sdpa_ms']} | {r['floor_ms']} | "
+                     f"{r['step_modules_ms']} | {r['linear_ms']} | {r['attention_ms']} | {r['attention_sdpa_ms']} | {r['floor_ms']} | "
                      f"{r['vs_floor']} | {r['vs_T1']} |")
     lines += ["", "### `ar` decode (64 greedy tokens, held-out code prompt) against HF generate and llama.cpp", ""]
     keys = [k for k in report["decode"][0] if k != "context"]

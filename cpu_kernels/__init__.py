@@ -31,6 +31,6 @@ from .blocks import FORMATS, QK, Blocks
 from .linear import MAX_ROWS, attention_in, attention_out, linear, pack
 from .modules import Embedding, Linear
 
-VERSION = 3  # bumped when the kernels' speed changes: measured step costs (calibration) keyed by it go stale
+VERSION = 4  # bumped when the kernels' speed changes: measured step costs (calibration) keyed by it go stale
 
 __all__ = ["VERSION", "FORMATS", "QK", "Blocks", "MAX_ROWS", "attention_in", "attention_out", "linear", "pack", "Linear", "Embedding"]

@@ -26,15 +26,15 @@ from numba import carray, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-VERSION = 2  # bumped when the kernel's speed changes (measured step costs keyed by it go stale)
+VERSION = 3  # bumped when the kernel's speed changes (measured step costs keyed by it go stale)
 MAX_T = 8  # longer steps (prefill chunks, wide trees) stay on SDPA, whose GEMMs win there
 # One row of a contiguous cache with fewer keys stays on SDPA too: its lower call overhead wins while the keys fit
 # in the CPU's caches, and the kernel wins once they stream from memory (benchmarks/results/kernels-cpu.md:
-# attention at 64, 2K, 4K and 8K keys; `ar` decode at 2K and 8K). Batches always take the kernel: SDPA attends every
-# row over the longest row's keys, the kernel each row over its own (kernels-cpu.md: `ar` at B = 4 and 8, 1K keys;
-# batch-mixed-cpu-paged.md: rows of 512 to 8K keys), as a paged cache always does (SDPA would need its blocks
-# gathered first).
-MIN_KEYS = 4096
+# attention at 64, 2K, 4K and 8K keys under both; `ar` decode at 2K and 8K). Batches always take the kernel: SDPA
+# attends every row over the longest row's keys, the kernel each row over its own (kernels-cpu.md: `ar` at B = 4
+# and 8, 1K keys; batch-mixed-cpu-paged.md: rows of 512 to 8K keys), as a paged cache always does (SDPA would need
+# its blocks gathered first).
+MIN_KEYS = 2048
 TILE, AHEAD, SPAN = 64, 16, 512  # keys per softmax tile; prefetch distance (slots); most keys per work item
 DOT_ROWS = 8  # folded query rows up to which scores are dot products along D (decode steps: G rows); past it, a
 # vector lane per row (verify steps). In side runs I did not commit, lanes were slower at 3 rows, faster at 21.
@@ -215,15 +215,39 @@ def _span(qt, K, V, base, so, sh, block, lim, b, h, lo, hi, scale, m, l, acc, wi
             _pv(V, p, rows, n, r0, acc, alpha, width)
 
 
+@njit(cache=True)
+def _fold(q, limits, Hkv, L):
+    """q [B, Hq, T, D] -> qt, the R = G * T folded query rows of each kv head (row r = g * T + t: q[b, h * G + g,
+    t]), zero past R: [B, Hkv, L, D] for R <= DOT_ROWS, else transposed, [B, Hkv, D, L]; and lim [B, L], the keys
+    row r sees (limits[b, t]; none past R)."""
+    B, Hq, T, D = q.shape
+    G = Hq // Hkv
+    dot = G * T <= DOT_ROWS
+    qt = np.zeros((B, Hkv, L, D) if dot else (B, Hkv, D, L), np.float32)
+    lim = np.zeros((B, L), np.int64)
+    for b in range(B):
+        for h in range(Hkv):
+            for g in range(G):
+                for t in range(T):
+                    r = g * T + t
+                    lim[b, r] = limits[b, t]
+                    for d in range(D):
+                        if dot:
+                            qt[b, h, r, d] = q[b, h * G + g, t, d]
+                        else:
+                            qt[b, h, d, r] = q[b, h * G + g, t, d]
+    return qt, lim
+
+
 @njit(parallel=True, fastmath=True, cache=True)
-def _attend(qt, K, V, base, so, sh, block, lim, threads, scale, out, width, lanes):
-    """out [B, Hkv, R, D] for the R = G * T folded queries (row r = g * T + t) in qt: [B, Hkv, L, D] for R <=
-    DOT_ROWS, else transposed, [B, Hkv, D, L]; zero past R. lim [B, L]: keys visible to row r (limits[b, r % T]).
-    width and lanes: tuples of D / 4 and L items, so that D and L are compile-time constants in the tile functions
-    (lengths of their types; a tuple of over 100 items cannot enter a parallel loop): L is R rounded up to whole
-    vectors of 16 lanes."""
+def _attend(q, K, V, base, so, sh, block, limits, threads, scale, out, width, lanes):
+    """out [B, Hkv, R, D] for the R = G * T folded queries of q [B, Hq, T, D] (_fold); limits [B, T]: query t sees
+    the keys s < limits[b, t]. width and lanes: tuples of D / 4 and L items, so that D and L are compile-time
+    constants in the tile functions (lengths of their types; a tuple of over 100 items cannot enter a parallel
+    loop): L is R rounded up to whole vectors of 16 lanes."""
     B, Hkv, R, D = out.shape
-    L = qt.shape[3]
+    L = len(lanes)
+    qt, lim = _fold(q, limits, Hkv, L)
     top = np.zeros(B, np.int64)  # keys of row b: the most any of its queries sees
     for b in range(B):
         for r in range(R):
@@ -258,19 +282,11 @@ def _attend(qt, K, V, base, so, sh, block, lim, threads, scale, out, width, lane
 
 def _run(q, K, V, base, slot_stride, head_stride, block, Hkv, limits) -> torch.Tensor:
     B, Hq, T, D = q.shape
-    R = Hq // Hkv * T
-    L = -(-R // 16) * 16
-    if R <= DOT_ROWS:
-        qt = np.zeros((B, Hkv, L, D), np.float32)
-        qt[:, :, :R] = q.reshape(B, Hkv, R, D).numpy()
-    else:
-        qt = np.zeros((B, Hkv, D, L), np.float32)
-        qt[..., :R] = q.reshape(B, Hkv, R, D).transpose(2, 3).numpy()
-    lim = np.zeros((B, L), np.int64)
-    lim[:, :R] = np.tile(limits.numpy(), Hq // Hkv)  # row r = g * T + t: limits[b, t]
-    out = np.empty((B, Hkv, R, D), np.float32)
-    _attend(qt, K.numpy(), V.numpy(), base, slot_stride, head_stride, block, lim, numba.get_num_threads(),
-            np.float32(1 / math.sqrt(D)), out, (0,) * (D // 4), (0,) * L)
+    L = -(-Hq // Hkv * T // 16) * 16
+    out = np.empty((B, Hkv, Hq // Hkv * T, D), np.float32)
+    q, limits = (np.ascontiguousarray(t.numpy()) for t in (q, limits))  # one compiled layout
+    _attend(q, K.numpy(), V.numpy(), base, slot_stride, head_stride, block, limits,
+            numba.get_num_threads(), np.float32(1 / math.sqrt(D)), out, (0,) * (D // 4), (0,) * L)
     return torch.from_numpy(out).view(B, Hq, T, D)
 
 
