@@ -1,6 +1,6 @@
 """CPU matrix kernels (numba) for decode steps of a few rows: fp32 weights, or a GGUF's Q4_0/Q4_1/Q8_0 blocks read
-in place, computed in fp32 with exactly the dequantized values (blocks.py, linear.py). Imports no other package of
-this project."""
+in place, computed in fp32 with exactly the dequantized values (blocks.py, linear.py); and a Llama block's work
+around attention in two calls (linear.py: attention_in, attention_out). Imports no other package of this project."""
 import os
 import sys
 

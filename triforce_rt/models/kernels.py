@@ -3,7 +3,8 @@
 `torch`: nn.Linear over fp32 (or bf16/fp16) weights; a GGUF file is dequantized once into an fp32 folder.
 `numba`: cpu_kernels.Linear in place of every nn.Linear and the head. A GGUF file's Q4_0/Q4_1/Q8_0 matrices are
 read from the file as blocks (no fp32 copy), in transformers' names and row order, so the model is the one the
-torch path loads, value for value; other folders keep their fp32 weights.
+torch path loads, value for value; other folders keep their fp32 weights. A block's decode and verify steps then
+run as two numba calls around attention (Fused), not ~30 torch operations and kernel calls.
 `auto`: numba for a GGUF whose matrices are all read as blocks, on the CPU in fp32 without --tp; torch otherwise
 (benchmarks/results/kernels-cpu.md: on the CPUs measured, torch's fp32 GEMV is already near the memory floor
 at one row, while the blocks read 5x fewer bytes).
@@ -140,7 +141,7 @@ class Fused:
     def __call__(self, x: torch.Tensor, layer: int, cache) -> torch.Tensor:
         B, T, D = x.shape
         Hq, Hkv, hd = self.heads
-        xn = np.ascontiguousarray(x.numpy().reshape(B * T, D))
+        xn = np.ascontiguousarray(x.detach().numpy().reshape(B * T, D))
         q, k, v = (torch.from_numpy(t).view(B, T, H, hd).transpose(1, 2)
                    for t, H in zip(attention_in(xn, *self.before), (Hq, Hkv, Hkv)))  # [B, H, T, hd]
         out = cache.attend(layer, q, k, v)  # [B, Hq, T, hd]
