@@ -8,12 +8,11 @@ import sys
 def wide_vectors() -> None:
     """Let numba's LLVM vectorise with 512-bit registers on AVX-512 CPUs (its tuning for Intel's server cores prefers
     256 bits): the numba kernels are bound by vector arithmetic (the 4-bit blocks' dequantization and a verify step's
-    sums; with 256 bits a 7-row step's maps took 2.6x as long in a side run). numba fixes its target when the
-    process's first jitted function is made, so this runs at the package's import, before its own kernels; an
-    explicit NUMBA_CPU_NAME or NUMBA_CPU_FEATURES is left alone, and child processes inherit the setting. The same
-    function is in retrieval_cache (packages here import no other package of the project): whichever is imported
-    first sets it. Values: the linear maps never reassociate; attention sums may regroup, within the fp32 bound
-    tests/test_attention_kernel.py derives."""
+    sums). numba fixes its target when the process's first jitted function is made, so this runs at the package's
+    import, before its own kernels; an explicit NUMBA_CPU_NAME or NUMBA_CPU_FEATURES is left alone, and child
+    processes inherit the setting. The same function is in retrieval_cache (packages here import no other package of
+    the project): whichever is imported first sets it. Values: the linear maps never reassociate; attention sums may
+    regroup, within the fp32 bound tests/test_attention_kernel.py derives."""
     if os.environ.get("NUMBA_CPU_NAME") or os.environ.get("NUMBA_CPU_FEATURES"):
         return
     from llvmlite import binding
