@@ -130,25 +130,31 @@ def _chunk(codes, scale, low, g, x, r, out, chunk):
 
 
 @njit(inline="always")
-def _linear(codes, scale, low, x, out):
-    """out [M, G * LANES] for x [m, K], M = chunk_rows(m): each lane group in one chunk of M rows, or (M > 8) over
-    chunks of 8, the last of which may overlap the one before it (rows computed twice, to the same values)."""
+def _group(codes, scale, low, g, x, out):
+    """Lane group g of out [M, G * LANES] for x [m, K], M = chunk_rows(m): one chunk of M rows, or (M > 8) chunks of
+    8, the last of which may overlap the one before it (rows computed twice, to the same values)."""
     M = out.shape[0]
+    if M == 1:
+        _chunk(codes, scale, low, g, x, 0, out, (0,))
+    elif M == 2:
+        _chunk(codes, scale, low, g, x, 0, out, (0, 0))
+    elif M == 4:
+        _chunk(codes, scale, low, g, x, 0, out, (0, 0, 0, 0))
+    elif M == 6:
+        _chunk(codes, scale, low, g, x, 0, out, (0, 0, 0, 0, 0, 0))
+    else:
+        r = 0
+        while r < M:
+            r = min(r, M - 8)
+            _chunk(codes, scale, low, g, x, r, out, (0, 0, 0, 0, 0, 0, 0, 0))
+            r += 8
+
+
+@njit(inline="always")
+def _linear(codes, scale, low, x, out):
+    """out [M, G * LANES] for x [m, K], M = chunk_rows(m), threads splitting the lane groups."""
     for g in prange(codes.shape[0]):
-        if M == 1:
-            _chunk(codes, scale, low, g, x, 0, out, (0,))
-        elif M == 2:
-            _chunk(codes, scale, low, g, x, 0, out, (0, 0))
-        elif M == 4:
-            _chunk(codes, scale, low, g, x, 0, out, (0, 0, 0, 0))
-        elif M == 6:
-            _chunk(codes, scale, low, g, x, 0, out, (0, 0, 0, 0, 0, 0))
-        else:
-            r = 0
-            while r < M:
-                r = min(r, M - 8)
-                _chunk(codes, scale, low, g, x, r, out, (0, 0, 0, 0, 0, 0, 0, 0))
-                r += 8
+        _group(codes, scale, low, g, x, out)
 
 
 def lone_row(codes):
@@ -176,6 +182,40 @@ def _product(codes, scale, low, x):
     out = np.empty((chunk_rows(x.shape[0], codes), codes.shape[0] * LANES), np.float32)
     _linear(codes, scale, low, x, out)
     return out
+
+
+@njit(inline="always")
+def _out(codes, x):
+    return np.empty((chunk_rows(x.shape[0], codes), codes.shape[0] * LANES), np.float32)
+
+
+@njit(inline="always")
+def _products2(a, b, x):
+    """_product of maps a and b (codes, scale, low, ...) on one x, in one parallel loop over both maps' lane
+    groups (one thread launch, and the threads share the work of both)."""
+    oa, ob = _out(a[0], x), _out(b[0], x)
+    Ga = a[0].shape[0]
+    for g in prange(Ga + b[0].shape[0]):
+        if g < Ga:
+            _group(a[0], a[1], a[2], g, x, oa)
+        else:
+            _group(b[0], b[1], b[2], g - Ga, x, ob)
+    return oa, ob
+
+
+@njit(inline="always")
+def _products3(a, b, c, x):
+    """_products2 for three maps."""
+    oa, ob, oc = _out(a[0], x), _out(b[0], x), _out(c[0], x)
+    Ga, Gb = a[0].shape[0], b[0].shape[0]
+    for g in prange(Ga + Gb + c[0].shape[0]):
+        if g < Ga:
+            _group(a[0], a[1], a[2], g, x, oa)
+        elif g < Ga + Gb:
+            _group(b[0], b[1], b[2], g - Ga, x, ob)
+        else:
+            _group(c[0], c[1], c[2], g - Ga - Gb, x, oc)
+    return oa, ob, oc
 
 
 def pack(w) -> tuple:
@@ -228,10 +268,15 @@ def _add_bias(out, bias):
 
 
 @njit(inline="always")
+def _rows(w, out, m):
+    """A product's m rows and n columns [m, n], plus the map's bias."""
+    return add_bias(out[:m, : w[4]], w[3])
+
+
+@njit(inline="always")
 def _map(w, x):
     """x [m, K] (C order) -> x Wᵀ + bias [m, n]."""
-    codes, scale, low, bias, n = w
-    return add_bias(_product(codes, scale, low, x)[: x.shape[0], :n], bias)
+    return _rows(w, _product(w[0], w[1], w[2], x), x.shape[0])
 
 
 @njit(cache=True, fastmath=CONTRACT)
@@ -263,7 +308,9 @@ def _swiglu(g, u):
 def attention_in(x, norm, eps, q, k, v):
     """A block's attention inputs: x [m, D] (C order) -> q, k, v [m, n] = maps q, k, v of rms_norm(x)."""
     h = _rms_norm(x, norm, eps)
-    return _map(q, h), _map(k, h), _map(v, h)
+    m = x.shape[0]
+    oq, ok, ov = _products3(q, k, v, h)
+    return _rows(q, oq, m), _rows(k, ok, m), _rows(v, ov, m)
 
 
 @njit(parallel=True, cache=True)
@@ -272,4 +319,6 @@ def attention_out(x, a, o, norm, eps, gate, up, down):
     -> y + down(silu(gate h) * up h) [m, D] with y = x + o(a), h = rms_norm(y)."""
     y = _add(x, _map(o, a))
     h = _rms_norm(y, norm, eps)
-    return _add(y, _map(down, _swiglu(_map(gate, h), _map(up, h))))
+    og, ou = _products2(gate, up, h)
+    m = x.shape[0]
+    return _add(y, _map(down, _swiglu(_rows(gate, og, m), _rows(up, ou, m))))

@@ -35,7 +35,8 @@ MAX_T = 8  # longer steps (prefill chunks, wide trees) stay on SDPA, whose GEMMs
 # and 8, 1K keys; batch-mixed-cpu-paged.md: rows of 512 to 8K keys), as a paged cache always does (SDPA would need
 # its blocks gathered first).
 MIN_KEYS = 2048
-TILE, AHEAD, SPAN = 64, 16, 512  # keys per softmax tile; prefetch distance (slots); most keys per work item
+TILE, AHEAD, SPAN = 64, 16, 2048  # keys per softmax tile; prefetch distance (slots); most keys per work item
+# (spans stream longer runs of keys and merge less; two work items per thread are kept where the keys allow)
 DOT_ROWS = 8  # folded query rows up to which scores are dot products along D (decode steps: G rows); past it, a
 # vector lane per row (verify steps). In side runs I did not commit, lanes were slower at 3 rows, faster at 21.
 NONE = np.float32(-3e38)  # running max before any key (finite, so the kernel may assume no infinities)
