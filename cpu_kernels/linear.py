@@ -176,17 +176,18 @@ def chunk_rows(m, codes):
     return m if m > 8 else m + m % 2
 
 
-@njit(parallel=True, cache=True, inline="always")
-def _product(codes, scale, low, x):
-    """x [m, K] (C order) @ Wᵀ -> [chunk_rows(m), G * LANES]: rows past m and columns past N are padding."""
-    out = np.empty((chunk_rows(x.shape[0], codes), codes.shape[0] * LANES), np.float32)
-    _linear(codes, scale, low, x, out)
-    return out
-
-
 @njit(inline="always")
 def _out(codes, x):
+    """A product's output [chunk_rows(m), G * LANES] for x [m, K]: rows past m and columns past N are padding."""
     return np.empty((chunk_rows(x.shape[0], codes), codes.shape[0] * LANES), np.float32)
+
+
+@njit(parallel=True, cache=True, inline="always")
+def _product(codes, scale, low, x):
+    """x [m, K] (C order) @ Wᵀ, as _out."""
+    out = _out(codes, x)
+    _linear(codes, scale, low, x, out)
+    return out
 
 
 @njit(inline="always")
