@@ -1,7 +1,7 @@
 """The CPU kernels (issues #30, #33), in one run: memory bandwidth; the cost of one forward of T = 1..16 tokens
 over a cache of 64, 2,048, 4,096 and 8,064 tokens with torch and numba kernels, fp32 and the GGUF's own Q4_1
 blocks, each beside its memory floor (bytes read / the bandwidth measured here), with the attention kernel of
---attn auto (numba's for T <= 8 from 2,048 keys) and with torch's SDPA, whose attention is also timed apart; `ar`
+--attn auto (numba's for T <= 8) and with torch's SDPA, whose attention is also timed apart; `ar`
 decode against HF generate and llama.cpp on the same GGUF at 2K and 8K, ours with both attention kernels; and
 `ar` throughput at batch 1, 4 and 8. SmolLM2-135M-Instruct (Q4_1 GGUF; its fp32 conversion for torch and HF),
 2 threads, greedy.
@@ -237,10 +237,12 @@ def markdown(report: dict) -> str:
              "### One forward of T tokens (best of 5), against its floor (weights + KV bytes / bandwidth)", "",
              "Linear maps (with the head) and attention (30 layers) are timed apart, on the same shapes; the rest of "
              "a step is the small operations around them (norms, RoPE, cache writes, residuals). Step and attention "
-             f"with `--attn auto` (numba's kernel for T <= 8 over {cpu_attention.MIN_KEYS:,} keys or more, SDPA "
-             "otherwise) and with SDPA; × floor and × T=1 are of the auto step. On the numba kernels a block's step "
-             "is two calls around attention (Fused: norms, maps, residuals and SwiGLU in numba); `modules` is the "
-             "same step through the block's modules, one kernel call per map.", "",
+             f"with `--attn auto` (numba's kernel for T <= {cpu_attention.MAX_T}, SDPA otherwise) and with SDPA; "
+             "× floor and × T=1 are of the auto step. On the numba kernels a block's step is three calls (Fused: "
+             "norms, maps, residuals and SwiGLU in two numba calls around the cache's, which rotates, writes the new "
+             "keys and values and attends in one); `modules` is the same step through the block's modules, one "
+             "kernel call per map. The attention columns time attend() alone (the cache's reads, no RoPE or "
+             "writes).", "",
              "| kernels | context | T | step ms | step ms, SDPA | step ms, modules | linear ms | attention ms | "
              "attention ms, SDPA | floor ms | × floor | × T=1 |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -49,9 +49,10 @@ def kernel() -> str:
 
 def in_place(q: torch.Tensor, k: torch.Tensor, limits: torch.Tensor | None) -> bool:
     """Whether the numba kernel can take this step: prefix visibility (limits), CPU, fp32, at most MAX_T queries, a
-    head size that is a multiple of 4."""
+    head size that is a multiple of 4, no autograd."""
     return (_kernel == "numba" and limits is not None and q.device.type == "cpu" and q.dtype == k.dtype == torch.float32
-            and q.shape[2] <= cpu_attention.MAX_T and q.shape[3] % 4 == 0)
+            and q.shape[2] <= cpu_attention.MAX_T and q.shape[3] % 4 == 0
+            and not (torch.is_grad_enabled() and q.requires_grad))
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -87,7 +88,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         out = flash_attn_with_kvcache(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                       cache_seqlens=limits[:, 0].to(torch.int32))  # [B, T, Hq, D]
         return out.transpose(1, 2)
-    if in_place(q, k, limits) and (B > 1 or k.shape[2] >= cpu_attention.MIN_KEYS):
+    if in_place(q, k, limits):
         out = cpu_attention.attend_view(q, k, v, limits)
         if out is not None:
             return out
@@ -112,6 +113,24 @@ def attend_paged(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, table: torch
     bs, Hkv, D = K.shape[1:]
     k, v = (t[table].view(B, nb * bs, Hkv, D)[:, :end].transpose(1, 2) for t in (K, V))
     return attend(q, k, v, mask, limits)
+
+
+def step(q, k, v, cos, sin, K, V, slots, limits, last_q=None) -> torch.Tensor | None:
+    """A cache layer's whole step in one numba call where the kernel takes it (in_place): q, k rotated by cos, sin
+    [B, T, D]; k, v [B, Hkv, T, D] written into K, V [B, Hkv, S, D] (contiguous) at slots [B, T]; the last query
+    into last_q [B, Hq, D] (if given); attention over the slots < limits [B, T]. The same values as rotate, the
+    writes and attend in turn; None where the kernel does not take the step (the caller does those)."""
+    if in_place(q, K, limits) and K.is_contiguous() and V.is_contiguous() and cos.dtype == torch.float32:
+        last_q = q.new_empty(q[:, :, -1].shape) if last_q is None else last_q
+        return cpu_attention.step_view(q, k, v, cos, sin, K, V, slots, limits, last_q)
+    return None
+
+
+def step_paged(q, k, v, cos, sin, K, V, table, slots, limits, last_q) -> torch.Tensor | None:
+    """step() for a PagedCache layer K, V [n_blocks, bs, Hkv, D] through table (attend_paged)."""
+    if in_place(q, K, limits) and cos.dtype == torch.float32:
+        return cpu_attention.step_blocks(q, k, v, cos, sin, K, V, table, slots, limits, last_q)
+    return None
 
 
 def causal_mask(T: int, S: int, device=None) -> torch.Tensor:

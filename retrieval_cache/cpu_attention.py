@@ -26,15 +26,13 @@ from numba import carray, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-VERSION = 3  # bumped when the kernel's speed changes (measured step costs keyed by it go stale)
+VERSION = 4  # bumped when the kernel's speed changes (measured step costs keyed by it go stale)
 MAX_T = 8  # longer steps (prefill chunks, wide trees) stay on SDPA, whose GEMMs win there
-# One row of a contiguous cache with fewer keys stays on SDPA too: its lower call overhead wins while the keys fit
-# in the CPU's caches, and the kernel wins once they stream from memory (benchmarks/results/kernels-cpu.md:
-# attention at 64, 2K, 4K and 8K keys under both; `ar` decode at 2K and 8K). Batches always take the kernel: SDPA
-# attends every row over the longest row's keys, the kernel each row over its own (kernels-cpu.md: `ar` at B = 4
-# and 8, 1K keys; batch-mixed-cpu-paged.md: rows of 512 to 8K keys), as a paged cache always does (SDPA would need
-# its blocks gathered first).
-MIN_KEYS = 2048
+# Shorter steps take the kernel at any number of keys: a cache's step is one call (_step: RoPE, cache writes and
+# attention), where SDPA's path costs about ten torch operations a layer around it (benchmarks/results/
+# kernels-cpu.md: step ms against step ms, SDPA, from 64 keys to 8K; `ar` decode at 2K and 8K). Batches gain the
+# most: SDPA attends every row over the longest row's keys, the kernel each row over its own (kernels-cpu.md: `ar`
+# at B = 4 and 8; batch-mixed-cpu-paged.md: rows of 512 to 8K keys), and a paged cache's blocks are read in place.
 TILE, AHEAD, SPAN = 64, 16, 2048  # keys per softmax tile; prefetch distance (slots); most keys per work item
 # (spans stream longer runs of keys and merge less; two work items per thread are kept where the keys allow)
 DOT_ROWS = 8  # folded query rows up to which scores are dot products along D (decode steps: G rows); past it, a
@@ -240,15 +238,13 @@ def _fold(q, limits, Hkv, L):
     return qt, lim
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def _attend(q, K, V, base, so, sh, block, limits, threads, scale, out, width, lanes):
-    """out [B, Hkv, R, D] for the R = G * T folded queries of q [B, Hq, T, D] (_fold); limits [B, T]: query t sees
-    the keys s < limits[b, t]. width and lanes: tuples of D / 4 and L items, so that D and L are compile-time
-    constants in the tile functions (lengths of their types; a tuple of over 100 items cannot enter a parallel
-    loop): L is R rounded up to whole vectors of 16 lanes."""
+@njit(inline="always")
+def _attention(qt, lim, K, V, base, so, sh, block, threads, scale, out, width, lanes):
+    """out [B, Hkv, R, D] for the folded queries qt and their limits lim (_fold); _attend's arguments. Inlined
+    into each parallel entry point (_attend, _step): its parallel loops must live there (linear.py's note on
+    numba issue #8578)."""
     B, Hkv, R, D = out.shape
     L = len(lanes)
-    qt, lim = _fold(q, limits, Hkv, L)
     top = np.zeros(B, np.int64)  # keys of row b: the most any of its queries sees
     for b in range(B):
         for r in range(R):
@@ -281,34 +277,14 @@ def _attend(q, K, V, base, so, sh, block, limits, threads, scale, out, width, la
                 out[b, h, r, d] /= total
 
 
-def _run(q, K, V, base, slot_stride, head_stride, block, Hkv, limits) -> torch.Tensor:
-    B, Hq, T, D = q.shape
-    L = -(-Hq // Hkv * T // 16) * 16
-    out = np.empty((B, Hkv, Hq // Hkv * T, D), np.float32)
-    q, limits = (np.ascontiguousarray(t.numpy()) for t in (q, limits))  # one compiled layout
-    _attend(q, K.numpy(), V.numpy(), base, slot_stride, head_stride, block, limits,
-            numba.get_num_threads(), np.float32(1 / math.sqrt(D)), out, (0,) * (D // 4), (0,) * L)
-    return torch.from_numpy(out).view(B, Hq, T, D)
-
-
-def attend_view(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limits: torch.Tensor) -> torch.Tensor | None:
-    """Attention over k, v [B, Hkv, S, D], views whose slots are rows of D contiguous floats (a FullCache layer or
-    a prefix of one), read in place: [B, Hq, T, D]; None when their strides do not allow it."""
-    B, Hkv, S, D = k.shape
-    if k.stride() != v.stride() or k.stride(3) != 1 or k.stride(2) != D or k.stride(1) % D or k.stride(0) % D:
-        return None
-    sb, sh = k.stride(0) // D, k.stride(1) // D
-    n = (B - 1) * sb + (Hkv - 1) * sh + S  # rows from the view's first slot to its last
-    base = (np.arange(B, dtype=np.int64) * sb)[:, None]  # row b's slot 0 (a batch stride of 0 too)
-    return _run(q, k.as_strided((n, D), (D, 1)), v.as_strided((n, D), (D, 1)), base, 1, sh, S, Hkv, limits)
-
-
-def attend_blocks(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, table: torch.Tensor,
-                  limits: torch.Tensor) -> torch.Tensor:
-    """Attention over a paged pool's layer K, V [n_blocks, bs, Hkv, D] (contiguous) through table [B, blocks]
-    (row b's slot s: block table[b, s // bs], offset s % bs), read in place: [B, Hq, T, D]."""
-    n_blocks, bs, Hkv, D = K.shape
-    return _run(q, K.view(-1, D), V.view(-1, D), table.numpy() * (bs * Hkv), Hkv, 1, bs, Hkv, limits)
+@njit(parallel=True, fastmath=True, cache=True)
+def _attend(q, K, V, base, so, sh, block, limits, threads, scale, out, width, lanes):
+    """out [B, Hkv, R, D] for the R = G * T folded queries of q [B, Hq, T, D] (_fold); limits [B, T]: query t sees
+    the keys s < limits[b, t]. width and lanes: tuples of D / 4 and L items, so that D and L are compile-time
+    constants in the tile functions (lengths of their types; a tuple of over 100 items cannot enter a parallel
+    loop): L is R rounded up to whole vectors of 16 lanes."""
+    qt, lim = _fold(q, limits, out.shape[1], len(lanes))
+    _attention(qt, lim, K, V, base, so, sh, block, threads, scale, out, width, lanes)
 
 
 @njit(cache=True)
@@ -324,6 +300,105 @@ def _rotate(x, cos, sin, out):
                     x1, x2 = x[b, h, t, d], x[b, h, t, d + half]
                     out[b, h, t, d] = x1 * cos[b, t, d] + -x2 * sin[b, t, d]
                     out[b, h, t, d + half] = x2 * cos[b, t, d + half] + x1 * sin[b, t, d + half]
+
+
+@njit(cache=True)
+def _write(q, k, v, K, V, base, so, sh, block, slots, last_q):
+    """Slot slots[b, t] of row b, kv head h (the row of K, V that _attend reads for it) <- k, v [b, h, t];
+    last_q [B, Hq, D] <- q [:, :, T - 1] (each row's last query)."""
+    B, Hkv, T, D = k.shape
+    for b in range(B):
+        for t in range(T):
+            s = slots[b, t]
+            for h in range(Hkv):
+                row = base[b, s // block] + (s % block) * so + h * sh
+                for d in range(D):
+                    K[row, d] = k[b, h, t, d]
+                    V[row, d] = v[b, h, t, d]
+        for h in range(q.shape[1]):
+            for d in range(D):
+                last_q[b, h, d] = q[b, h, T - 1, d]
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _step(q, k, v, cos, sin, K, V, base, so, sh, block, slots, limits, threads, scale, out, last_q, width,
+          lanes):
+    """A cache's whole attend() for a step, in one call: q [B, T, Hq, D], k, v [B, T, Hkv, D] before RoPE (C order, as
+    the projections give them), cos, sin [B, T, D]; rotates q and k (_rotate: torch's bits), writes k, v into the
+    slots [B, T] and the last query into last_q (_write), then attends as _attend (limits [B, T])."""
+    q, k, v = q.transpose((0, 2, 1, 3)), k.transpose((0, 2, 1, 3)), v.transpose((0, 2, 1, 3))  # [B, H, T, D]
+    qr, kr = np.empty(q.shape, np.float32), np.empty(k.shape, np.float32)
+    _rotate(q, cos, sin, qr)
+    _rotate(k, cos, sin, kr)
+    _write(qr, kr, v, K, V, base, so, sh, block, slots, last_q)
+    qt, lim = _fold(qr, limits, out.shape[1], len(lanes))
+    _attention(qt, lim, K, V, base, so, sh, block, threads, scale, out, width, lanes)
+
+
+def _buffers(q: torch.Tensor, Hkv: int) -> tuple:
+    """out [B, Hkv, R, D] for q [B, Hq, T, D], and the tuples width, lanes that size the tile functions (_attend)."""
+    B, Hq, T, D = q.shape
+    R = Hq // Hkv * T
+    return np.empty((B, Hkv, R, D), np.float32), (0,) * (D // 4), (0,) * (-(-R // 16) * 16)
+
+
+def _run(q, K, V, base, slot_stride, head_stride, block, Hkv, limits) -> torch.Tensor:
+    out, width, lanes = _buffers(q, Hkv)
+    D = q.shape[3]
+    _attend(_c(q), K.numpy(), V.numpy(), base, slot_stride, head_stride, block, _c(limits), numba.get_num_threads(),
+            np.float32(1 / math.sqrt(D)), out, width, lanes)
+    return torch.from_numpy(out).view(q.shape)
+
+
+def _c(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.numpy())  # one compiled layout per argument
+
+
+def _run_step(q, k, v, cos, sin, K, V, base, slot_stride, head_stride, block, slots, limits,
+              last_q) -> torch.Tensor:
+    out, width, lanes = _buffers(q, k.shape[1])
+    B, Hq, T, D = q.shape
+    _step(*(_c(t.transpose(1, 2)) for t in (q, k, v)), _c(cos), _c(sin), K.numpy(), V.numpy(), base, slot_stride,
+          head_stride, block, _c(slots), _c(limits), numba.get_num_threads(), np.float32(1 / math.sqrt(D)), out,
+          last_q.numpy(), width, lanes)
+    return torch.from_numpy(out).view(B, Hq, T, D)
+
+
+def attend_view(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limits: torch.Tensor) -> torch.Tensor | None:
+    """Attention over k, v [B, Hkv, S, D], views whose slots are rows of D contiguous floats (a FullCache layer or
+    a prefix of one), read in place: [B, Hq, T, D]; None when their strides do not allow it."""
+    B, Hkv, S, D = k.shape
+    if k.stride() != v.stride() or k.stride(3) != 1 or k.stride(2) != D or k.stride(1) % D or k.stride(0) % D:
+        return None
+    sb, sh = k.stride(0) // D, k.stride(1) // D
+    n = (B - 1) * sb + (Hkv - 1) * sh + S  # rows from the view's first slot to its last
+    base = (np.arange(B, dtype=np.int64) * sb)[:, None]  # row b's slot 0 (a batch stride of 0 too)
+    return _run(q, k.as_strided((n, D), (D, 1)), v.as_strided((n, D), (D, 1)), base, 1, sh, S, Hkv, limits)
+
+
+def step_view(q, k, v, cos, sin, K, V, slots, limits, last_q) -> torch.Tensor:
+    """A contiguous cache layer's step in one call (_step): K, V [B, Hkv, S, D] contiguous, q [B, Hq, T, D], k, v
+    [B, Hkv, T, D] before RoPE, cos, sin [B, T, D], the new tokens' slots and limits [B, T], last_q [B, Hq, D]:
+    [B, Hq, T, D]."""
+    B, Hkv, S, D = K.shape
+    base = (np.arange(B, dtype=np.int64) * (Hkv * S))[:, None]
+    return _run_step(q, k, v, cos, sin, K.view(-1, D), V.view(-1, D), base, 1, S, S, slots, limits, last_q)
+
+
+def attend_blocks(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, table: torch.Tensor,
+                  limits: torch.Tensor) -> torch.Tensor:
+    """Attention over a paged pool's layer K, V [n_blocks, bs, Hkv, D] (contiguous) through table [B, blocks]
+    (row b's slot s: block table[b, s // bs], offset s % bs), read in place: [B, Hq, T, D]."""
+    n_blocks, bs, Hkv, D = K.shape
+    return _run(q, K.view(-1, D), V.view(-1, D), table.numpy() * (bs * Hkv), Hkv, 1, bs, Hkv, limits)
+
+
+def step_blocks(q, k, v, cos, sin, K, V, table, slots, limits, last_q) -> torch.Tensor:
+    """A PagedCache layer's step in one call: step_view's over the pool's layer K, V through table (attend_blocks),
+    the new tokens' slots already held."""
+    n_blocks, bs, Hkv, D = K.shape
+    return _run_step(q, k, v, cos, sin, K.view(-1, D), V.view(-1, D), table.numpy() * (bs * Hkv), Hkv, 1, bs,
+                     slots, limits, last_q)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """FullCache: every token, preallocated. The target's cache."""
 import torch
 
-from .attention import attend, rotate
+from .attention import attend, rotate, step
 from .rows import BatchRows
 
 
@@ -127,6 +127,13 @@ class FullCache(BatchRows):
             self.store.flush()
 
     def attend(self, layer: int, q, k, v):
+        if self.last_q is None:
+            self.last_q = q.new_zeros((self.k.shape[0],) + q[:, :, -1].shape)
+        if self.store is None:  # in one numba call where its kernel takes the step
+            out = step(q, k, v, self.cos, self.sin, self.k[layer], self.v[layer], self.positions, self.limits,
+                       self.last_q[layer])
+            if out is not None:
+                return out
         q, k = rotate(q, self.cos, self.sin), rotate(k, self.cos, self.sin)
         kl, vl = self.store.fetch(layer) if self.store else (self.k[layer], self.v[layer])  # [B, Hkv, max_len, D]
         if self.slot is not None:
@@ -137,8 +144,6 @@ class FullCache(BatchRows):
             vl[self.rows, :, self.positions] = v.transpose(1, 2)
         if self.store:
             self.store.write(layer, self.rows, self.positions, k, v)
-        if self.last_q is None:
-            self.last_q = q.new_zeros((self.k.shape[0],) + q[:, :, -1].shape)
         self.last_q[layer] = q[:, :, -1]
         e = self.end
         return attend(q, kl[:, :, :e], vl[:, :, :e], self.mask, self.limits)

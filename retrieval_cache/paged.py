@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .attention import attend_paged, rotate
+from .attention import attend_paged, rotate, step_paged
 
 
 class PoolFull(RuntimeError):
@@ -125,12 +125,15 @@ class PagedCache:
             self.mask = (torch.arange(self.end, device=positions.device) <= positions[:, :, None])[:, None]
 
     def attend(self, layer: int, q, k, v):
-        q, k = rotate(q, self.cos, self.sin), rotate(k, self.cos, self.sin)
-        K, V = self.pool.k[layer], self.pool.v[layer]  # [n_blocks, bs, Hkv, D]
-        K[self.blk, self.off] = k.transpose(1, 2)  # [B, T, Hkv, D]
-        V[self.blk, self.off] = v.transpose(1, 2)
         if self.last_q is None:
             self.last_q = q.new_zeros((self.pool.k.shape[0],) + q[:, :, -1].shape)
+        K, V = self.pool.k[layer], self.pool.v[layer]  # [n_blocks, bs, Hkv, D]
+        out = step_paged(q, k, v, self.cos, self.sin, K, V, self.idx, self.positions, self.limits, self.last_q[layer])
+        if out is not None:  # one numba call
+            return out
+        q, k = rotate(q, self.cos, self.sin), rotate(k, self.cos, self.sin)
+        K[self.blk, self.off] = k.transpose(1, 2)  # [B, T, Hkv, D]
+        V[self.blk, self.off] = v.transpose(1, 2)
         self.last_q[layer] = q[:, :, -1]
         return attend_paged(q, K, V, self.idx, self.end, self.mask, self.limits)
 

@@ -10,7 +10,7 @@ below every row's length holds committed tokens, which never change, so its mean
 """
 import torch
 
-from .attention import attend, rotate
+from .attention import attend, rotate, step
 from .rows import BatchRows
 
 
@@ -120,8 +120,11 @@ class RetrievalCache(BatchRows):
             self.mask = torch.cat([sel_vis, tail_vis[None, :, None].expand(Lyr, B, Hkv, T, self.end)], dim=-1)
 
     def attend(self, layer: int, q, k, v):
-        q, k = rotate(q, self.cos, self.sin), rotate(k, self.cos, self.sin)
         slots = self.sel_len + self.slots
+        out = step(q, k, v, self.cos, self.sin, self.k[layer], self.v[layer], slots, self.limits)
+        if out is not None:  # one numba call
+            return out
+        q, k = rotate(q, self.cos, self.sin), rotate(k, self.cos, self.sin)
         self.k[layer][self.rows, :, slots] = k.transpose(1, 2)
         self.v[layer][self.rows, :, slots] = v.transpose(1, 2)
         e = self.sel_len + self.end

@@ -13,7 +13,6 @@ import numba  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from retrieval_cache import cpu_attention  # noqa: E402
 from triforce_rt.models import ModelConfig  # noqa: E402
 from triforce_rt.models.loader import from_state_dict  # noqa: E402
 
@@ -21,10 +20,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 torch.set_num_threads(THREADS)
 numba.set_num_threads(THREADS)
-# The numba attention kernel takes a contiguous cache from MIN_KEYS keys on, a speed threshold that the tests' short
-# contexts never reach: in-process tests lower it to 0, so that every mode's exactness sweep runs through the kernel
-# (the SDPA path of short steps keeps its own tests: test_attention_kernel, and child processes).
-cpu_attention.MIN_KEYS = 0
 
 
 @pytest.fixture(autouse=True)

@@ -130,7 +130,7 @@ def test_views_read_in_place_or_refused():
     assert attend_view(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, limits) is None  # slots not rows
 
 
-def test_which_steps_the_kernel_takes(monkeypatch):
+def test_which_steps_the_kernel_takes():
     q = torch.zeros(1, 4, MAX_T, 16)
     limits = torch.ones(1, MAX_T, dtype=torch.long)
     try:
@@ -138,18 +138,15 @@ def test_which_steps_the_kernel_takes(monkeypatch):
         assert in_place(q, q, limits) and not in_place(q, q, None)
         assert not in_place(torch.zeros(1, 4, MAX_T + 1, 16), q, limits) and not in_place(q.double(), q, limits)
         assert not in_place(q, q.double(), limits)
-        # one row of a contiguous cache takes the kernel from MIN_KEYS keys on (the tests lower it to 0: conftest)
-        monkeypatch.setattr(cpu_attention, "MIN_KEYS", 1000)
-        for S in (999, 1000):
-            q, k, v, limits = case(1, 2, 2, 2, 16, S, seed=S)
-            sdpa = F.scaled_dot_product_attention(q.view(1, 2, 4, 16), k, v, attn_mask=mask_of(limits, S).repeat(
-                1, 1, 2, 1)).view(q.shape)  # attend's SDPA call for a short step (GQA folded)
+        # a step with limits takes the kernel at any length, one row or a batch; a mask alone stays on SDPA
+        for B, S in ((1, 5), (1, 300), (2, 50)):
+            q, k, v, limits = case(B, 2, 2, 2, 16, S, seed=S)
             kernel = attend_view(q, k, v, limits)
+            sdpa = F.scaled_dot_product_attention(q.view(B, 2, 4, 16), k, v, attn_mask=mask_of(limits, S).repeat(
+                1, 1, 2, 1)).view(q.shape)  # attend's SDPA call for a short step (GQA folded)
             assert not torch.equal(sdpa, kernel)
-            assert torch.equal(attend(q, k, v, mask_of(limits, S), limits), sdpa if S < 1000 else kernel)
-        # a batch takes the kernel at any length
-        q, k, v, limits = case(2, 2, 2, 2, 16, 50, seed=4)
-        assert torch.equal(attend(q, k, v, mask_of(limits, 50), limits), attend_view(q, k, v, limits))
+            assert torch.equal(attend(q, k, v, mask_of(limits, S), limits), kernel)
+            assert torch.equal(attend(q, k, v, mask_of(limits, S)), sdpa)
         use_kernel("sdpa")
         assert not in_place(q, q, limits)
     finally:
@@ -158,6 +155,49 @@ def test_which_steps_the_kernel_takes(monkeypatch):
 
 def mask_of(limits, S):
     return (torch.arange(S)[None, None] < limits[:, :, None])[:, None]  # [B, 1, T, S]
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_one_call_step_equals_its_parts(T, monkeypatch):
+    """A FullCache's, a PagedCache's and a RetrievalCache's step in one numba call (attention.step, step_paged:
+    RoPE, cache writes, the last query and attention) against the same step in parts (rotate, index writes,
+    attend): the same outputs, cache contents and last queries, bit for bit, for ragged rows."""
+    from retrieval_cache import RetrievalCache, attention, full, paged, retrieval
+    from triforce_rt.models import ModelConfig
+    from triforce_rt.models.rope import Rope
+
+    L, Hkv, G, D, n = 2, 3, 3, 64, 70
+    rope = Rope(ModelConfig(vocab_size=8, hidden_size=64, intermediate_size=8, num_hidden_layers=L,
+                            num_attention_heads=Hkv * G, num_key_value_heads=Hkv, head_dim=D,
+                            max_position_embeddings=512))
+    g = torch.Generator().manual_seed(T)
+    q, k, v = (torch.randn(2, n + 2 * T, h, D, generator=g).transpose(1, 2) for h in (Hkv * G, Hkv, Hkv))  # as
+    # projected: [B, T, H, D] rows, viewed [B, H, T, D]
+    pos = torch.stack([torch.arange(n, n + T), torch.arange(n - 5, n - 5 + T)])
+    seen = {}
+    for parts in (False, True):
+        if parts:
+            for module, name in ((full, "step"), (retrieval, "step"), (paged, "step_paged")):
+                monkeypatch.setattr(module, name, lambda *a: None)
+        for name, cache in (("full", FullCache(L, Hkv, D, 128, batch=2)),
+                            ("paged", PagedCache(BlockPool(L, Hkv, D, 8, 4, limit=64), 128, batch=2))):
+            cache.begin(torch.arange(n)[None].expand(2, -1), rope)
+            [cache.attend(i, q[:, :, :n], k[:, :, :n], v[:, :, :n]) for i in range(L)]
+            cache.begin(pos, rope)
+            out = torch.stack([cache.attend(i, *(t[:, :, n : n + T] for t in (q, k, v))) for i in range(L)])
+            kv = (cache.k, cache.v) if name == "full" else (cache.pool.k, cache.pool.v)
+            seen[parts, name] = out, *(t.clone() for t in kv), cache.last_q.clone()
+            if name == "full":  # a retrieval tier over it: 4 whole chunks of 8 of rows of 64 and 56, then T tokens
+                sel = RetrievalCache(L, Hkv, D, 32, 8, T, batch=2)
+                sel.select(cache, [64, 56])
+                sel.begin(torch.stack([torch.arange(64, 64 + T), torch.arange(56, 56 + T)]), rope)
+                assert sel.limits is not None  # every gathered slot valid: the kernel takes the step
+                out = torch.stack([sel.attend(i, *(t[:, :, n + T :] for t in (q, k, v))) for i in range(L)])
+                seen[parts, "retrieval"] = out, sel.k.clone(), sel.v.clone()
+    assert attention.kernel() == "numba"
+    for name in ("full", "paged", "retrieval"):
+        for a, b in zip(seen[False, name], seen[True, name]):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("T", [1, 3, MAX_T + 4])

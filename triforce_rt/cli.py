@@ -33,7 +33,7 @@ def add_model_args(p):
     p.add_argument("--trust-remote-code", action="store_true", help="let transformers run code shipped with the model")
     p.add_argument("--attn", choices=ATTENTION_KERNELS, default="auto",
                    help="attention kernel: torch SDPA; numba's CPU kernel for steps of up to 8 tokens in fp32, which "
-                        "reads the cache in place (batches, one row from 2,048 keys on, a paged cache always); or "
+                        "reads the cache in place and rotates and writes the new keys in the same call; or "
                         "flash-attn's flash_attn_with_kvcache for one-token CUDA steps (auto: flash where flash-attn "
                         "is installed, numba otherwise; every other step stays on SDPA)")
     gpu = p.add_argument_group("GPU")
