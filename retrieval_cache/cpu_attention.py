@@ -239,12 +239,14 @@ def _fold(q, limits, Hkv, L):
 
 
 @njit(inline="always")
-def _attention(qt, lim, K, V, base, so, sh, block, threads, scale, out, width, lanes):
-    """out [B, Hkv, R, D] for the folded queries qt and their limits lim (_fold); _attend's arguments. Inlined
+def _attention(qt, lim, K, V, base, so, sh, block, threads, out, width, lanes):
+    """out [B, Hkv, R, D] for the folded queries qt and their limits lim (_fold); _attend's arguments (threads:
+    numba.get_num_threads(), passed in: called inside, it would keep numba from caching the kernel). Inlined
     into each parallel entry point (_attend, _step): its parallel loops must live there (linear.py's note on
     numba issue #8578)."""
     B, Hkv, R, D = out.shape
     L = len(lanes)
+    scale = np.float32(1 / np.sqrt(D))
     top = np.zeros(B, np.int64)  # keys of row b: the most any of its queries sees
     for b in range(B):
         for r in range(R):
@@ -278,13 +280,13 @@ def _attention(qt, lim, K, V, base, so, sh, block, threads, scale, out, width, l
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _attend(q, K, V, base, so, sh, block, limits, threads, scale, out, width, lanes):
+def _attend(q, K, V, base, so, sh, block, limits, threads, out, width, lanes):
     """out [B, Hkv, R, D] for the R = G * T folded queries of q [B, Hq, T, D] (_fold); limits [B, T]: query t sees
     the keys s < limits[b, t]. width and lanes: tuples of D / 4 and L items, so that D and L are compile-time
     constants in the tile functions (lengths of their types; a tuple of over 100 items cannot enter a parallel
     loop): L is R rounded up to whole vectors of 16 lanes."""
     qt, lim = _fold(q, limits, out.shape[1], len(lanes))
-    _attention(qt, lim, K, V, base, so, sh, block, threads, scale, out, width, lanes)
+    _attention(qt, lim, K, V, base, so, sh, block, threads, out, width, lanes)
 
 
 @njit(cache=True)
@@ -321,8 +323,7 @@ def _write(q, k, v, K, V, base, so, sh, block, slots, last_q):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _step(q, k, v, cos, sin, K, V, base, so, sh, block, slots, limits, threads, scale, out, last_q, width,
-          lanes):
+def _step(q, k, v, cos, sin, K, V, base, so, sh, block, slots, limits, threads, out, last_q, width, lanes):
     """A cache's whole attend() for a step, in one call: q [B, T, Hq, D], k, v [B, T, Hkv, D] before RoPE (C order, as
     the projections give them), cos, sin [B, T, D]; rotates q and k (_rotate: torch's bits), writes k, v into the
     slots [B, T] and the last query into last_q (_write), then attends as _attend (limits [B, T])."""
@@ -332,7 +333,7 @@ def _step(q, k, v, cos, sin, K, V, base, so, sh, block, slots, limits, threads, 
     _rotate(k, cos, sin, kr)
     _write(qr, kr, v, K, V, base, so, sh, block, slots, last_q)
     qt, lim = _fold(qr, limits, out.shape[1], len(lanes))
-    _attention(qt, lim, K, V, base, so, sh, block, threads, scale, out, width, lanes)
+    _attention(qt, lim, K, V, base, so, sh, block, threads, out, width, lanes)
 
 
 def _buffers(q: torch.Tensor, Hkv: int) -> tuple:
@@ -344,9 +345,8 @@ def _buffers(q: torch.Tensor, Hkv: int) -> tuple:
 
 def _run(q, K, V, base, slot_stride, head_stride, block, Hkv, limits) -> torch.Tensor:
     out, width, lanes = _buffers(q, Hkv)
-    D = q.shape[3]
     _attend(_c(q), K.numpy(), V.numpy(), base, slot_stride, head_stride, block, _c(limits), numba.get_num_threads(),
-            np.float32(1 / math.sqrt(D)), out, width, lanes)
+            out, width, lanes)
     return torch.from_numpy(out).view(q.shape)
 
 
@@ -357,11 +357,9 @@ def _c(t: torch.Tensor) -> np.ndarray:
 def _run_step(q, k, v, cos, sin, K, V, base, slot_stride, head_stride, block, slots, limits,
               last_q) -> torch.Tensor:
     out, width, lanes = _buffers(q, k.shape[1])
-    B, Hq, T, D = q.shape
     _step(*(_c(t.transpose(1, 2)) for t in (q, k, v)), _c(cos), _c(sin), K.numpy(), V.numpy(), base, slot_stride,
-          head_stride, block, _c(slots), _c(limits), numba.get_num_threads(), np.float32(1 / math.sqrt(D)), out,
-          last_q.numpy(), width, lanes)
-    return torch.from_numpy(out).view(B, Hq, T, D)
+          head_stride, block, _c(slots), _c(limits), numba.get_num_threads(), out, last_q.numpy(), width, lanes)
+    return torch.from_numpy(out).view(q.shape)
 
 
 def attend_view(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limits: torch.Tensor) -> torch.Tensor | None:
