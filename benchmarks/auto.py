@@ -22,10 +22,10 @@ from triforce_rt.engine import GenerationConfig, generate
 from triforce_rt.jobs.summarize import INSTRUCTION, request
 from triforce_rt.models import load_model
 from triforce_rt.models.loader import default_drafter
-from triforce_rt.settings import MODES
+from triforce_rt.settings import HEAD_MODES, MODES
 from triforce_rt.textio import read_text
 
-FIXED = [m for m in MODES if m not in ("ar", "auto")]
+FIXED = [m for m in MODES if m not in ("ar", "auto", *HEAD_MODES)]  # the head's modes: drafters.py cpu-head
 SEEDS = (0, 1, 2)  # of each sampled row
 SAMPLED = ("ngram", "self-spec", "self-spec-ngram", "triforce", "auto", "self-spec {q}", "auto {q}")
 

@@ -33,3 +33,19 @@ def test_drafters_and_refresh_benchmarks_run_and_match_ar(tmp_path_factory, smol
     report = run_refresh(drafter=tiny_folder, **kw)
     assert len(report["rows"]) == 2 * 2 * 3 * 2 and all(r["tokens_identical"] for r in report["rows"])
     assert "| 160 | triforce-ngram | 1 |" in refresh_markdown(report)
+
+
+def test_auto_benchmark_variants_run_with_its_drafter(tmp_path_factory, smol, tiny_folder):
+    """benchmarks/auto.py's every greedy variant (fixed modes, auto, the q4 drafting copy) runs with the tiny drafter
+    it passes, and equals ar (the head's modes, which need a head, are drafters.py's)."""
+    from auto import variants
+
+    from triforce_rt.engine import GenerationConfig, generate
+
+    target = load_model(tiny_with_smol_tokenizer(tmp_path_factory, smol, 512))
+    drafter = load_model(tiny_folder)
+    ids = list(range(1, 200))
+    ar = generate(target, ids, GenerationConfig(max_new_tokens=8, ignore_eos=True)).tokens
+    for label, settings in variants("q4", greedy=True):
+        res = generate(target, ids, GenerationConfig(max_new_tokens=8, ignore_eos=True, **settings), drafter=drafter)
+        assert res.tokens == ar, label

@@ -4,7 +4,7 @@
 `numba`: cpu_kernels.Linear in place of every nn.Linear and the head. A GGUF file's Q4_0/Q4_1/Q8_0 matrices are
 read from the file as blocks (no fp32 copy), in transformers' names and row order, so the model is the one the
 torch path loads, value for value; other folders keep their fp32 weights. A block's decode and verify steps then
-run as two numba calls around attention (Fused), not ~30 torch operations and kernel calls.
+run as two numba calls around the cache's attend (Fused), not ~30 torch operations and kernel calls.
 `auto`: numba for a GGUF whose matrices are all read as blocks, on the CPU in fp32 without --tp; torch otherwise
 (benchmarks/results/kernels-cpu.md: on the CPUs measured, torch's fp32 GEMV is already near the memory floor
 at one row, while the blocks read 5x fewer bytes).
