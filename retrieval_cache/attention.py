@@ -5,7 +5,8 @@ This is the single switch point for the attention kernel (use_kernel): torch SDP
 own flash and memory-efficient kernels; flash-attn's flash_attn_with_kvcache where it is installed; or the numba
 CPU kernel (cpu_attention.py). Both special kernels take steps whose queries each see a prefix of their row's slots
 (limits): flash-attn one-token steps in fp16/bf16 on CUDA (its split-KV decoding case), numba steps of up to
-cpu_attention.MAX_T tokens in fp32 on the CPU, reading the cache in place (a PagedCache's blocks too: attend_paged).
+cpu_attention.MAX_T tokens in fp32 on the CPU, reading the cache in place (a PagedCache's blocks too: attend_paged);
+for those, a cache's whole step (RoPE, cache writes, attention) is one numba call (step, step_paged).
 Every other step (masks that are not a prefix, prefill chunks, trees) stays on SDPA.
 """
 import importlib.util

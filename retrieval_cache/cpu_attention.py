@@ -1,5 +1,7 @@
 """Attention of a short step (T <= MAX_T queries) over a cache, on the CPU (numba), reading keys and values in place:
-a contiguous cache, a strided view of one, or the blocks of a paged pool through their block table.
+a contiguous cache, a strided view of one, or the blocks of a paged pool through their block table; and a cache's
+whole step in one call (_step: RoPE of the queries and keys, the new keys and values written into their slots, the
+last query kept, then attention), so that a layer's step costs one call, not a dozen torch operations around one.
 
 Shapes: q [B, Hq, T, D] fp32; the G = Hq / Hkv query heads of kv head h are folded into R = G * T rows, so each key
 and value is read once for all of them. Keys and values are rows of D floats of one 2-D array K, V [N, D]: slot s of
