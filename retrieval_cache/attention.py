@@ -6,7 +6,8 @@ own flash and memory-efficient kernels; flash-attn's flash_attn_with_kvcache whe
 CPU kernel (cpu_attention.py). Both special kernels take steps whose queries each see a prefix of their row's slots
 (limits): flash-attn one-token steps in fp16/bf16 on CUDA (its split-KV decoding case), numba steps of up to
 cpu_attention.MAX_T tokens in fp32 on the CPU, reading the cache in place (a PagedCache's blocks too: attend_paged);
-for those, a cache's whole step (RoPE, cache writes, attention) is one numba call (step, step_paged).
+for those, a cache's whole step (RoPE, cache writes, attention) is one numba call per layer (view_step,
+paged_step: a cpu_attention.Step made at begin()).
 Every other step (masks that are not a prefix, prefill chunks, trees) stays on SDPA.
 """
 import importlib.util
@@ -48,12 +49,24 @@ def kernel() -> str:
     return _kernel
 
 
+def _takes(t: torch.Tensor, T: int, limits: torch.Tensor | None) -> bool:
+    """The numba kernel's conditions for a step of T queries whose tensors are like t: prefix visibility (limits),
+    CPU, fp32, at most MAX_T queries, a head size that is a multiple of 4."""
+    return (_kernel == "numba" and limits is not None and t.device.type == "cpu" and t.dtype == torch.float32
+            and T <= cpu_attention.MAX_T and t.shape[-1] % 4 == 0)
+
+
 def in_place(q: torch.Tensor, k: torch.Tensor, limits: torch.Tensor | None) -> bool:
-    """Whether the numba kernel can take this step: prefix visibility (limits), CPU, fp32, at most MAX_T queries, a
-    head size that is a multiple of 4, no autograd."""
-    return (_kernel == "numba" and limits is not None and q.device.type == "cpu" and q.dtype == k.dtype == torch.float32
-            and q.shape[2] <= cpu_attention.MAX_T and q.shape[3] % 4 == 0
+    """Whether the numba kernel can take this step (q [B, Hq, T, D] over k): _takes, and no autograd."""
+    return (_takes(q, q.shape[2], limits) and k.dtype == q.dtype
             and not (torch.is_grad_enabled() and q.requires_grad))
+
+
+def one_call(K: torch.Tensor, slots: torch.Tensor, cos: torch.Tensor, limits: torch.Tensor | None) -> bool:
+    """Whether a cache whose keys are K takes this forward's steps (new tokens at slots [B, T], RoPE's cos) in one
+    numba call per layer (cpu_attention.Step): _takes, fp32 cos, outside autograd (decided at begin(), before any
+    query exists)."""
+    return _takes(K, slots.shape[1], limits) and cos.dtype == torch.float32 and not torch.is_grad_enabled()
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -116,21 +129,19 @@ def attend_paged(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, table: torch
     return attend(q, k, v, mask, limits)
 
 
-def step(q, k, v, cos, sin, K, V, slots, limits, last_q=None) -> torch.Tensor | None:
-    """A cache layer's whole step in one numba call where the kernel takes it (in_place): q, k rotated by cos, sin
-    [B, T, D]; k, v [B, Hkv, T, D] written into K, V [B, Hkv, S, D] (contiguous) at slots [B, T]; the last query
-    into last_q [B, Hq, D] (if given); attention over the slots < limits [B, T]. The same values as rotate, the
-    writes and attend in turn; None where the kernel does not take the step (the caller does those)."""
-    if in_place(q, K, limits) and K.is_contiguous() and V.is_contiguous() and cos.dtype == torch.float32:
-        last_q = q.new_empty(q[:, :, -1].shape) if last_q is None else last_q
-        return cpu_attention.step_view(q, k, v, cos, sin, K, V, slots, limits, last_q)
+def view_step(cos, sin, slots, limits, K, V, last_q=None) -> "cpu_attention.Step | None":
+    """A contiguous cache's steps of this forward in one numba call per layer where one_call allows: K, V [layers,
+    B, Hkv, S, D], the new tokens' slots and limits [B, T], last_q [layers, B, Hq, D] or None. The same values as
+    rotate, the cache writes and attend in turn. None otherwise: the cache does those."""
+    if one_call(K, slots, cos, limits) and K.is_contiguous() and V.is_contiguous():
+        return cpu_attention.Step.view(cos, sin, slots, limits, K, V, last_q)
     return None
 
 
-def step_paged(q, k, v, cos, sin, K, V, table, slots, limits, last_q) -> torch.Tensor | None:
-    """step() for a PagedCache layer K, V [n_blocks, bs, Hkv, D] through table (attend_paged)."""
-    if in_place(q, K, limits) and cos.dtype == torch.float32:
-        return cpu_attention.step_blocks(q, k, v, cos, sin, K, V, table, slots, limits, last_q)
+def paged_step(cos, sin, slots, limits, K, V, table, last_q=None) -> "cpu_attention.Step | None":
+    """view_step for a paged pool K, V [layers, n_blocks, bs, Hkv, D] through table [B, blocks] (attend_paged)."""
+    if one_call(K, slots, cos, limits):
+        return cpu_attention.Step.blocks(cos, sin, slots, limits, K, V, table, last_q)
     return None
 
 

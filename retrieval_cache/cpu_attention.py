@@ -338,17 +338,16 @@ def _step(q, k, v, cos, sin, K, V, base, so, sh, block, slots, limits, threads, 
     _attention(qt, lim, K, V, base, so, sh, block, threads, out, width, lanes)
 
 
-def _buffers(q: torch.Tensor, Hkv: int) -> tuple:
-    """out [B, Hkv, R, D] for q [B, Hq, T, D], and the tuples width, lanes that size the tile functions (_attend)."""
-    B, Hq, T, D = q.shape
-    R = Hq // Hkv * T
-    return np.empty((B, Hkv, R, D), np.float32), (0,) * (D // 4), (0,) * (-(-R // 16) * 16)
+def _tiles(R: int, D: int) -> tuple:
+    """width and lanes (_attend) for R folded query rows of D values."""
+    return (0,) * (D // 4), (0,) * (-(-R // 16) * 16)
 
 
 def _run(q, K, V, base, slot_stride, head_stride, block, Hkv, limits) -> torch.Tensor:
-    out, width, lanes = _buffers(q, Hkv)
+    B, Hq, T, D = q.shape
+    out = np.empty((B, Hkv, Hq // Hkv * T, D), np.float32)
     _attend(_c(q), K.numpy(), V.numpy(), base, slot_stride, head_stride, block, _c(limits), numba.get_num_threads(),
-            out, width, lanes)
+            out, *_tiles(Hq // Hkv * T, D))
     return torch.from_numpy(out).view(q.shape)
 
 
@@ -356,12 +355,55 @@ def _c(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.numpy())  # one compiled layout per argument
 
 
-def _run_step(q, k, v, cos, sin, K, V, base, slot_stride, head_stride, block, slots, limits,
-              last_q) -> torch.Tensor:
-    out, width, lanes = _buffers(q, k.shape[1])
-    _step(*(_c(t.transpose(1, 2)) for t in (q, k, v)), _c(cos), _c(sin), K.numpy(), V.numpy(), base, slot_stride,
-          head_stride, block, _c(slots), _c(limits), numba.get_num_threads(), out, last_q.numpy(), width, lanes)
-    return torch.from_numpy(out).view(q.shape)
+class Step:
+    """A cache's steps of one forward, one _step call per layer: what every layer shares, converted once (a cache's
+    begin() makes it). cos, sin [B, T, D]; slots and limits [B, T] (the new tokens' slots, and the keys each query
+    sees); K, V [layers, N, D]: each layer's keys and values as rows, slot s of row b, kv head h at row
+    base[b, s // block] + (s % block) * slot_stride + h * head_stride; last_q [layers, B, Hq, D] for each row's last
+    query (RetrievalCache.select), or None."""
+
+    def __init__(self, cos, sin, slots, limits, K, V, base, slot_stride, head_stride, block, last_q=None):
+        self.shared = (_c(cos), _c(sin), base, slot_stride, head_stride, block, _c(slots), _c(limits),
+                       numba.get_num_threads())
+        self.K, self.V = K.numpy(), V.numpy()
+        self.last_q = None if last_q is None else last_q.numpy()
+        self.B, self.T = slots.shape
+        self.sizes = None  # shapes and tile tuples, from the first call's q
+
+    @classmethod
+    def view(cls, cos, sin, slots, limits, K, V, last_q=None) -> "Step":
+        """Over a contiguous cache K, V [layers, B, Hkv, S, D]."""
+        L, B, Hkv, S, D = K.shape
+        base = (np.arange(B, dtype=np.int64) * (Hkv * S))[:, None]
+        return cls(cos, sin, slots, limits, K.view(L, -1, D), V.view(L, -1, D), base, 1, S, S, last_q)
+
+    @classmethod
+    def blocks(cls, cos, sin, slots, limits, K, V, table, last_q=None) -> "Step":
+        """Over a paged pool K, V [layers, n_blocks, bs, Hkv, D] (contiguous) through table [B, blocks] (row b's slot
+        s: block table[b, s // bs], offset s % bs), the new tokens' blocks already held."""
+        L, n_blocks, bs, Hkv, D = K.shape
+        return cls(cos, sin, slots, limits, K.view(L, -1, D), V.view(L, -1, D), table.numpy() * (bs * Hkv), Hkv, 1,
+                   bs, last_q)
+
+    def __call__(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """q [B * T, Hq * D], k, v [B * T, Hkv * D] before RoPE (C order; or as [B, T, H, D]) -> [B, Hq, T, D]: RoPE,
+        the writes of k, v and of the last query, and attention, in one call."""
+        B, T, D = self.B, self.T, self.K.shape[2]
+        if self.sizes is None:
+            Hq, Hkv = q.size // (B * T * D), k.size // (B * T * D)
+            R = Hq // Hkv * T
+            self.sizes = ((B, Hkv, R, D), (B, T, Hq, D), (B, T, Hkv, D), (B, Hq, T, D), *_tiles(R, D))
+        out_shape, q_shape, kv_shape, shape, width, lanes = self.sizes
+        out = np.empty(out_shape, np.float32)  # [B, Hkv, G * T, D]: [B, Hq, T, D]
+        last = np.empty(shape[:2] + (D,), np.float32) if self.last_q is None else self.last_q[layer]
+        cos, sin, base, so, sh, block, slots, limits, threads = self.shared
+        _step(q.reshape(q_shape), k.reshape(kv_shape), v.reshape(kv_shape), cos, sin, self.K[layer], self.V[layer],
+              base, so, sh, block, slots, limits, threads, out, last, width, lanes)
+        return out.reshape(shape)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The caches' attend() protocol: q [B, Hq, T, D], k, v [B, Hkv, T, D] (before RoPE) -> [B, Hq, T, D]."""
+        return torch.from_numpy(self(layer, *(_c(t.transpose(1, 2)) for t in (q, k, v))))
 
 
 def attend_view(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limits: torch.Tensor) -> torch.Tensor | None:
@@ -376,29 +418,12 @@ def attend_view(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limits: torch
     return _run(q, k.as_strided((n, D), (D, 1)), v.as_strided((n, D), (D, 1)), base, 1, sh, S, Hkv, limits)
 
 
-def step_view(q, k, v, cos, sin, K, V, slots, limits, last_q) -> torch.Tensor:
-    """A contiguous cache layer's step in one call (_step): K, V [B, Hkv, S, D] contiguous, q [B, Hq, T, D], k, v
-    [B, Hkv, T, D] before RoPE, cos, sin [B, T, D], the new tokens' slots and limits [B, T], last_q [B, Hq, D]:
-    [B, Hq, T, D]."""
-    B, Hkv, S, D = K.shape
-    base = (np.arange(B, dtype=np.int64) * (Hkv * S))[:, None]
-    return _run_step(q, k, v, cos, sin, K.view(-1, D), V.view(-1, D), base, 1, S, S, slots, limits, last_q)
-
-
 def attend_blocks(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, table: torch.Tensor,
                   limits: torch.Tensor) -> torch.Tensor:
     """Attention over a paged pool's layer K, V [n_blocks, bs, Hkv, D] (contiguous) through table [B, blocks]
     (row b's slot s: block table[b, s // bs], offset s % bs), read in place: [B, Hq, T, D]."""
     n_blocks, bs, Hkv, D = K.shape
     return _run(q, K.view(-1, D), V.view(-1, D), table.numpy() * (bs * Hkv), Hkv, 1, bs, Hkv, limits)
-
-
-def step_blocks(q, k, v, cos, sin, K, V, table, slots, limits, last_q) -> torch.Tensor:
-    """A PagedCache layer's step in one call: step_view's over the pool's layer K, V through table (attend_blocks),
-    the new tokens' slots already held."""
-    n_blocks, bs, Hkv, D = K.shape
-    return _run_step(q, k, v, cos, sin, K.view(-1, D), V.view(-1, D), table.numpy() * (bs * Hkv), Hkv, 1, bs,
-                     slots, limits, last_q)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """FullCache: every token, preallocated. The target's cache."""
 import torch
 
-from .attention import attend, rotate, step
+from .attention import attend, rotate, view_step
 from .rows import BatchRows
 
 
@@ -12,7 +12,10 @@ class FullCache(BatchRows):
       begin(positions [B, T], rope)  once per forward: RoPE for the step, which slots are written and visible;
       attend(layer, q, k, v)         per layer, q/k/v before RoPE: writes k, v and returns attention;
       keep(rows)                     drops the other batch rows (a finished sequence leaves the batch);
-      join(other)                    appends the rows of a cache of the same sizes (a sequence joins the batch).
+      join(other)                    appends the rows of a cache of the same sizes (a sequence joins the batch);
+      step                           set by begin() where the numba kernel takes the forward's steps: a
+                                     cpu_attention.Step that does attend()'s work in one call per layer, on numpy
+                                     arrays too (models/kernels.py: Fused); None otherwise.
     static=True makes begin() shape-fixed and free of host syncs, as a captured CUDA graph needs: attention
     runs over every slot, masked by position, and the bounds checks are left to the caller.
     There is no length: a query at position p sees the slots of positions <= p, so a rejected draft's slots are
@@ -36,6 +39,7 @@ class FullCache(BatchRows):
         # Post-RoPE query of the last token of the latest step, per layer: [layers, B, Hq, D].
         # RetrievalCache.select scores chunks with it.
         self.last_q = None
+        self.step = None  # this forward's steps in one numba call per layer (attention.view_step), or None
 
     def begin(self, positions: torch.Tensor, rope) -> None:
         self.cos, self.sin = rope.cos_sin(positions)
@@ -48,6 +52,10 @@ class FullCache(BatchRows):
             raise ValueError(f"FullCache overflow: position {self.end - 1} >= capacity {self.max_len}")
         if self.store:
             self.store.begin()
+        # the numba kernel's one call per layer (once last_q exists: a first forward allocates it)
+        no_step = self.store or self.last_q is None
+        self.step = None if no_step else view_step(self.cos, self.sin, positions, self.limits, self.k, self.v,
+                                                   self.last_q)
         # one token of one row: written by a slice copy (cheaper than an index_put on the CPU)
         self.slot = slice(last[0], last[0] + 1) if positions.shape == (1, 1) and not self.static else None
         if positions.shape[1] == 1 and min(last) == self.end - 1 and not self.static:
@@ -68,7 +76,7 @@ class FullCache(BatchRows):
         root = positions[:, :1]  # [B, 1]
         self.positions = root + torch.arange(T, device=positions.device)  # [B, T]: the slots written
         self.limits, self.end = None, int(self.positions.max()) + 1  # not a prefix: the mask says
-        self.slot = None
+        self.slot = self.step = None
         if self.end > self.max_len:
             raise ValueError(f"FullCache overflow: slot {self.end - 1} >= capacity {self.max_len}")
         s = torch.arange(self.end, device=positions.device)
@@ -127,13 +135,10 @@ class FullCache(BatchRows):
             self.store.flush()
 
     def attend(self, layer: int, q, k, v):
+        if self.step is not None:
+            return self.step.attend(layer, q, k, v)
         if self.last_q is None:
             self.last_q = q.new_zeros((self.k.shape[0],) + q[:, :, -1].shape)
-        if self.store is None:  # in one numba call where its kernel takes the step
-            out = step(q, k, v, self.cos, self.sin, self.k[layer], self.v[layer], self.positions, self.limits,
-                       self.last_q[layer])
-            if out is not None:
-                return out
         q, k = rotate(q, self.cos, self.sin), rotate(k, self.cos, self.sin)
         kl, vl = self.store.fetch(layer) if self.store else (self.k[layer], self.v[layer])  # [B, Hkv, max_len, D]
         if self.slot is not None:

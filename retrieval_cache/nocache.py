@@ -3,6 +3,8 @@ from .attention import attend, causal_mask, rotate
 
 
 class NoCache:
+    step = None  # no one-call numba step (FullCache.step)
+
     def begin(self, positions, rope) -> None:
         T = positions.shape[1]
         self.cos, self.sin = rope.cos_sin(positions)  # [B, T, D]

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .attention import attend_paged, rotate, step_paged
+from .attention import attend_paged, paged_step, rotate
 
 
 class PoolFull(RuntimeError):
@@ -74,6 +74,7 @@ class PagedCache:
         self.tables = [[] for _ in range(batch)]
         self.static = False
         self.last_q = None  # [layers, B, Hq, D], as FullCache's
+        self.step = None  # as FullCache's
 
     @property
     def shape(self) -> tuple:
@@ -123,14 +124,15 @@ class PagedCache:
             self.mask = None
         else:  # [B, 1, T, end]: slot s visible to the query at position p iff s <= p
             self.mask = (torch.arange(self.end, device=positions.device) <= positions[:, :, None])[:, None]
+        self.step = None if self.last_q is None else paged_step(self.cos, self.sin, positions, self.limits,
+                                                                self.pool.k, self.pool.v, self.idx, self.last_q)
 
     def attend(self, layer: int, q, k, v):
+        if self.step is not None:
+            return self.step.attend(layer, q, k, v)
         if self.last_q is None:
             self.last_q = q.new_zeros((self.pool.k.shape[0],) + q[:, :, -1].shape)
         K, V = self.pool.k[layer], self.pool.v[layer]  # [n_blocks, bs, Hkv, D]
-        out = step_paged(q, k, v, self.cos, self.sin, K, V, self.idx, self.positions, self.limits, self.last_q[layer])
-        if out is not None:  # one numba call
-            return out
         q, k = rotate(q, self.cos, self.sin), rotate(k, self.cos, self.sin)
         K[self.blk, self.off] = k.transpose(1, 2)  # [B, T, Hkv, D]
         V[self.blk, self.off] = v.transpose(1, 2)

@@ -10,7 +10,7 @@ below every row's length holds committed tokens, which never change, so its mean
 """
 import torch
 
-from .attention import attend, rotate, step
+from .attention import attend, rotate, view_step
 from .rows import BatchRows
 
 
@@ -32,6 +32,7 @@ class RetrievalCache(BatchRows):
         # chunks [0, final) hold committed tokens of every row and are not re-read.
         self.mean_k, self.source, self.final = None, None, 0
         self.static = False  # shape-fixed, sync-free begin() (CUDA graphs): the whole tail is attended, masked
+        self.step = None  # as FullCache's
 
     @torch.no_grad()
     def select(self, full, lengths: list, q=None) -> None:
@@ -118,12 +119,12 @@ class RetrievalCache(BatchRows):
             sel_vis = self.valid[:, :, :, None, :].expand(Lyr, B, Hkv, T, self.sel_len)
             tail_vis = torch.arange(self.end, device=positions.device) <= self.slots[:, :, None]  # [B, T, end]
             self.mask = torch.cat([sel_vis, tail_vis[None, :, None].expand(Lyr, B, Hkv, T, self.end)], dim=-1)
+        self.step = view_step(self.cos, self.sin, self.sel_len + self.slots, self.limits, self.k, self.v)
 
     def attend(self, layer: int, q, k, v):
+        if self.step is not None:
+            return self.step.attend(layer, q, k, v)
         slots = self.sel_len + self.slots
-        out = step(q, k, v, self.cos, self.sin, self.k[layer], self.v[layer], slots, self.limits)
-        if out is not None:  # one numba call
-            return out
         q, k = rotate(q, self.cos, self.sin), rotate(k, self.cos, self.sin)
         self.k[layer][self.rows, :, slots] = k.transpose(1, 2)
         self.v[layer][self.rows, :, slots] = v.transpose(1, 2)

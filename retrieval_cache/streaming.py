@@ -21,6 +21,7 @@ class StreamingCache(BatchRows):
     Every step has a fixed shape and no host sync (a token past the sinks writes the spare sink slot S, which no
     query reads), so `static` changes nothing here; it is kept for the protocol."""
     ROWS = {"sink_k": 1, "sink_v": 1, "ring_k": 1, "ring_v": 1, "ring_pos": 0}
+    step = None  # no one-call numba step (FullCache.step): sinks are rotated per step, apart
 
     def __init__(self, n_layers, n_kv_heads, head_dim, sinks, window, max_step, batch=1, dtype=torch.float32, device=None):
         if sinks < 0 or window < 1 or max_step < 1:

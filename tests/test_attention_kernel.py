@@ -159,9 +159,10 @@ def mask_of(limits, S):
 
 @pytest.mark.parametrize("T", [1, 3])
 def test_one_call_step_equals_its_parts(T, monkeypatch):
-    """A FullCache's, a PagedCache's and a RetrievalCache's step in one numba call (attention.step, step_paged:
-    RoPE, cache writes, the last query and attention) against the same step in parts (rotate, index writes,
-    attend): the same outputs, cache contents and last queries, bit for bit, for ragged rows."""
+    """A FullCache's, a PagedCache's and a RetrievalCache's step in one numba call per layer (cpu_attention.Step:
+    RoPE, cache writes, the last query and attention), through attend() and on numpy arrays, against the same step
+    in parts (rotate, index writes, attend): the same outputs, cache contents and last queries, bit for bit, for
+    ragged rows."""
     from retrieval_cache import RetrievalCache, attention, full, paged, retrieval
     from triforce_rt.models import ModelConfig
     from triforce_rt.models.rope import Rope
@@ -174,30 +175,41 @@ def test_one_call_step_equals_its_parts(T, monkeypatch):
     q, k, v = (torch.randn(2, n + 2 * T, h, D, generator=g).transpose(1, 2) for h in (Hkv * G, Hkv, Hkv))  # as
     # projected: [B, T, H, D] rows, viewed [B, H, T, D]
     pos = torch.stack([torch.arange(n, n + T), torch.arange(n - 5, n - 5 + T)])
+
+    def step(cache, i, part, arrays):
+        qkv = [t[:, :, part] for t in (q, k, v)]
+        if arrays:  # as Fused passes them: [B * T, H * D] rows
+            return torch.from_numpy(cache.step(i, *(t.transpose(1, 2).reshape(2 * T, -1).numpy() for t in qkv)))
+        return cache.attend(i, *qkv)
+
     seen = {}
-    for parts in (False, True):
-        if parts:
-            for module, name in ((full, "step"), (retrieval, "step"), (paged, "step_paged")):
-                monkeypatch.setattr(module, name, lambda *a: None)
+    for way in ("one call", "arrays", "parts"):
+        if way == "parts":
+            for module, name in ((full, "view_step"), (retrieval, "view_step"), (paged, "paged_step")):
+                monkeypatch.setattr(module, name, lambda *a, **k: None)
         for name, cache in (("full", FullCache(L, Hkv, D, 128, batch=2)),
                             ("paged", PagedCache(BlockPool(L, Hkv, D, 8, 4, limit=64), 128, batch=2))):
-            cache.begin(torch.arange(n)[None].expand(2, -1), rope)
-            [cache.attend(i, q[:, :, :n], k[:, :, :n], v[:, :, :n]) for i in range(L)]
-            cache.begin(pos, rope)
-            out = torch.stack([cache.attend(i, *(t[:, :, n : n + T] for t in (q, k, v))) for i in range(L)])
+            with torch.inference_mode():
+                cache.begin(torch.arange(n)[None].expand(2, -1), rope)
+                [cache.attend(i, q[:, :, :n], k[:, :, :n], v[:, :, :n]) for i in range(L)]
+                cache.begin(pos, rope)
+                assert (cache.step is None) == (way == "parts")
+                out = torch.stack([step(cache, i, slice(n, n + T), way == "arrays") for i in range(L)])
             kv = (cache.k, cache.v) if name == "full" else (cache.pool.k, cache.pool.v)
-            seen[parts, name] = out, *(t.clone() for t in kv), cache.last_q.clone()
+            seen[way, name] = out, *(t.clone() for t in kv), cache.last_q.clone()
             if name == "full":  # a retrieval tier over it: 4 whole chunks of 8 of rows of 64 and 56, then T tokens
                 sel = RetrievalCache(L, Hkv, D, 32, 8, T, batch=2)
-                sel.select(cache, [64, 56])
-                sel.begin(torch.stack([torch.arange(64, 64 + T), torch.arange(56, 56 + T)]), rope)
-                assert sel.limits is not None  # every gathered slot valid: the kernel takes the step
-                out = torch.stack([sel.attend(i, *(t[:, :, n + T :] for t in (q, k, v))) for i in range(L)])
-                seen[parts, "retrieval"] = out, sel.k.clone(), sel.v.clone()
+                with torch.inference_mode():
+                    sel.select(cache, [64, 56])
+                    sel.begin(torch.stack([torch.arange(64, 64 + T), torch.arange(56, 56 + T)]), rope)
+                    assert (sel.step is None) == (way == "parts")
+                    out = torch.stack([step(sel, i, slice(n + T, n + 2 * T), way == "arrays") for i in range(L)])
+                seen[way, "retrieval"] = out, sel.k.clone(), sel.v.clone()
     assert attention.kernel() == "numba"
     for name in ("full", "paged", "retrieval"):
-        for a, b in zip(seen[False, name], seen[True, name]):
-            assert torch.equal(a, b)
+        for way in ("one call", "arrays"):
+            for a, b in zip(seen[way, name], seen["parts", name]):
+                assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("T", [1, 3, MAX_T + 4])

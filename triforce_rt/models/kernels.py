@@ -142,8 +142,11 @@ class Fused:
         B, T, D = x.shape
         Hq, Hkv, hd = self.heads
         xn = np.ascontiguousarray(x.detach().numpy().reshape(B * T, D))
-        q, k, v = (torch.from_numpy(t).view(B, T, H, hd).transpose(1, 2)
-                   for t, H in zip(attention_in(xn, *self.before), (Hq, Hkv, Hkv)))  # [B, H, T, hd]
-        out = cache.attend(layer, q, k, v)  # [B, Hq, T, hd]
-        out = np.ascontiguousarray(out.transpose(1, 2).numpy().reshape(B * T, Hq * hd))
+        q, k, v = attention_in(xn, *self.before)  # [B * T, H * hd]
+        if cache.step is not None:  # the cache's numba step, on the arrays as they are
+            out = cache.step(layer, q, k, v)  # [B, Hq, T, hd]
+        else:
+            out = cache.attend(layer, *(torch.from_numpy(t).view(B, T, H, hd).transpose(1, 2)
+                                        for t, H in zip((q, k, v), (Hq, Hkv, Hkv)))).numpy()
+        out = np.ascontiguousarray(out.transpose(0, 2, 1, 3).reshape(B * T, Hq * hd))
         return torch.from_numpy(attention_out(xn, out, *self.after)).view(B, T, D)
