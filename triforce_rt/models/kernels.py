@@ -107,9 +107,10 @@ def use_numba(model) -> None:
 
 
 class Fused:
-    """A Block's forward on the numba kernels in two calls around cache.attend: cpu_kernels.attention_in (input
-    norm, q, k, v) and attention_out (o, residual, post-attention norm, SwiGLU MLP, residual); the same maths as
-    the block's modules, over their own weights (no copy). Steps of up to MAX_ROWS rows x tokens on the CPU, in
+    """A Block's forward on the numba kernels in two calls around the cache's (cache.step on the numpy arrays where
+    the cache has one, cache.attend otherwise): cpu_kernels.attention_in (input norm, q, k, v) and attention_out
+    (o, residual, post-attention norm, SwiGLU MLP, residual); the same maths as the block's modules, over their own
+    weights (no copy). Steps of up to MAX_ROWS rows x tokens on the CPU, in
     inference; the modules take every other step (prefill chunks, training)."""
 
     def __init__(self, block):
