@@ -28,7 +28,7 @@ from numba import carray, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-VERSION = 4  # bumped when the kernel's speed changes (measured step costs keyed by it go stale)
+VERSION = 5  # bumped when the kernel's speed, or which steps take it, changes (step costs keyed by it go stale)
 MAX_T = 8  # longer steps (prefill chunks, wide trees) stay on SDPA, whose GEMMs win there
 # Shorter steps take the kernel at any number of keys: a cache's step is one call (_step: RoPE, cache writes and
 # attention), where SDPA's path costs about ten torch operations a layer around it (benchmarks/results/

@@ -1,10 +1,16 @@
 """RetrievalCache: the top-k KV chunks of a FullCache for the current query, plus a tail for new tokens.
 
-Selection (TriForce): split each row's first L_b tokens into chunks of c; per layer and kv head,
+Selection (TriForce): split each row's first F_b = c * (L_b // c) tokens (its whole chunks) into chunks of c; per
+layer and kv head,
   score[chunk] = Σ_{g in group} q_g · mean_k[chunk]        (q after RoPE, GQA group of G query heads)
 keep chunk 0 (the attention sink) and the best budget//c - 1 others, and gather them into a dense buffer.
 Keys keep the RoPE of their true positions, so relative distances stay exact.
-The tail holds tokens processed after selection, by position: tail slot j of row b is position L_b + j.
+The tail holds the rest, by position: tail slot j of row b is position F_b + j, so the L_b - F_b < c tokens of a
+partial last chunk are copied there at selection (always attended, as the most recent tokens), and the tokens
+processed after selection follow them. Every gathered slot then holds a token whenever each row has budget//c whole
+chunks (the default budget is at most 1/8 of the prompt), so a query sees a prefix of the slots and the one-call
+kernel takes the step (cpu_attention.Step); a gathered partial chunk would hide slots in the middle, which only a
+mask (SDPA) can.
 Re-selection (a refresh) re-reads only the chunks at or past the last select's shortest row: a chunk wholly
 below every row's length holds committed tokens, which never change, so its mean key is kept.
 """
@@ -22,9 +28,10 @@ class RetrievalCache(BatchRows):
             raise ValueError(f"retrieval budget {budget} must hold at least one chunk of {chunk_size} tokens")
         if tail < 1:
             raise ValueError(f"retrieval tail must hold at least one token (got {tail})")
-        self.c, self.n_sel, self.tail = chunk_size, budget // chunk_size, tail
+        # tail: tokens fed after a selection, plus the up to c - 1 of a partial last chunk
+        self.c, self.n_sel, self.tail = chunk_size, budget // chunk_size, tail + chunk_size - 1
         self.sel_len = self.n_sel * chunk_size
-        shape = (n_layers, batch, n_kv_heads, self.sel_len + tail, head_dim)
+        shape = (n_layers, batch, n_kv_heads, self.sel_len + self.tail, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.chunks = self.valid = self.base = None  # set by select
@@ -46,44 +53,47 @@ class RetrievalCache(BatchRows):
         c, dev, own = self.c, full.device, self.k.device
         if max_len % c:
             raise ValueError(f"FullCache capacity {max_len} must be a multiple of the chunk size {c}")
-        L = torch.tensor(lengths, device=dev)  # [B]
-        n_chunks = -(-max(lengths) // c)
+        whole = [n // c * c for n in lengths]  # F_b: the tokens of row b's whole chunks
+        L = torch.tensor(whole, device=dev)  # [B]
+        n_chunks = max(whole) // c
         n_sel = min(self.n_sel, n_chunks)
         G = q.shape[2] // Hkv
         pos = torch.arange(n_chunks * c, device=dev).view(n_chunks, c)
-        live = pos < L[:, None, None]  # [B, n_chunks, c]: slots holding one of the row's tokens
-        counts = live.sum(-1).clamp(min=1)  # [B, n_chunks]
+        live = pos < L[:, None, None]  # [B, n_chunks, c]: slots holding one of the row's tokens (whole chunks)
         if self.chunks is None or self.chunks.shape[1] != B:  # else re-selected in place: captured graphs stay bound
             self.chunks = torch.zeros(Lyr, B, Hkv, self.n_sel, dtype=torch.long, device=own)
             self.valid = torch.zeros(Lyr, B, Hkv, self.sel_len, dtype=torch.bool, device=own)
             self.base = torch.zeros(B, dtype=torch.long, device=own)
         self.chunks.zero_()
-        if full is not self.source or self.mean_k.shape[1] != B or min(lengths) // c < self.final:
+        if full is not self.source or self.mean_k.shape[1] != B or min(whole) // c < self.final:
             self.mean_k = torch.zeros(Lyr, B, Hkv, max_len // c, D, dtype=full.dtype, device=dev)
             self.source, self.final = full, 0
         lo = self.final  # chunks lo .. n_chunks-1 are (re)averaged
         for layer in range(Lyr):  # one layer at a time: a first select reads every key
-            kc = full.chunk_keys(layer, c, lo, n_chunks)
-            kc = kc * live[:, None, lo:, :, None]  # zero the stale slots past each row's length
-            self.mean_k[layer, :, :, lo:n_chunks] = kc.sum(3) / counts[:, None, lo:, None]
+            self.mean_k[layer, :, :, lo:n_chunks] = full.chunk_keys(layer, c, lo, n_chunks).mean(3)
         mean_k = self.mean_k[:, :, :, :n_chunks]  # [Lyr, B, Hkv, n_chunks, D]
         score = torch.einsum("lbhgd,lbhnd->lbhn", q.reshape(Lyr, B, Hkv, G, D).to(dev, mean_k.dtype), mean_k)
-        score.masked_fill_(~live[None, :, None, :, 0], float("-inf"))  # chunks past a shorter row's end
-        score[..., 0] = float("inf")  # chunk 0 always kept
+        score.masked_fill_(~live[None, :, None, :, 0], float("-inf"))  # chunks past a shorter row's whole ones
+        score[..., :1] = float("inf")  # chunk 0 always kept
         idx = score.topk(n_sel, dim=-1).indices.sort(dim=-1).values  # [Lyr, B, Hkv, n_sel]
         self.chunks[..., :n_sel] = idx
+        # the chunk of each row's last token: its partial chunk, if any (else a whole one, whose copy nothing sees)
+        part = ((torch.tensor(lengths, device=dev) - 1) // c).clamp(min=0).view(B, 1, 1).expand(B, Hkv, 1)
         for layer in range(Lyr):  # whole chunks, one layer at a time (small temporaries)
             k, v = full.gather_chunks(layer, idx[layer], c)
             self.k[layer, :, :, : n_sel * c] = k
             self.v[layer, :, :, : n_sel * c] = v
-        # Gathered slots past a row's length (a partial last chunk, fewer chunks than n_sel) are masked.
+            k, v = full.gather_chunks(layer, part, c)  # tail slots 0 .. L_b - F_b - 1 (the rest: stale, unseen)
+            self.k[layer, :, :, self.sel_len : self.sel_len + c] = k
+            self.v[layer, :, :, self.sel_len : self.sel_len + c] = v
+        # Gathered slots past a row's whole chunks (a row with fewer than n_sel of them) are masked.
         slot_pos = self.chunks[..., None] * c + torch.arange(c, device=own)  # [Lyr, B, Hkv, n_sel, c]
         L = L.to(own)
         self.valid.copy_((slot_pos < L[None, :, None, None, None]).reshape(Lyr, B, Hkv, self.sel_len))
         self.valid[..., n_sel * c :] = False
         self.all_valid = bool(self.valid.all())  # a later keep() only drops rows, so it stays a safe answer
         self.base.copy_(L)
-        self.final = min(lengths) // c
+        self.final = min(whole) // c
 
     def join(self, other: "RetrievalCache") -> None:
         """Append other's rows (selected from their own FullCache, with the same budget, chunk and tail sizes).

@@ -101,24 +101,26 @@ def test_retrieval_selects_top_chunks_and_attends_like_masked_full(L, budget, c)
     rc.select(full, [L], sel_q)
 
     k_rot = torch.stack([torch.stack([rot(k[j, h], j) for h in range(H_KV)]) for j in range(L)])  # [L, Hkv, D]
-    n_chunks, n_sel = -(-L // c), min(budget // c, -(-L // c))
+    n_chunks, n_sel = L // c, min(budget // c, L // c)  # whole chunks compete; a partial last one is in the tail
     chosen = {}
     for layer in range(layers):
         for h in range(H_KV):
-            means = [k_rot[n * c : min(L, (n + 1) * c), h].mean(0) for n in range(n_chunks)]
+            means = [k_rot[n * c : (n + 1) * c, h].mean(0) for n in range(n_chunks)]
             score = [sum(float(sel_q[layer, 0, h * G + g] @ m) for g in range(G)) for m in means]
             best = sorted(range(1, n_chunks), key=lambda n: -score[n])[: n_sel - 1]
             chosen[layer, h] = sorted([0] + best)
             assert rc.chunks[layer, 0, h, :n_sel].tolist() == chosen[layer, h]
+    assert rc.all_valid == (budget // c <= L // c)  # every gathered slot a token: queries see a prefix (one call)
 
-    # Three new tokens attend to the selected chunks plus themselves (causal), exactly as masked full attention.
+    # Three new tokens attend to the selected chunks, the partial last chunk and themselves (causal), exactly as
+    # masked full attention.
     nq, nk, nv = tokens(3, seed=99)
     step(rc, *tokens(3, seed=98), L, layers)  # a rejected speculation at the same positions, then the real tokens
     got = step(rc, nq, nk, nv, L, layers)
     for t in range(3):
         for hq in range(H_Q):
             h = hq // G
-            pos = [j for n in chosen[0, h] for j in range(n * c, min(L, (n + 1) * c))]
+            pos = [j for n in chosen[0, h] for j in range(n * c, (n + 1) * c)] + list(range(L // c * c, L))
             keys = [k_rot[j, h] for j in pos] + [rot(nk[i, h], L + i) for i in range(t + 1)]
             vals = [v[j, h] for j in pos] + [nv[i, h] for i in range(t + 1)]
             want = softmax_attend(rot(nq[t, hq], L + t), keys, vals)
