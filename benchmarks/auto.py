@@ -21,7 +21,7 @@ from triforce_rt.distill.corpus import path as corpus_path
 from triforce_rt.engine import GenerationConfig, generate
 from triforce_rt.jobs.summarize import INSTRUCTION, request
 from triforce_rt.models import load_model
-from triforce_rt.models.loader import default_drafter
+from triforce_rt.models.loader import default_drafter, load_drafter
 from triforce_rt.settings import HEAD_MODES, MODES
 from triforce_rt.textio import read_text
 
@@ -51,7 +51,7 @@ def row(label, res, ar, n_ctx, prompt, temperature, seed=0) -> dict:
 def run(contexts, prompts, temperatures, quant: str, kernels: str, threads=2, out=None) -> dict:
     torch.set_num_threads(threads)
     model = load_model("default", kernels=kernels)
-    drafter = load_model(default_drafter(), kernels=kernels)
+    drafter = load_drafter(default_drafter(), model)
     generate(model, list(range(1, 65)), GenerationConfig(max_new_tokens=4, ignore_eos=True))  # warm-up
     report = {"benchmark": "auto", "model": "default", "kernels": model.runtime.kernels, "quant": quant,
               "weights_bytes": model.weight_bytes(), "new_tokens": 128, "machine": machine(), "rows": [], "demo": []}

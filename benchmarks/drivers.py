@@ -32,7 +32,7 @@ def run_hierarchy(spec="default", contexts=(2048, 8064), new_tokens=128, threads
     Tier times give each step's cost (cost model). prompt: a key of PROMPTS, about held-out text."""
     torch.set_num_threads(threads)
     model = load_model(spec, dtype=torch.float32)
-    draft = load_model(drafter, dtype=torch.float32) if drafter else None
+    draft = load_drafter(drafter, model, dtype=torch.float32) if drafter else None
     instruction, source = PROMPTS[prompt]
     ids_all = heldout_ids(model.tokenizer, max(contexts), source)
     generate(model, ids_all[:64], GenerationConfig(max_new_tokens=4, ignore_eos=True))  # warm-up
@@ -71,7 +71,7 @@ def run_refresh(spec="default", contexts=(2048, 8064), docs=3, new_tokens=128, t
     prompt: document i is the held-out text from token i * max(contexts) on, cut to each context."""
     torch.set_num_threads(threads)
     model = load_model(spec, dtype=torch.float32)
-    draft = load_model(drafter, dtype=torch.float32) if drafter else None
+    draft = load_drafter(drafter, model, dtype=torch.float32) if drafter else None
     generate(model, list(range(1, 65)), GenerationConfig(max_new_tokens=4, ignore_eos=True))  # warm-up
     report = {"benchmark": "refresh", "model": spec, "dtype": "float32", "drafter": drafter, "new_tokens": new_tokens,
               "machine": machine(), "rows": []}
@@ -235,7 +235,7 @@ def run_batch(spec="default", contexts=(4096, 8064), batch=4, new_tokens=64, thr
     slices of held-out text."""
     torch.set_num_threads(threads)
     model = load_model(spec, dtype=torch.float32)
-    draft = load_model(drafter, dtype=torch.float32) if drafter else None
+    draft = load_drafter(drafter, model, dtype=torch.float32) if drafter else None
     instruction, source = PROMPTS[prompt]
     generate_batch(model, [[1, 2, 3]] * 2, GenerationConfig(max_new_tokens=4, ignore_eos=True))  # warm-up
     report = {"benchmark": "batch", "prompt": f"{instruction!r} + held-out {source} text, chat template", "model": spec,

@@ -107,7 +107,7 @@ def run_experiment(exp: Experiment, out: str | None = None, is_quick: bool = Fal
     model = load_model(exp.model, kernels=exp.kernels)
     drafter = []  # the tiny drafter and the recurrent head, for the modes that draft with them
     if any(m in DRAFTER_MODES for m in exp.modes):
-        drafter.append(load_model(drafter_folder(exp.drafter or "default", exp.model), kernels=exp.kernels))
+        drafter.append(load_drafter(drafter_folder(exp.drafter or "default", exp.model), model))
     if any(m in HEAD_MODES for m in exp.modes):
         drafter.append(load_drafter(drafter_folder(exp.head or "default", exp.model, head=True), model))
     docs = documents(exp, model.tokenizer)
