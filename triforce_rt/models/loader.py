@@ -259,10 +259,10 @@ def drafter_folder(spec: str, target: str, head: bool = False) -> str:
 
 def load_drafter(folder: str, target, **load):
     """The drafter in folder (from drafter_folder): a recurrent head over target, or a model loaded as load says on
-    the target's matrix kernels (the tiny drafter of a GGUF target runs on the numba kernels too: its fp32 maps
-    cost a third of torch's on the AMD machine of benchmarks/results/hierarchy-cpu-numba.md, 0.9 against 3.0 ms a
-    token, in a side run I did not commit; any drafter leaves the output exact)."""
+    the target's matrix kernels, so a GGUF target's tiny drafter runs on numba too (README, hierarchy table: its
+    calls against those on torch). Any drafter leaves the output exact."""
     from .head import is_head, load_head
 
-    return load_head(folder, target) if is_head(folder) else load_model(folder, **{**load,
-                                                                                 "kernels": target.runtime.kernels})
+    if is_head(folder):
+        return load_head(folder, target)
+    return load_model(folder, **{**load, "kernels": target.runtime.kernels})
