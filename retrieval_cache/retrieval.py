@@ -77,15 +77,16 @@ class RetrievalCache(BatchRows):
         score[..., :1] = float("inf")  # chunk 0 always kept
         idx = score.topk(n_sel, dim=-1).indices.sort(dim=-1).values  # [Lyr, B, Hkv, n_sel]
         self.chunks[..., :n_sel] = idx
-        # the chunk of each row's last token: its partial chunk, if any (else a whole one, whose copy nothing sees)
-        part = ((torch.tensor(lengths, device=dev) - 1) // c).clamp(min=0).view(B, 1, 1).expand(B, Hkv, 1)
-        for layer in range(Lyr):  # whole chunks, one layer at a time (small temporaries)
-            k, v = full.gather_chunks(layer, idx[layer], c)
-            self.k[layer, :, :, : n_sel * c] = k
-            self.v[layer, :, :, : n_sel * c] = v
-            k, v = full.gather_chunks(layer, part, c)  # tail slots 0 .. L_b - F_b - 1 (the rest: stale, unseen)
-            self.k[layer, :, :, self.sel_len : self.sel_len + c] = k
-            self.v[layer, :, :, self.sel_len : self.sel_len + c] = v
+        # then the chunk of each row's last token: its partial chunk, if any (else a whole one, whose copy nothing
+        # sees), for tail slots 0 .. L_b - F_b - 1 (the rest: stale, unseen)
+        part = ((torch.tensor(lengths, device=dev) - 1) // c).clamp(min=0).view(1, B, 1, 1).expand(Lyr, B, Hkv, 1)
+        idx = torch.cat([idx, part], dim=-1)
+        n = n_sel * c
+        tail = slice(self.sel_len, self.sel_len + c)
+        for layer in range(Lyr):  # one layer at a time (small temporaries)
+            k, v = full.gather_chunks(layer, idx[layer], c)  # [B, Hkv, n + c, D]
+            self.k[layer, :, :, :n], self.k[layer, :, :, tail] = k[:, :, :n], k[:, :, n:]
+            self.v[layer, :, :, :n], self.v[layer, :, :, tail] = v[:, :, :n], v[:, :, n:]
         # Gathered slots past a row's whole chunks (a row with fewer than n_sel of them) are masked.
         slot_pos = self.chunks[..., None] * c + torch.arange(c, device=own)  # [Lyr, B, Hkv, n_sel, c]
         L = L.to(own)
