@@ -58,8 +58,7 @@ class RetrievalCache(BatchRows):
         n_chunks = max(whole) // c
         n_sel = min(self.n_sel, n_chunks)
         G = q.shape[2] // Hkv
-        pos = torch.arange(n_chunks * c, device=dev).view(n_chunks, c)
-        live = pos < L[:, None, None]  # [B, n_chunks, c]: slots holding one of the row's tokens (whole chunks)
+        live = torch.arange(n_chunks, device=dev) * c < L[:, None]  # [B, n_chunks]: the row's whole chunks
         if self.chunks is None or self.chunks.shape[1] != B:  # else re-selected in place: captured graphs stay bound
             self.chunks = torch.zeros(Lyr, B, Hkv, self.n_sel, dtype=torch.long, device=own)
             self.valid = torch.zeros(Lyr, B, Hkv, self.sel_len, dtype=torch.bool, device=own)
@@ -73,7 +72,7 @@ class RetrievalCache(BatchRows):
             self.mean_k[layer, :, :, lo:n_chunks] = full.chunk_keys(layer, c, lo, n_chunks).mean(3)
         mean_k = self.mean_k[:, :, :, :n_chunks]  # [Lyr, B, Hkv, n_chunks, D]
         score = torch.einsum("lbhgd,lbhnd->lbhn", q.reshape(Lyr, B, Hkv, G, D).to(dev, mean_k.dtype), mean_k)
-        score.masked_fill_(~live[None, :, None, :, 0], float("-inf"))  # chunks past a shorter row's whole ones
+        score.masked_fill_(~live[None, :, None], float("-inf"))  # chunks past a shorter row's whole ones
         score[..., :1] = float("inf")  # chunk 0 always kept
         idx = score.topk(n_sel, dim=-1).indices.sort(dim=-1).values  # [Lyr, B, Hkv, n_sel]
         self.chunks[..., :n_sel] = idx
