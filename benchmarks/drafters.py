@@ -1,8 +1,10 @@
-"""Drafters side by side against AR, on SmolLM2-135M fp32, 2 threads, 128 greedy tokens, default settings, at 2K
+"""Drafters side by side against AR, on SmolLM2-135M (fp32 compute, on the kernels --kernels auto picks: numba for
+the default GGUF, and each drafter on its target's kernels), 2 threads, 128 greedy tokens, default settings, at 2K
 and 8K, on the held-out documents of refresh.py (--docs per prompt): each tiny drafter in draft and triforce, each
 recurrent head in redrafter and triforce-redrafter, at each drafting γ of --gammas (0 = the mode's default) and,
 in redrafter, each beam width W of --beams (a tree of W beams verified in one forward); with --quant, self-spec
-on a quantized copy of the target (the quantized tier) at the same γ.
+on a quantized copy of the target (the quantized tier) at the same γ. With a head on a numba target, one head
+step at 1-8 rows is also timed on torch and on numba.
 The drafter tier's α and cost per call are issue #4's two targets (α against tier 2 >= 0.6, a cost <= 10% of an AR
 step) and the head's α issue #32's (>= 0.7 at 8K).
 

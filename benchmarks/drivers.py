@@ -8,6 +8,7 @@ import math
 import os
 import statistics
 import sys
+import time
 
 import torch
 
@@ -128,8 +129,8 @@ def run_drafters(drafters: dict, spec="default", contexts=(2048, 8064), docs=3, 
     model = load_model(spec, dtype=torch.float32)
     loaded = {name: load_drafter(path, model, dtype=torch.float32) for name, path in drafters.items()}
     generate(model, list(range(1, 65)), GenerationConfig(max_new_tokens=4, ignore_eos=True))  # warm-up
-    report = {"benchmark": "drafters", "model": spec, "dtype": "float32", "drafters": drafters,
-              "new_tokens": new_tokens, "machine": machine(), "rows": []}
+    report = {"benchmark": "drafters", "model": spec, "dtype": "float32", "kernels": model.runtime.kernels,
+              "drafters": drafters, "new_tokens": new_tokens, "machine": machine(), "rows": []}
     variants = []
     for name, d in loaded.items():
         for m in HEAD_MODES if isinstance(d, RecurrentHead) else modes:
@@ -139,9 +140,37 @@ def run_drafters(drafters: dict, spec="default", contexts=(2048, 8064), docs=3, 
                          for g in gammas for w in (beams if m == "redrafter" else (1,))]
     variants += [({"drafter": f"self-spec-{q}", "gamma": g or "default", "beams": 1}, None,
                   {"mode": "self-spec", "draft_quant": q, **({"gamma2": g} if g else {})}) for q in quants for g in gammas]
+    heads = {name: drafters[name] for name, d in loaded.items() if isinstance(d, RecurrentHead)}
+    if heads and model.runtime.kernels != "torch":
+        report["head_steps"] = head_steps(spec, model, heads)
     report["rows"] = document_rows(model, contexts, docs, prompts, new_tokens, variants)
     publish(report, drafters_markdown, out)
     return report
+
+
+def head_steps(spec, model, heads: dict, rows=(1, 2, 4, 8), reps=300) -> list:
+    """One greedy step of each recurrent head ({label: path}) at 1-8 rows (a beam search step's rows are its
+    beams), on torch and on the kernels of model (spec, loaded; load_head: RecurrentHead.on_kernels_of): median ms
+    of reps."""
+    from triforce_rt.models.head import load_head
+
+    torch_target = load_model(spec, dtype=torch.float32, kernels="torch")
+    out = []
+    for name, path in heads.items():
+        for kernels, target in (("torch", torch_target), (model.runtime.kernels, model)):
+            head = load_head(path, target)
+            for n in rows:
+                h, x = torch.randn(n, head.hidden, generator=torch.Generator().manual_seed(n)), torch.arange(n)
+                times = []
+                with torch.inference_mode():
+                    for _ in range(reps):
+                        t0 = time.perf_counter()
+                        s = head.step(target.embed_tokens(x).float(), None)
+                        head.reduced_logits(s, h).argmax(-1)
+                        times.append(time.perf_counter() - t0)
+                out.append({"head": name, "kernels": kernels, "rows": n,
+                            "ms": round(1e3 * statistics.median(times[reps // 10:]), 3)})
+    return out
 
 
 def drafters_markdown(report: dict) -> str:
@@ -151,7 +180,8 @@ def drafters_markdown(report: dict) -> str:
     m, rows = report["machine"], report["rows"]
     n_docs = len({(r["prompt"], r["doc"]) for r in rows})
     tier = lambda r: r["tiers"][0]  # the drafter's (the bottom tier)
-    lines = [f"Drafters, {report['model']} {report['dtype']}, greedy, {report['new_tokens']} new tokens, default "
+    lines = [f"Drafters, {report['model']} {report['dtype']}, {report.get('kernels', 'torch')} kernels (the drafters on "
+             f"the target's), greedy, {report['new_tokens']} new tokens, default "
              f"settings, {n_docs} documents, {m['cpu']}, {m['threads']} threads, torch {m['torch']}. Drafters: "
              + ", ".join(f"{k} = `{v}`" for k, v in report["drafters"].items()) + ". The drafter's α is against "
              "the tier it drafts for: the target in draft and redrafter, tier 2 (the target on its retrieval cache) "
@@ -176,6 +206,16 @@ def drafters_markdown(report: dict) -> str:
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {key[4]} | {statistics.median(a):.2f} "
                      f"| {a[0]:.2f} | {a[-1]:.2f} | {ms:.1f} | {100 * share:.0f}% | {per_call:.2f} | {verified} "
                      f"| {geo:.2f}x | {all(r['tokens_identical'] for r in group)} |")
+    if report.get("head_steps"):
+        ar_ms = {c: 1000 / statistics.median(r["ar_tok_s"] for r in rows if r["context"] == c)
+                 for c in sorted({r["context"] for r in rows})}
+        lines += ["", "One head step (greedy: the recurrence, the reduced logits and their argmax) at 1-8 rows, on torch "
+                  "(fp32) and on the target's kernels (numba: over Q8_0 blocks), median of 300 on a warm cache, and its share of this run's median AR step at each "
+                  "context (" + ", ".join(f"{c}: {ms:.1f} ms" for c, ms in ar_ms.items()) + "):", "",
+                  "| head | kernels | rows | ms | " + " | ".join(f"share at {c}" for c in ar_ms) + " |",
+                  "|---|---|---|---|" + "---|" * len(ar_ms)]
+        lines += [f"| {r['head']} | {r['kernels']} | {r['rows']} | {r['ms']} | "
+                  + " | ".join(f"{100 * r['ms'] / ms:.1f}%" for ms in ar_ms.values()) + " |" for r in report["head_steps"]]
     lines += ["", "| prompt | doc | context | drafter | γ | W | mode | tok/s | vs ar | tiers: α, ms/call |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

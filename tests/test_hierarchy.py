@@ -37,15 +37,15 @@ def random_pair(seed, n_kv=2, vocab=64, sharpen=1.0):
 
 
 def random_head(target, seed=0, keep=None):
-    """A recurrent draft head for target: the target's head rows (of every token, or of keep), then random
-    recurrence and features, so that its drafts are sometimes right and sometimes not."""
+    """A recurrent draft head for target, on its kernels: the target's head rows (of every token, or of keep), then
+    random recurrence and features, so that its drafts are sometimes right and sometimes not."""
     V, D = target.config.vocab_size, target.config.hidden_size
     head = RecurrentHead(D, V, len(keep or range(V))).initialize(target.head, torch.tensor(keep or range(V)))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for w in (head.W.weight, head.U.weight, head.fc1.weight, head.fc2.weight):
             w.copy_(torch.randn(w.shape, generator=g) * 0.2)
-    return head.eval()
+    return head.eval().on_kernels_of(target)
 
 
 def with_head(target, drafter, seed=0):

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from conftest import child_env, hf_model, ours
 from gguf import GGMLQuantizationType, GGUFWriter, dequantize, quantize
-from test_hierarchy import ALPHA, SPEC_MODES, mode_config, random_pair, sampled_pairs, sweep_cases, with_head
+from test_hierarchy import (ALPHA, SPEC_MODES, mode_config, random_head, random_pair, sampled_pairs, sweep_cases,
+                            with_head)
 
 from cpu_kernels import FORMATS, Blocks, attention_in, attention_out, linear, pack
 from triforce_rt import GenerationConfig, generate, load_model
@@ -208,6 +209,32 @@ def test_greedy_every_mode_equals_ar_on_numba(case, blocks):
     drafter = with_head(target, drafter, case["seed"])
     for mode in SPEC_MODES:
         assert generate(target, prompt, mode_config(mode, **cfg), drafter=drafter).tokens == ar, mode
+
+
+def test_recurrent_head_runs_on_its_numba_targets_kernels():
+    """RecurrentHead.on_kernels_of (load_head): a numba target's head runs its five maps on cpu_kernels.Linear over
+    Q8_0 blocks of its weights, with the values of a torch head over those blocks' dequantized weights up to fp32
+    summation order; a torch target's head is unchanged."""
+    import copy
+
+    maps = ("W", "U", "fc1", "fc2", "out")
+    torch_target, numba_target = random_pair(0)[0], numba_pair(0, 2, blocks=True)[0]
+    head = random_head(torch_target, seed=1)
+    assert all(type(getattr(head, m)) is torch.nn.Linear for m in maps)
+    numba_head, torch_head = copy.deepcopy(head).on_kernels_of(numba_target), copy.deepcopy(head)
+    assert all(getattr(numba_head, m).blocks.fmt == "Q8_0" for m in maps)
+    with torch.no_grad():
+        for m in maps:
+            w = getattr(torch_head, m).weight
+            w.copy_(Blocks.quantize(w, "Q8_0").dequantize())
+    g = torch.Generator().manual_seed(0)
+    for rows in (1, 3, 8):  # a chain's step, and beam search steps of 3 and 8 beams
+        e, h = torch.randn(2, rows, 32, generator=g), torch.randn(rows, 32, generator=g)
+        with torch.inference_mode():
+            s = [hd.step(e[1], hd.step(e[0], None)) for hd in (torch_head, numba_head)]  # U's map too
+            torch.testing.assert_close(s[1], s[0], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(numba_head.reduced_logits(s[1], h), torch_head.reduced_logits(s[0], h),
+                                       rtol=1e-5, atol=1e-5)
 
 
 def test_rows_not_whole_blocks_stay_on_torch():

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cpu_kernels import Blocks
+from cpu_kernels import QK, Blocks, Linear
 
 from ..errors import UserError, first_line
 
@@ -39,7 +39,22 @@ class RecurrentHead(nn.Module):
 
     @property
     def hidden(self) -> int:
-        return self.W.in_features
+        return self.norm.numel()
+
+    def on_kernels_of(self, target) -> "RecurrentHead":
+        """On its target's matrix kernels: for a numba target, its five maps become cpu_kernels.Linear over Q8_0 blocks
+        of their weights (maps whose input width is not whole blocks of QK stay on torch). A drafter's numbers never
+        change the output, and Q8_0 kept the shipped head's held-out agreement (drafters README) at a quarter of the
+        fp32 bytes, which a step re-reads after every target step has evicted them from the caches
+        (benchmarks/results/drafters-cpu-head.md: one step, torch against numba). Inference only: training keeps
+        nn.Linear."""
+        if target.runtime.kernels != "numba":
+            return self
+        for name in ("W", "U", "fc1", "fc2", "out"):
+            m = getattr(self, name)
+            if m.weight.shape[1] % QK == 0:
+                setattr(self, name, Linear(Blocks.quantize(m.weight, "Q8_0"), m.bias))
+        return self
 
     def step(self, e: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
         """e [..., D] the embedding of the latest token, s [..., D] the state before it (None: s_0 = 0) -> s'."""
@@ -91,7 +106,8 @@ def is_head(folder: str) -> bool:
 
 
 def load_head(folder: str, target, device=None) -> RecurrentHead:
-    """The head saved in folder, in fp32 on device, checked against the target it drafts for."""
+    """The head saved in folder, in fp32 on device, checked against the target it drafts for, on the target's matrix
+    kernels (on_kernels_of)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -109,4 +125,4 @@ def load_head(folder: str, target, device=None) -> RecurrentHead:
         head.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
     except (KeyError, TypeError, OSError, RuntimeError, SafetensorError) as e:  # not a whole head's files
         raise UserError(f"{folder}: not a readable recurrent draft head ({first_line(e)})") from None
-    return head.to(device or target.device).eval()
+    return head.to(device or target.device).eval().on_kernels_of(target)

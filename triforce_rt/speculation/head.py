@@ -58,11 +58,10 @@ class HeadTier:
             with torch.inference_mode():
                 for _ in range(n):
                     s = self.head.step(self.embed(x).to(h.dtype), s)
-                    logits = self.head.logits(s, h)  # [b', V]
-                    if sp.greedy:
-                        x = logits.argmax(-1)
+                    if sp.greedy:  # the kept ids are sorted, so ties break as over the whole vocabulary
+                        x = self.head.vocab_ids[self.head.reduced_logits(s, h).argmax(-1)]
                     else:
-                        p = probs(logits, sp)
+                        p = probs(self.head.logits(s, h), sp)  # [b', V]
                         x = torch.multinomial(p, 1, generator=generator)[:, 0]
                         q.append(p)
                     out.append(x)
@@ -88,9 +87,10 @@ class HeadTier:
             with torch.inference_mode():
                 for _ in range(n):
                     s = self.head.step(self.embed(x).to(h.dtype), s)  # [b', beams, D]
-                    cand = score[..., None] + self.head.logits(s, h.expand_as(s)).log_softmax(-1)  # [b', beams, V]
-                    score, flat = cand.flatten(1).topk(width, dim=-1)  # [b', width]
-                    beam, x = flat // cand.shape[-1], flat % cand.shape[-1]  # the beam each one extends
+                    # over the R kept tokens (the others have log-probability -inf): [b', beams, R]
+                    cand = score[..., None] + self.head.reduced_logits(s, h.expand_as(s)).log_softmax(-1)
+                    score, flat = cand.flatten(1).topk(min(width, cand[0].numel()), dim=-1)  # [b', width]
+                    beam, x = flat // cand.shape[-1], self.head.vocab_ids[flat % cand.shape[-1]]  # the beam extended
                     s, seqs = pick(s, beam), torch.cat([pick(seqs, beam), x[..., None]], dim=-1)
             for i, beams in zip(rows, seqs.tolist()):  # [width, n] each: the one host sync
                 index = {}
