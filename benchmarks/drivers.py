@@ -180,8 +180,8 @@ def drafters_markdown(report: dict) -> str:
     m, rows = report["machine"], report["rows"]
     n_docs = len({(r["prompt"], r["doc"]) for r in rows})
     tier = lambda r: r["tiers"][0]  # the drafter's (the bottom tier)
-    lines = [f"Drafters, {report['model']} {report['dtype']}, {report.get('kernels', 'torch')} kernels (the drafters on "
-             f"the target's), greedy, {report['new_tokens']} new tokens, default "
+    lines = [f"Drafters, {report['model']} {report['dtype']}, {report.get('kernels', 'torch')} kernels (the drafters "
+             f"on the target's), greedy, {report['new_tokens']} new tokens, default "
              f"settings, {n_docs} documents, {m['cpu']}, {m['threads']} threads, torch {m['torch']}. Drafters: "
              + ", ".join(f"{k} = `{v}`" for k, v in report["drafters"].items()) + ". The drafter's α is against "
              "the tier it drafts for: the target in draft and redrafter, tier 2 (the target on its retrieval cache) "
@@ -209,13 +209,15 @@ def drafters_markdown(report: dict) -> str:
     if report.get("head_steps"):
         ar_ms = {c: 1000 / statistics.median(r["ar_tok_s"] for r in rows if r["context"] == c)
                  for c in sorted({r["context"] for r in rows})}
-        lines += ["", "One head step (greedy: the recurrence, the reduced logits and their argmax) at 1-8 rows, on torch "
-                  "(fp32) and on the target's kernels (numba: over Q8_0 blocks), median of 300 on a warm cache, and its share of this run's median AR step at each "
-                  "context (" + ", ".join(f"{c}: {ms:.1f} ms" for c, ms in ar_ms.items()) + "):", "",
+        lines += ["", "One head step (greedy: the recurrence, the reduced logits and their argmax) at 1-8 rows, on "
+                  "torch (fp32) and on the target's kernels (numba: over Q8_0 blocks), median of 300 on a warm cache, "
+                  "and its share of this run's median AR step at each context ("
+                  + ", ".join(f"{c}: {ms:.1f} ms" for c, ms in ar_ms.items()) + "):", "",
                   "| head | kernels | rows | ms | " + " | ".join(f"share at {c}" for c in ar_ms) + " |",
                   "|---|---|---|---|" + "---|" * len(ar_ms)]
         lines += [f"| {r['head']} | {r['kernels']} | {r['rows']} | {r['ms']} | "
-                  + " | ".join(f"{100 * r['ms'] / ms:.1f}%" for ms in ar_ms.values()) + " |" for r in report["head_steps"]]
+                  + " | ".join(f"{100 * r['ms'] / ms:.1f}%" for ms in ar_ms.values()) + " |"
+                  for r in report["head_steps"]]
     lines += ["", "| prompt | doc | context | drafter | γ | W | mode | tok/s | vs ar | tiers: α, ms/call |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -44,7 +44,7 @@ class RecurrentHead(nn.Module):
     def on_kernels_of(self, target) -> "RecurrentHead":
         """On its target's matrix kernels: for a numba target, its five maps become cpu_kernels.Linear over Q8_0 blocks
         of their weights (maps whose input width is not whole blocks of QK stay on torch). A drafter's numbers never
-        change the output, and Q8_0 kept the shipped head's held-out agreement (drafters README) at a quarter of the
+        change the output; Q8_0 kept the shipped head's median α within 0.01 (drafters README) at a quarter of the
         fp32 bytes, which a step re-reads after every target step has evicted them from the caches
         (benchmarks/results/drafters-cpu-head.md: one step, torch against numba). Inference only: training keeps
         nn.Linear."""
