@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cpu_kernels import QK, Blocks, Linear
+from cpu_kernels import Blocks
 
 from ..errors import UserError, first_line
+from .kernels import linears_on_numba
 
 KIND = "recurrent-head"
 
@@ -43,17 +44,13 @@ class RecurrentHead(nn.Module):
 
     def on_kernels_of(self, target) -> "RecurrentHead":
         """On its target's matrix kernels: for a numba target, its five maps become cpu_kernels.Linear over Q8_0 blocks
-        of their weights (maps whose input width is not whole blocks of QK stay on torch). A drafter's numbers never
-        change the output; Q8_0 kept the shipped head's median α within 0.01 (drafters README) at a quarter of the
+        of their weights (linears_on_numba: maps whose input width is not whole blocks of 32 stay on torch). A
+        drafter's numbers never change the output; Q8_0 kept the shipped head's median α within 0.01 (drafters README) at a quarter of the
         fp32 bytes, which a step re-reads after every target step has evicted them from the caches
         (benchmarks/results/drafters-cpu-head.md: one step, torch against numba). Inference only: training keeps
         nn.Linear."""
-        if target.runtime.kernels != "numba":
-            return self
-        for name in ("W", "U", "fc1", "fc2", "out"):
-            m = getattr(self, name)
-            if m.weight.shape[1] % QK == 0:
-                setattr(self, name, Linear(Blocks.quantize(m.weight, "Q8_0"), m.bias))
+        if target.runtime.kernels == "numba":
+            linears_on_numba(self, lambda w: Blocks.quantize(w, "Q8_0"))
         return self
 
     def step(self, e: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:

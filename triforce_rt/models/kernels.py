@@ -91,14 +91,20 @@ def place_blocks(model, blocks: dict) -> None:
         setattr(parent, child, Embedding(b) if isinstance(old, nn.Embedding) else Linear(b, old.bias))
 
 
-def use_numba(model) -> None:
-    """Put a loaded model (fp32, CPU) on the numba kernels: every nn.Linear left whose rows are whole blocks of 32
-    becomes a cpu_kernels.Linear over its own weight (others stay torch's), and the head's arrays are packed once
-    (model.runtime.head); blocks whose seven maps all run on the kernel take their decode steps as Fused."""
-    for parent in list(model.modules()):
+def linears_on_numba(module: nn.Module, weight=lambda w: w) -> None:
+    """Every nn.Linear in module whose rows are whole blocks of QK becomes a cpu_kernels.Linear over weight(its
+    weight): the weight itself (fp32), or Blocks of it; the others stay torch's."""
+    for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and child.in_features % QK == 0:
-                setattr(parent, name, Linear(child.weight, child.bias))
+                setattr(parent, name, Linear(weight(child.weight), child.bias))
+
+
+def use_numba(model) -> None:
+    """Put a loaded model (fp32, CPU) on the numba kernels: every nn.Linear left whose rows are whole blocks of 32
+    becomes a cpu_kernels.Linear over its own weight (linears_on_numba), and the head's arrays are packed once
+    (model.runtime.head); blocks whose seven maps all run on the kernel take their decode steps as Fused."""
+    linears_on_numba(model)
     for block in model.layers:
         block.fused = Fused.of(block)
     head = model.head
