@@ -119,12 +119,13 @@ def named_drafters(specs: list | None) -> dict:
 
 def run_drafters(drafters: dict, spec="default", contexts=(2048, 8064), docs=3, new_tokens=128, threads=2,
                  modes=("draft", "triforce"), prompts=("explain", "summarize"), gammas=(None,), beams=(1,),
-                 quants=(), out=None) -> dict:
-    """Drafters side by side ({label: path}: tiny drafters, in `modes`, or recurrent heads, in the redrafter modes;
-    redrafter at each beam width of beams), each mode at default settings but for the drafter's γ (gammas; None = the
-    default) against AR, on the documents of run_refresh: the drafter tier's α (against the target alone, against
-    tier 2 under it) and its cost. quants: self-spec rows with a drafting copy in each of these formats (the
-    quantized tier, labelled 'self-spec-QUANT'), at the same γ."""
+                 cutoffs=(None,), quants=(), baselines=(), out=None) -> dict:
+    """Drafters side by side ({label: path}: tiny drafters, in `modes`, or recurrent heads, in the head's modes at
+    each --head-cutoff of cutoffs; redrafter at each beam width of beams), each mode at default settings but for the
+    drafter's γ (gammas; None = the default) against AR, on the documents of run_refresh: the drafter tier's α
+    (against the target alone, against tier 2 under it) and its cost. quants: self-spec rows with a drafting copy in
+    each of these formats (the quantized tier, labelled 'self-spec-QUANT'), at the same γ. baselines: modes that
+    draft without a drafter model (ngram, auto, ...), at default settings, labelled 'none'."""
     torch.set_num_threads(threads)
     model = load_model(spec, dtype=torch.float32)
     loaded = {name: load_drafter(path, model, dtype=torch.float32) for name, path in drafters.items()}
@@ -133,13 +134,18 @@ def run_drafters(drafters: dict, spec="default", contexts=(2048, 8064), docs=3, 
               "drafters": drafters, "new_tokens": new_tokens, "machine": machine(), "rows": []}
     variants = []
     for name, d in loaded.items():
-        for m in HEAD_MODES if isinstance(d, RecurrentHead) else modes:
+        head = isinstance(d, RecurrentHead)
+        for m in HEAD_MODES if head else modes:
             own = gamma_name(MODES[m].tiers, 0)  # the drafter is the bottom tier
-            variants += [({"drafter": name, "gamma": g or "default", "beams": w}, d,
-                          {"mode": m, "beams": w, **({own: g} if g else {})})
-                         for g in gammas for w in (beams if m == "redrafter" else (1,))]
+            variants += [({"drafter": name, "gamma": g or "default", "beams": w,
+                           **({"cutoff": "default" if c is None else c} if head else {})}, d,
+                          {"mode": m, "beams": w, **({own: g} if g else {}),
+                           **({"head_cutoff": c} if head and c is not None else {})})
+                         for g in gammas for w in (beams if m == "redrafter" else (1,))
+                         for c in (cutoffs if head else (None,))]
     variants += [({"drafter": f"self-spec-{q}", "gamma": g or "default", "beams": 1}, None,
                   {"mode": "self-spec", "draft_quant": q, **({"gamma2": g} if g else {})}) for q in quants for g in gammas]
+    variants += [({"drafter": "none", "gamma": "default", "beams": 1}, None, {"mode": m}) for m in baselines]
     heads = {name: drafters[name] for name, d in loaded.items() if isinstance(d, RecurrentHead)}
     if heads and model.runtime.kernels != "torch":
         report["head_steps"] = head_steps(spec, model, heads)
@@ -188,14 +194,17 @@ def drafters_markdown(report: dict) -> str:
              "in triforce and triforce-redrafter. γ: the drafter's tokens per verification (default: gamma2 = 6 "
              "alone, gamma1 = 4 under tier 2). W: beams (redrafter); a tree's α is the share of examined nodes the "
              "target descended into, and 'verified/call' its nodes per target call after deduplication (before: the "
-             "beams' tokens). A head's call is one step of its recurrence (a beam search step: all beams).", "",
-             "| context | mode | drafter | γ | W | drafter α: median | min | max | ms/drafter call | max share of an AR "
-             "step | tok/target call | verified/call (before dedup) | vs ar: geo-mean | all identical |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    key_of = lambda r: (r["context"], r["mode"], r["drafter"], r.get("gamma", "default"), r.get("beams", 1))  # noqa: E731
+             "beams' tokens). c: the head's --head-cutoff. A head's call is one step of its recurrence (a beam search "
+             "step: all beams). Drafter 'none': a mode without a drafter model (its α: its bottom tier's).", "",
+             "| context | mode | drafter | γ | W | c | drafter α: median | min | max | ms/drafter call | max share of "
+             "an AR step | tok/target call | verified/call (before dedup) | vs ar: geo-mean | all identical |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    key_of = lambda r: (r["context"], r["mode"], r["drafter"], r.get("gamma", "default"), r.get("beams", 1),  # noqa: E731
+                        r.get("cutoff", ""))
+    best = {}  # (context, uses the head) -> (geo-mean, key)
     for key in dict.fromkeys(map(key_of, rows)):
         group = [r for r in rows if key_of(r) == key]
-        a = sorted(tier(r)["alpha"] for r in group)
+        a = sorted(tier(r)["alpha"] for r in group if tier(r)["alpha"] is not None)  # none: the tier never drafted
         ms = sum(tier(r)["ms_per_call"] for r in group) / len(group)
         share = max(tier(r)["ms_per_call"] * r["ar_tok_s"] / 1000 for r in group)  # unrounded: vs_ar may round to 0
         per_call = sum(r["tokens_per_target_call"] for r in group) / len(group)
@@ -203,9 +212,20 @@ def drafters_markdown(report: dict) -> str:
         trees = [r["tree"] for r in group if "tree" in r]
         verified = (f"{sum(t['nodes_per_call'] for t in trees) / len(trees):.1f} "
                     f"({sum(t['beam_tokens_per_call'] for t in trees) / len(trees):.1f})" if trees else "")
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {key[4]} | {statistics.median(a):.2f} "
-                     f"| {a[0]:.2f} | {a[-1]:.2f} | {ms:.1f} | {100 * share:.0f}% | {per_call:.2f} | {verified} "
-                     f"| {geo:.2f}x | {all(r['tokens_identical'] for r in group)} |")
+        alphas = f"{statistics.median(a):.2f} | {a[0]:.2f} | {a[-1]:.2f}" if a else "– | – | –"
+        lines.append(f"| {' | '.join(map(str, key))} | {alphas} | {ms:.1f} | {100 * share:.0f}% | {per_call:.2f} | {verified} | {geo:.2f}x "
+                     f"| {all(r['tokens_identical'] for r in group)} |")
+        side = (key[0], tier(group[0])["name"] == "head")
+        best[side] = max(best.get(side, (0.0, key)), (geo, key), key=lambda b: b[0])
+    contexts = sorted({c for c, _ in best})
+    if any((c, True) in best and (c, False) in best for c in contexts):
+        lines += ["", "Best mode with the head against the best without it (geo-mean against ar, this run):", "",
+                  "| context | best with the head | × ar | best without | × ar | with / without |", "|---|---|---|---|---|---|"]
+        label = lambda k: f"{k[1]} ({k[2]}, γ {k[3]}" + (f", W {k[4]}" if k[4] != 1 else "") + (  # noqa: E731
+            f", c {k[5]})" if k[5] != "" else ")")
+        for c in contexts:
+            (gw, kw), (go, ko) = best[(c, True)], best[(c, False)]
+            lines.append(f"| {c} | {label(kw)} | {gw:.2f}x | {label(ko)} | {go:.2f}x | {gw / go:.2f} |")
     if report.get("head_steps"):
         ar_ms = {c: 1000 / statistics.median(r["ar_tok_s"] for r in rows if r["context"] == c)
                  for c in sorted({r["context"] for r in rows})}
@@ -218,11 +238,12 @@ def drafters_markdown(report: dict) -> str:
         lines += [f"| {r['head']} | {r['kernels']} | {r['rows']} | {r['ms']} | "
                   + " | ".join(f"{100 * r['ms'] / ms:.1f}%" for ms in ar_ms.values()) + " |"
                   for r in report["head_steps"]]
-    lines += ["", "| prompt | doc | context | drafter | γ | W | mode | tok/s | vs ar | tiers: α, ms/call |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| prompt | doc | context | drafter | γ | W | c | mode | tok/s | vs ar | tiers: α, ms/call |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['prompt']} | {r['doc']} | {r['context']} | {r['drafter']} | {r.get('gamma', 'default')} "
-                     f"| {r.get('beams', 1)} | {r['mode']} | {r['tok_s']} | {r['vs_ar']}x | {tiers_text(r['tiers'])} |")
+                     f"| {r.get('beams', 1)} | {r.get('cutoff', '')} | {r['mode']} | {r['tok_s']} | {r['vs_ar']}x "
+                     f"| {tiers_text(r['tiers'])} |")
     return "\n".join(lines)
 
 
@@ -387,7 +408,7 @@ def document_rows(model, contexts, docs: int, prompts, new_tokens: int, variants
                     res = run(drafter, **settings)
                     row = mode_row(n_ctx, res, ar, 0)
                     del row["kv_bytes"]
-                    if res.tiers[0].get("beam_tokens"):  # a tree of beams: tokens verified per target call
+                    if settings.get("beams", 1) > 1:  # a tree of beams: tokens verified per target call
                         calls = res.tiers[-1]["calls"]
                         row["tree"] = {"nodes_per_call": round(res.tiers[0]["drafted"] / calls, 2),
                                        "beam_tokens_per_call": round(res.tiers[0]["beam_tokens"] / calls, 2)}

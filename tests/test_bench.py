@@ -17,18 +17,24 @@ def test_drafters_and_refresh_benchmarks_run_and_match_ar(tmp_path_factory, smol
     head = str(tmp_path_factory.mktemp("head"))
     random_head(load_model(target)).save(head, {})
     report = run_drafters({"a": tiny_folder, "h": head}, out=str(tmp_path_factory.mktemp("b") / "d.json"),
-                          gammas=(None, 3), beams=(1, 3), quants=("q4",), **kw)
+                          gammas=(None, 3), beams=(1, 3), cutoffs=(None, 0.0), quants=("q4",), baselines=("ngram",),
+                          **kw)
     rows = report["rows"]
-    assert len(rows) == 2 * 2 * 2 * 6  # documents x contexts x gammas x (2 drafter modes, redrafter W 1 and 3,
-    # triforce-redrafter, self-spec on a q4 copy)
-    assert sum("tree" in r for r in rows) == 2 * 2 * 2  # redrafter with 3 beams
+    # documents x contexts x (gammas x (2 drafter modes, 2 cutoffs x (redrafter W 1 and 3, triforce-redrafter,
+    # redrafter-ngram), self-spec on a q4 copy) + ngram)
+    assert len(rows) == 2 * 2 * (2 * (2 + 2 * 4 + 1) + 1)
+    assert sum("tree" in r for r in rows) == 2 * 2 * 2 * 2  # redrafter with 3 beams
     assert all(r["tokens_identical"] for r in rows)
-    assert {r["mode"] for r in rows} == {"draft", "triforce", "redrafter", "triforce-redrafter", "self-spec"}
-    kinds = {"h": "head", "a": "drafter", "self-spec-q4": "retrieval"}
-    assert all(r["tiers"][0]["name"] == kinds[r["drafter"]] and r["tiers"][0]["calls"] > 0 for r in rows)
+    assert {r["mode"] for r in rows} == {"draft", "triforce", "redrafter", "triforce-redrafter", "redrafter-ngram",
+                                         "self-spec", "ngram"}
+    assert {r["cutoff"] for r in rows if r["drafter"] == "h"} == {"default", 0.0}
+    kinds = {"h": "head", "a": "drafter", "self-spec-q4": "retrieval", "none": "ngram"}
+    assert all(r["tiers"][0]["name"] == kinds[r["drafter"]] for r in rows)
+    assert all(r["tiers"][0]["calls"] > 0 for r in rows if r["mode"] != "redrafter-ngram")  # the lookup may match
     text = drafters_markdown(report)
-    assert "| 320 | triforce | a | default | 1 |" in text and "| 320 | triforce-redrafter | h | 3 | 1 |" in text
-    assert "| 320 | redrafter | h | 3 | 3 |" in text
+    assert "| 320 | triforce | a | default | 1 |  |" in text and "| 320 | triforce-redrafter | h | 3 | 1 | 0.0 |" in text
+    assert "| 320 | redrafter | h | 3 | 3 | default |" in text and "| 320 | ngram | none | default | 1 |  |" in text
+    assert "| 320 | redrafter" in text.split("Best mode with the head")[1]
     assert "2 documents" in text
     report = run_refresh(drafter=tiny_folder, **kw)
     assert len(report["rows"]) == 2 * 2 * 3 * 2 and all(r["tokens_identical"] for r in report["rows"])

@@ -120,8 +120,8 @@ def test_redrafter_cli_equals_ar(capsys, tiny_folder, tiny_head):
     base = ["generate", "--model", tiny_folder, "--prompt", "def f(x):", "--max-new-tokens", "12", "--ignore-eos",
             "--json"]
     rc, ar, _ = run_cli(capsys, *base)
-    for mode in ("redrafter", "triforce-redrafter"):
-        rc, out, err = run_cli(capsys, *base, "--mode", mode, "--drafter", tiny_head)
+    for mode, cutoff in (("redrafter", "0.2"), ("triforce-redrafter", "0"), ("redrafter-ngram", "0.05")):
+        rc, out, err = run_cli(capsys, *base, "--mode", mode, "--drafter", tiny_head, "--head-cutoff", cutoff)
         assert rc == 0, err
         assert json.loads(out)["tokens"] == json.loads(ar)["tokens"]
         assert json.loads(out)["tiers"][0]["name"] == "head"

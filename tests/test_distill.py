@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from triforce_rt import load_model
 from triforce_rt.distill import DistillConfig, distill
 from triforce_rt.engine import GenerationConfig, generate
+from triforce_rt.settings import HEAD_MODES
 
 
 def tiny_cfg(target, out, **kw):
@@ -327,6 +328,7 @@ def test_distilled_head_learns_loads_and_keeps_greedy_exact(tiny_folder, tmp_pat
     ids = target.tokenizer(stdlib_text("textwrap.py")).input_ids[:24]
     cfg = dict(max_new_tokens=24, ignore_eos=True)
     ar = generate(target, ids, GenerationConfig(**cfg))
-    for mode in ("redrafter", "triforce-redrafter"):
-        res = generate(target, ids, GenerationConfig(mode=mode, budget=8, **cfg), drafter=head)
-        assert res.tokens == ar.tokens and res.tiers[0]["name"] == "head" and res.tiers[0]["drafted"] > 0, mode
+    for mode in HEAD_MODES:
+        res = generate(target, ids, GenerationConfig(mode=mode, budget=8, head_cutoff=0.0, **cfg), drafter=head)
+        assert res.tokens == ar.tokens and res.tiers[0]["name"] == "head", mode
+        assert res.tiers[0]["drafted"] > 0 or mode == "redrafter-ngram", mode  # where the lookup matched every round

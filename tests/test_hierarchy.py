@@ -37,12 +37,14 @@ def random_pair(seed, n_kv=2, vocab=64, sharpen=1.0):
 
 
 def random_head(target, seed=0, keep=None):
-    """A recurrent draft head for target, on its kernels: the target's head rows (of every token, or of keep), then
-    random recurrence and features, so that its drafts are sometimes right and sometimes not."""
+    """A recurrent draft head for target, on its kernels: the target's head rows (of every token, or of keep) and
+    final norm (its logits' scale), then random recurrence and features, so that its drafts are sometimes right and
+    sometimes not."""
     V, D = target.config.vocab_size, target.config.hidden_size
     head = RecurrentHead(D, V, len(keep or range(V))).initialize(target.head, torch.tensor(keep or range(V)))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        head.norm.copy_(target.norm.weight)
         for w in (head.W.weight, head.U.weight, head.fc1.weight, head.fc2.weight):
             w.copy_(torch.randn(w.shape, generator=g) * 0.2)
     return head.eval().on_kernels_of(target)
@@ -68,7 +70,9 @@ def sweep_cases(n):
                             gamma1=rng.randint(1, 4), gamma2=rng.randint(1, 7), refresh=rng.choice([0, 0, 3, 10]),
                             sinks=rng.choice([0, 2, 4]), window=rng.choice([None, 4, 12, 40]),
                             draft_dtype="bfloat16" if case % 4 == 0 else None,
-                            draft_quant=["none", "none", "q8", "q4"][case % 4] if case % 4 else "none"))
+                            draft_quant=["none", "none", "q8", "q4"][case % 4] if case % 4 else "none",
+                            head_cutoff=[0.0, 1e-4, 0.02][case // 3 % 3]))  # these models' p are near 1/64:
+    # 1e-4 keeps about two of the head's drafts, 0.02 one or none
 
 
 def mode_config(mode: str, **cfg) -> GenerationConfig:
@@ -447,3 +451,58 @@ def test_tree_verification_takes_the_longest_matching_path():
     for row, best in enumerate([2, 0, 0, 1, 3, 2]):  # root -> 2 (node 1) -> 0 (node 3) -> 3: no such child
         p[row, best] = 1.0
     assert verify_tree([tree, []], torch.cat([p, p[:1]]), greedy=True) == [([1, 3], 3), ([], 2)]
+
+
+def head_probability(head, embed, h, pending: int, path: list) -> float:
+    """The head's probability of drafting path after pending from the hidden state h [D], step by step over its kept
+    tokens (the greedy q)."""
+    s, x, prob = None, pending, 1.0
+    with torch.no_grad():
+        for tok in path:
+            s = head.step(embed(torch.tensor([x])), s)
+            q = head.reduced_logits(s, h[None]).softmax(-1)[0]
+            prob *= float(q[(head.vocab_ids == tok).nonzero()[0, 0]])
+            x = tok
+    return prob
+
+
+def test_head_cutoff_keeps_the_drafts_and_tree_nodes_the_head_finds_likely():
+    """--head-cutoff c: a greedy chain is the prefix of the uncut chain whose probability under the head is at least
+    c; a tree of beams keeps exactly the nodes of the uncut tree whose path is that likely. Rows end up with drafts
+    of several lengths (none included), so the cut is exercised, not bypassed."""
+    target, _ = random_pair(3, vocab=V, sharpen=8.0)
+    head = random_head(target)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, V, (12,), generator=g).tolist() for _ in range(12)]
+    hidden = [target.hidden(torch.tensor([p[:-1]]), torch.arange(11)[None], target.new_cache(FullCache, 16))[0, -1]
+              for p in prompts]
+
+    def tier(cutoff, width=1):
+        t = HeadTier(head, target.embed_tokens, 4, len(prompts), width=width, cutoff=cutoff)
+        for b, h in enumerate(hidden):
+            t.anchor(b, h, 11)
+        return t
+
+    tokens, greedy = Tokens(prompts, 32), SamplingParams(0.0)
+    with torch.inference_mode():
+        whole, _ = tier(0.0).draft(tokens, 4, greedy, None)
+        lengths = set()
+        for cutoff in (0.3, 0.05):
+            cut, _ = tier(cutoff).draft(tokens, 4, greedy, None)
+            for b, (c, w) in enumerate(zip(cut, whole)):
+                n = sum(head_probability(head, target.embed_tokens, hidden[b], prompts[b][-1], w[: j + 1]) >= cutoff
+                        for j in range(4))
+                assert c == w[:n]
+                lengths.add(n)
+        assert {0, 1, 2} <= lengths, lengths
+        full_trees, cut_trees = tier(0.0, 3).tree(tokens, 3, 4), tier(0.05, 3).tree(tokens, 3, 4)
+    for b, (full, cut) in enumerate(zip(full_trees, cut_trees)):
+        paths = []
+        for tok, parent in full:
+            paths.append((paths[parent] if parent >= 0 else []) + [tok])
+        likely = [p for p in paths if head_probability(head, target.embed_tokens, hidden[b], prompts[b][-1], p) >= 0.05]
+        got = []
+        for tok, parent in cut:
+            got.append((got[parent] if parent >= 0 else []) + [tok])
+        assert got == likely
+    assert 0 < sum(map(len, cut_trees)) < sum(map(len, full_trees))

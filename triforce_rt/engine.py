@@ -152,7 +152,7 @@ def head_tier(b: "Build", gamma: int) -> HeadTier:
         raise UserError(f"mode '{b.cfg.mode}' needs a recurrent draft head (--drafter)")
     if (head.hidden, head.vocab_size) != (b.model.config.hidden_size, b.model.config.vocab_size):
         raise UserError("the draft head was made for another model (its width or vocabulary differs)")
-    return HeadTier(head, b.model.embed_tokens, gamma, len(b.prompts), width=b.cfg.beams)
+    return HeadTier(head, b.model.embed_tokens, gamma, len(b.prompts), width=b.cfg.beams, cutoff=b.cfg.head_cutoff)
 
 
 def ngram_tier(b: "Build", gamma: int) -> NgramTier:

@@ -47,11 +47,13 @@ MODES = {
                       "--beams W, W beams verified as one tree)"),
     "triforce-redrafter": Mode(("head", "retrieval"), "recurrent draft head on tier 2's hidden state → target + "
                                "retrieval cache → target"),
+    "redrafter-ngram": Mode(("head", "ngram"), "n-gram lookup, or the recurrent draft head where the lookup finds no "
+                            "match → target"),
     "auto": Mode(("retrieval", "ngram"), "chooses among ar, ngram, self-spec and self-spec-ngram, and gamma2, from "
                  "step costs measured on this machine and the acceptance it observes; switches between rounds",
                  auto=True),
 }
-TIER_SETTINGS = {"drafter": ("sinks", "window", "draft_dtype"), "ngram": ("ngram",), "head": ("beams",),
+TIER_SETTINGS = {"drafter": ("sinks", "window", "draft_dtype"), "ngram": ("ngram",), "head": ("beams", "head_cutoff"),
                  "retrieval": ("budget", "chunk_size", "refresh", "draft_dtype", "draft_quant"),
                  "streaming": ("budget", "chunk_size", "sinks", "window", "draft_dtype", "draft_quant")}
 SELF_DRAFTING = ("retrieval", "streaming")  # tiers that run the target's own weights (draft_dtype, draft_quant)
@@ -91,8 +93,10 @@ class GenerationConfig:
     budget: int | None = setting(None, int, "retrieval cache tokens, chunk 0 included (default: 4096, at most 1/8 of "
                                  "the prompt; an explicit value is capped at the prompt)", lo=1, spec=True, sweep=True)
     chunk_size: int = setting(8, int, "retrieval chunk size", lo=1, spec=True, sweep=True)
-    gamma1: int = setting(4, int, "drafter (or n-gram, triforce-ngram) tokens per tier-2 verification", lo=1,
-                          spec=True, sweep=True)
+    gamma1: int = setting(4, int, "drafts per verification by the tiers below the one the target verifies: the "
+                          "drafter, head or n-gram lookup for tier 2 (triforce modes); the retrieval tier or head where "
+                          "the n-gram lookup finds no match (self-spec-ngram, redrafter-ngram)", lo=1, spec=True,
+                          sweep=True)
     gamma2: int = setting(6, int, "tokens per target verification", lo=1, spec=True, sweep=True)
     window: int | None = setting(None, int, "StreamingLLM window (default: the drafter's trained context - sinks; "
                                  "budget - sinks for streaming-spec)", lo=1, spec=True, sweep=True)
@@ -104,6 +108,10 @@ class GenerationConfig:
     beams: int = setting(1, int, "redrafter: beams the recurrent head drafts (each of gamma2 tokens); more than 1 "
                          "verifies them as one deduplicated tree in one target forward", lo=1, hi=64, spec=True,
                          sweep=True)
+    head_cutoff: float = setting(0.2, float, "redrafter modes: the head drafts a next token while its probability of "
+                                 "the draft so far times that of its likeliest next token is at least this, up to "
+                                 "gamma tokens (a tree keeps the nodes whose path is as likely); 0 = always gamma",
+                                 lo=0.0, hi=1.0, spec=True, sweep=True)
     draft_dtype: str | None = setting(None, str, "dtype of the drafting tiers (default: the target's); "
                                       "verification keeps the output exact", choices=DTYPES, spec=True, sweep=True)
     draft_quant: str = setting("none", str, "weights of the self-drafting tiers: the target's (none), or a copy in "

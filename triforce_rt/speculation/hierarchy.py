@@ -11,7 +11,8 @@ the target's distribution, at every depth. Greedy is the same recursion with arg
 count fixed in advance (its limit) keeps a prefix of that process, so it stays exact.
 After a verification every tier at or below k is truncated, per row, to the kept prefix (a count moves).
 An n-gram tier (ngram.py) proposes up to γ tokens per row, or none. A row with no match asks the tier below
-the n-gram tier instead (the drafter in triforce-ngram), or, at the bottom, takes a plain step of the tier above.
+the n-gram tier instead, for up to that tier's own γ (the drafter in triforce-ngram, the head in redrafter-ngram),
+or, at the bottom, takes a plain step of the tier above.
 Either way a row's proposal comes from one drafter with its own q, so the rule above stays exact.
 A recurrent head (head.py) is a bottom tier without a forward: every verification above it anchors each row at the
 verifier's hidden state, from which the next draft unrolls; a row with no anchor drafts nothing (a plain step).
@@ -131,8 +132,8 @@ class Hierarchy:
         """Per row, n tokens of tier k appended to its sequence, their distributions [n, V] (None when greedy) and
         the index of the tier that drafted them. Rounds run in lockstep until every row has n; a row that is ahead
         takes one-token rounds, and is cut back to n at the end. An n-gram tier returns its lookups: up to n tokens
-        per row, point masses; rows with no match take the tier below's n tokens (where there is one). A head tier
-        returns n tokens per anchored row, none for the others."""
+        per row, point masses; rows with no match take the tier below's min(n, its γ) tokens (where there is one).
+        A head tier returns up to n tokens per anchored row (fewer past its cutoff), none for the others."""
         tier, start = self.tiers[k], self.tok.n.copy()
         if isinstance(tier, HeadTier):  # the bottom tier: rows without an anchor draft nothing
             toks, qs = tier.draft(self.tok, n, self.sp, self.gen)
@@ -143,8 +144,8 @@ class Hierarchy:
             toks = tier.draft([self.tok.row(b) for b in range(len(start))], n)
             src = [k] * len(start)
             qs = [None] * len(start)
-            if k and not all(toks):  # the tier below drafts for every row; rows with a match drop its drafts
-                low, low_qs, low_src = self.propose(k - 1, n)
+            if k and not all(toks):  # the tier below drafts (up to its own γ) for every row; rows with a match drop
+                low, low_qs, low_src = self.propose(k - 1, min(n, self.tiers[k - 1].gamma))  # its drafts
                 for b in range(len(start)):
                     if toks[b]:
                         for t in self.tiers[:k]:
