@@ -213,14 +213,15 @@ def drafters_markdown(report: dict) -> str:
         verified = (f"{sum(t['nodes_per_call'] for t in trees) / len(trees):.1f} "
                     f"({sum(t['beam_tokens_per_call'] for t in trees) / len(trees):.1f})" if trees else "")
         alphas = f"{statistics.median(a):.2f} | {a[0]:.2f} | {a[-1]:.2f}" if a else "– | – | –"
-        lines.append(f"| {' | '.join(map(str, key))} | {alphas} | {ms:.1f} | {100 * share:.0f}% | {per_call:.2f} | {verified} | {geo:.2f}x "
-                     f"| {all(r['tokens_identical'] for r in group)} |")
+        lines.append(f"| {' | '.join(map(str, key))} | {alphas} | {ms:.1f} | {100 * share:.0f}% | {per_call:.2f} "
+                     f"| {verified} | {geo:.2f}x | {all(r['tokens_identical'] for r in group)} |")
         side = (key[0], tier(group[0])["name"] == "head")
         best[side] = max(best.get(side, (0.0, key)), (geo, key), key=lambda b: b[0])
     contexts = sorted({c for c, _ in best})
     if any((c, True) in best and (c, False) in best for c in contexts):
         lines += ["", "Best mode with the head against the best without it (geo-mean against ar, this run):", "",
-                  "| context | best with the head | × ar | best without | × ar | with / without |", "|---|---|---|---|---|---|"]
+                  "| context | best with the head | × ar | best without | × ar | with / without |",
+                  "|---|---|---|---|---|---|"]
         label = lambda k: f"{k[1]} ({k[2]}, γ {k[3]}" + (f", W {k[4]}" if k[4] != 1 else "") + (  # noqa: E731
             f", c {k[5]})" if k[5] != "" else ")")
         for c in contexts:

@@ -129,24 +129,30 @@ def _chunk(codes, scale, low, g, x, r, out, chunk):
             out[r + m, g * LANES + l] = acc[m, 0, l] + acc[m, 1, l]
 
 
+# A chunk's rows, as the length of a tuple (compile-time). Globals, and g cast to int64: _group is inlined into loops
+# where numba types a literal tuple and the loop index differently (prange: uint64 or int64), and each typing
+# compiled (and cached) _chunk once more, three times as many compiles for the same machine code.
+ROWS_1, ROWS_2, ROWS_4, ROWS_6, ROWS_8 = ((0,) * n for n in (1, 2, 4, 6, 8))
+
+
 @njit(inline="always")
 def _group(codes, scale, low, g, x, out):
     """Lane group g of out [M, G * LANES] for x [m, K], M = chunk_rows(m): one chunk of M rows, or (M > 8) chunks of
     8, the last of which may overlap the one before it (rows computed twice, to the same values)."""
-    M = out.shape[0]
+    M, g = out.shape[0], np.int64(g)
     if M == 1:
-        _chunk(codes, scale, low, g, x, 0, out, (0,))
+        _chunk(codes, scale, low, g, x, 0, out, ROWS_1)
     elif M == 2:
-        _chunk(codes, scale, low, g, x, 0, out, (0, 0))
+        _chunk(codes, scale, low, g, x, 0, out, ROWS_2)
     elif M == 4:
-        _chunk(codes, scale, low, g, x, 0, out, (0, 0, 0, 0))
+        _chunk(codes, scale, low, g, x, 0, out, ROWS_4)
     elif M == 6:
-        _chunk(codes, scale, low, g, x, 0, out, (0, 0, 0, 0, 0, 0))
+        _chunk(codes, scale, low, g, x, 0, out, ROWS_6)
     else:
         r = 0
         while r < M:
             r = min(r, M - 8)
-            _chunk(codes, scale, low, g, x, r, out, (0, 0, 0, 0, 0, 0, 0, 0))
+            _chunk(codes, scale, low, g, x, r, out, ROWS_8)
             r += 8
 
 
