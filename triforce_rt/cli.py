@@ -54,7 +54,7 @@ def add_generation_args(p, mode: str, max_new_tokens: int = 128):
     the verb's defaults. Values are checked by check_config, before any model loads."""
     spec = p.add_argument_group("speculation (modes other than ar)")
     spec.add_argument("--drafter", default="default", help="tiny drafter of triforce/draft/triforce-ngram, or "
-                      "recurrent draft head of redrafter/triforce-redrafter: 'default' (the one shipped for the "
+                      "recurrent draft head of the redrafter modes: 'default' (the one shipped for the "
                       "default model) or a path (a model sharing the target's tokenizer; a head made by `triforce "
                       "distill --kind head`)")
     spec.add_argument("--verbose", action="store_true", help="print --mode auto's step costs and each change of plan "
