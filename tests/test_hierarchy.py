@@ -506,3 +506,30 @@ def test_head_cutoff_keeps_the_drafts_and_tree_nodes_the_head_finds_likely():
             got.append((got[parent] if parent >= 0 else []) + [tok])
         assert got == likely
     assert 0 < sum(map(len, cut_trees)) < sum(map(len, full_trees))
+
+
+def test_tree_round_takes_the_chain_step_where_no_tree_branches(monkeypatch):
+    """With beams and a cutoff, a round whose trees are all single paths runs the tier's chain step (no tree mask,
+    the nodes straight into their true slots), the others a tree step; greedy output equals ar either way."""
+    from triforce_rt.speculation import Tier
+
+    target, _ = random_pair(3, vocab=V, sharpen=8.0)
+    cfg = dict(max_new_tokens=60, ignore_eos=True)
+    ar = generate(target, PROMPT, GenerationConfig(**cfg)).tokens
+    steps = {"chain": 0, "tree": 0}
+    feed, feed_tree = Tier.feed, Tier.feed_tree
+
+    def chain(self, tokens, need):
+        steps["chain"] += max(need) > 1  # a chain with drafts (the first round, unanchored, has none)
+        return feed(self, tokens, need)
+
+    def tree(self, tokens, trees):
+        steps["tree"] += 1
+        return feed_tree(self, tokens, trees)
+
+    monkeypatch.setattr(Tier, "feed", chain)
+    monkeypatch.setattr(Tier, "feed_tree", tree)
+    res = generate(target, PROMPT, GenerationConfig(mode="redrafter", beams=3, gamma2=4, head_cutoff=0.2, **cfg),
+                   drafter=random_head(target))
+    assert res.tokens == ar
+    assert steps["chain"] > 0 and steps["tree"] > 0, steps

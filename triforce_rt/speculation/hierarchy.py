@@ -105,11 +105,19 @@ class Hierarchy:
     def tree_round(self, k: int, limits: list) -> tuple[list, list]:
         """round() of tier k over the beams of the head below it (ReDrafter): each row's beams, deduplicated into a
         tree, are verified in one forward with a tree mask (verify_tree); the accepted path moves to its true slots.
+        Where no row's tree branches (the beams agree, or the head's cutoff kept one path), the forward is a chain
+        step instead: the nodes go to their true slots at once, and the tier's step kernel runs without a mask.
         The tokens' distributions are not returned (a tree round is the top tier's)."""
         head, tier, base = self.tiers[k - 1], self.tiers[k], self.tok.n.copy()
         g = min(head.gamma, max(limits) - 1)
         trees = head.tree(self.tok, head.width, g) if g else [[] for _ in limits]
-        logits = tier.feed_tree(self.tok, trees)
+        chains = all(parent == i - 1 for tree in trees for i, (_, parent) in enumerate(tree))
+        if chains:  # node i of row b is its (i + 1)-th draft: the same logits, row after row, as feed_tree's
+            for b, tree in enumerate(trees):
+                self.tok.put(b, int(base[b]), [t for t, _ in tree])
+            logits = tier.feed(self.tok, [1 + len(tree) for tree in trees])
+        else:
+            logits = tier.feed_tree(self.tok, trees)
         verdicts = verify_tree(trees, logits if self.sp.greedy else probs(logits, self.sp), self.sp.greedy, self.gen)
         news, at = [], 0
         for b, (tree, (path, y), limit) in enumerate(zip(trees, verdicts, limits)):
@@ -119,7 +127,8 @@ class Hierarchy:
                 head.stats.rejected += any(parent == (path[-1] if path else -1) for _, parent in tree)
             out = ([tree[i][0] for i in path] + [y])[:limit]
             self.tok.put(b, int(base[b]), out)
-            tier.accept(b, path)
+            if not chains:
+                tier.accept(b, path)
             for t in self.tiers[: k + 1]:
                 t.truncate(b, int(base[b]) + len(out) - 1)
             chose = at + (1 + path[len(out) - 2] if len(out) > 1 else 0)  # the root or node before out[-1]
