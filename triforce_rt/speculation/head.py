@@ -8,8 +8,8 @@ just joined) drafts nothing, and the tier above takes a plain step there, which 
 Sampling: draft j is drawn from q_j = probs(logits_j) under the same temperature / top-k / top-p as the verifier's p;
 verify_sample accepts it with min(1, p/q), so the output stays exact (greedy: the argmax).
 Draft length (cutoff, --head-cutoff): a row drafts x_j while q_1(x_1) ... q_{j-1}(x_{j-1}) max q_j, the head's
-probability of its draft so far and of its likeliest next token, is at least the cutoff, up to n tokens (greedy: q
-over the kept tokens, whose argmax x_j is, so this is the probability of x_1 .. x_j). It estimates the chance that
+probability of its draft so far and of its likeliest next token, is at least the cutoff, up to n tokens (greedy: x_j
+is the argmax of q_j over the kept tokens, so this is the probability of x_1 .. x_j). It estimates the chance that
 drafts 1..j are all accepted, so a draft the head doubts is not sent to the verifier, whose step grows with its
 tokens. Whether x_j is drafted depends on x_1 .. x_{j-1} only, never on x_j itself, so x_j is still a draw from q_j
 and the rule above stays exact (stopping on q_j(x_j) would draw drafts from q_j cut to its likely tokens: a test's
