@@ -70,10 +70,10 @@ class HeadTier:
                     s = self.head.step(self.embed(x).to(h.dtype), s)
                     if sp.greedy:  # the kept ids are sorted, so ties break as over the whole vocabulary
                         logits = self.head.reduced_logits(s, h)  # [b', R]
-                        best = logits.argmax(-1)
+                        top, best = logits.max(-1)  # the first of equal maxima, as argmax
                         x = self.head.vocab_ids[best]
                         if self.cutoff:  # q(x) = softmax(logits)[best]
-                            path = path * (logits.gather(1, best[:, None])[:, 0] - logits.logsumexp(-1)).exp()
+                            path = path * (top - logits.logsumexp(-1)).exp()
                         keep.append(path >= self.cutoff)
                     else:
                         p = probs(self.head.logits(s, h), sp)  # [b', V]
