@@ -497,15 +497,18 @@ def test_head_cutoff_keeps_the_drafts_and_tree_nodes_the_head_finds_likely():
         assert {0, 1, 2} <= lengths, lengths
         full_trees, cut_trees = tier(0.0, 3).tree(tokens, 3, 4), tier(0.05, 3).tree(tokens, 3, 4)
     for b, (full, cut) in enumerate(zip(full_trees, cut_trees)):
-        paths = []
-        for tok, parent in full:
-            paths.append((paths[parent] if parent >= 0 else []) + [tok])
-        likely = [p for p in paths if head_probability(head, target.embed_tokens, hidden[b], prompts[b][-1], p) >= 0.05]
-        got = []
-        for tok, parent in cut:
-            got.append((got[parent] if parent >= 0 else []) + [tok])
-        assert got == likely
+        likely = [p for p in node_paths(full)
+                  if head_probability(head, target.embed_tokens, hidden[b], prompts[b][-1], p) >= 0.05]
+        assert node_paths(cut) == likely
     assert 0 < sum(map(len, cut_trees)) < sum(map(len, full_trees))
+
+
+def node_paths(tree: list) -> list:
+    """Each node's path from the root (its tokens), for a tree [(token, parent)] in breadth-first order."""
+    paths = []
+    for tok, parent in tree:
+        paths.append((paths[parent] if parent >= 0 else []) + [tok])
+    return paths
 
 
 def test_tree_round_takes_the_chain_step_where_no_tree_branches(monkeypatch):
